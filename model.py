@@ -1,3 +1,715 @@
-"""TinyLLaVA-Video: a SigLIP vision encoder, a connector and a Qwen2 decoder (work in progress)."""
+"""TinyLLaVA-Video, the model of TinyLLaVA-Video-R1, in plain PyTorch.
+
+A video becomes text-sized tokens in three steps, and a language model reads them like words:
+
+    pixel_values (B, T, 3, 384, 384)                 T frames, normalised to [-1, 1]
+      -> SigLIP vision encoder, hidden state of layer 26 of 27, no post-layernorm
+                                     (B*T, 729, 1152)   27 x 27 patches of 14 pixels
+      -> "patch" selection drops token 0 of every frame (SigLIP has no CLS token, so this
+         drops a real patch: it is what the published model was trained with)
+                                     (B, T*728, 1152)   all frames in one sequence
+      -> connector: the group resampler of the published checkpoints squeezes each of 16
+         groups of tokens into 32 learned latents
+                                     (B, 512, 2048)
+      -> spliced into the prompt at the single IMAGE_TOKEN_INDEX (-200) placeholder
+      -> Qwen2 decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU, tied embeddings)
+                                     (B, L - 1 + 512, 151936) logits
+
+Module names follow the published safetensors keys, so a reader can map every tensor to its
+key: our `vision_tower.X` is `vision_tower._vision_tower.vision_model.X` in the checkpoint,
+`connector.X` is `connector._connector.X`, and `language_model.X` is `language_model.X`
+(see CHECKPOINT_PREFIXES). Loading never goes through `transformers`.
+
+Sections, in the order data flows: configs, vision encoder, connectors, decoder with its
+key/value cache, the whole model, loading and saving.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IMAGE_TOKEN_INDEX = -200  # the placeholder id in prompt ids; the model puts the video tokens here
+
+
+# ----------------------------------------------------------------------------- configs
+# Defaults are the published TinyLLaVA-Video-R1 (SigLIP so400m-patch14-384 + Qwen2.5-3B,
+# group resampler 16 x 32). `from_dict` takes a Hugging Face style config.json dict: unknown
+# fields are ignored, missing ones keep these defaults.
+
+
+def _pick(cls, d):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class VisionConfig:  # SigLIP so400m-patch14-384, vision tower only
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 384
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+
+    @classmethod
+    def from_dict(cls, d):
+        return _pick(cls, d)
+
+
+@dataclass
+class ConnectorConfig:
+    connector_type: str = "groupresampler"  # or "naiveresampler", "mlp2x_gelu"
+    num_queries: int = 512  # resamplers: output tokens per video
+    group: int = 16  # groupresampler: independent chunks, num_queries // group latents each
+    num_resampler_layers: int = 3
+    vision_hidden_size: int = 1152
+    hidden_size: int = 2048  # the decoder's width
+    heads: int = 8  # resampler attention: 8 heads of 64, as published (not in config.json)
+    dim_head: int = 64
+    ff_mult: int = 4
+
+    @classmethod
+    def from_dict(cls, d):
+        return _pick(cls, d)
+
+
+@dataclass
+class TextConfig:  # Qwen2.5-3B
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 2
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = True
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        if "rope_theta" not in d and isinstance(d.get("rope_parameters"), dict):  # newer HF layout
+            d["rope_theta"] = d["rope_parameters"].get("rope_theta", cls.rope_theta)
+        return _pick(cls, d)
+
+
+@dataclass
+class TinyLLaVAConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    vision_feature_layer: int = -2  # hidden_states index: -2 is the output of layer 26 of 27
+    vision_feature_select_strategy: str = "patch"  # "patch" drops token 0, "cls_patch" keeps all
+    image_token_index: int = IMAGE_TOKEN_INDEX
+    tokenizer_model_max_length: int = 3072
+    pad_token: str = "<|endoftext|>"
+    torch_dtype: str = "bfloat16"
+    raw: dict = field(default_factory=dict, repr=False)  # the config.json as read, saved back as is
+
+    @classmethod
+    def from_dict(cls, d):
+        """Build from a TinyLLaVA config.json dict, saying which inferred fields were absent."""
+        top = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d and f.name not in ("vision", "connector", "text", "raw")}
+        text = TextConfig.from_dict(d.get("text_config") or {k: d[k] for k in ("hidden_size", "vocab_size") if k in d})
+        if "vision_config" not in d:
+            warnings.warn("config.json has no vision_config: using SigLIP so400m-patch14-384 defaults")
+        vision = VisionConfig.from_dict(d.get("vision_config") or {})
+        conn = {**d, "hidden_size": text.hidden_size, "vision_hidden_size": d.get("vision_hidden_size", vision.hidden_size)}
+        return cls(vision=vision, connector=ConnectorConfig.from_dict(conn), text=text, raw=dict(d), **top)
+
+    def to_dict(self):
+        d = dict(self.raw)
+        d.update({k: v for k, v in dataclasses.asdict(self.connector).items() if k not in ("heads", "dim_head", "ff_mult")})
+        d.update(hidden_size=self.text.hidden_size, vocab_size=self.text.vocab_size,
+                 vision_feature_layer=self.vision_feature_layer, vision_feature_select_strategy=self.vision_feature_select_strategy,
+                 image_token_index=self.image_token_index, tokenizer_model_max_length=self.tokenizer_model_max_length,
+                 pad_token=self.pad_token, torch_dtype=self.torch_dtype)
+        d["text_config"] = {**d.get("text_config", {}), **dataclasses.asdict(self.text), "model_type": "qwen2"}
+        d["vision_config"] = {**d.get("vision_config", {}), **dataclasses.asdict(self.vision), "model_type": "siglip_vision_model"}
+        return d
+
+    @property
+    def vision_layers_used(self):
+        """How many encoder layers run: hidden_states[k] is the output of layer k (0 = embeddings)."""
+        n, k = self.vision.num_hidden_layers, self.vision_feature_layer
+        return n + 1 + k if k < 0 else k
+
+
+# ----------------------------------------------------------------------------- vision encoder
+# SigLIP's vision transformer: a patch conv, a learned position table, then pre-norm blocks
+# with biases everywhere and tanh-approximated GELU. No CLS token, no mask.
+
+
+class SiglipAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d, self.heads = cfg.hidden_size, cfg.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):  # (N, P, d)
+        N, P, d = x.shape
+        q, k, v = (p(x).view(N, P, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, P, 72)
+        return self.out_proj(out.transpose(1, 2).reshape(N, P, d))
+
+
+class SiglipMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SiglipEncoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = SiglipAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = SiglipMLP(cfg)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class SiglipEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
+        self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2, cfg.hidden_size)
+
+    def forward(self, pixels):  # (N, 3, 384, 384) -> (N, 729, 1152); the last 6 pixel rows/cols are unused
+        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        return x + self.position_embedding.weight
+
+
+class SiglipEncoder(nn.Module):
+    def __init__(self, cfg, num_layers):
+        super().__init__()
+        self.layers = nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(num_layers))
+
+
+class SiglipVisionEncoder(nn.Module):
+    """Returns hidden_states[num_layers]: only the layers whose output is used are built and run."""
+
+    def __init__(self, cfg, num_layers):
+        super().__init__()
+        self.embeddings = SiglipEmbeddings(cfg)
+        self.encoder = SiglipEncoder(cfg, num_layers)
+        self.gradient_checkpointing = False
+
+    def forward(self, pixels):  # (N, 3, H, W) -> (N, P, hidden)
+        x = self.embeddings(pixels)
+        for layer in self.encoder.layers:
+            x = checkpoint(layer, x, use_reentrant=False) if self.gradient_checkpointing and self.training else layer(x)
+        return x
+
+
+# ----------------------------------------------------------------------------- connectors
+
+
+def sinusoid_table(n, dim, device=None):
+    """(n, dim) position encoding: sin on even channels, cos on odd, frequencies 10000^(-2i/dim).
+
+    Rounded to fp16, as the original built it; the published weights were trained with that table."""
+    pos = torch.arange(n, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(n, dim, device=device, dtype=torch.float32)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)
+    return table.half()
+
+
+class PerceiverAttention(nn.Module):
+    """Latents (queries) attend to [media tokens, latents] (keys and values). 8 heads of 64."""
+
+    def __init__(self, dim, heads, dim_head):
+        super().__init__()
+        inner, self.heads = heads * dim_head, heads
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)  # first half keys, second half values
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, media, latents):  # (B, N, D), (B, n, D) -> (B, n, D)
+        media, latents = self.norm_media(media), self.norm_latents(latents)
+        q = self.to_q(latents)
+        k, v = self.to_kv(torch.cat([media, latents], dim=1)).chunk(2, dim=-1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, 8, *, 64)
+        out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(64), no mask
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+def feed_forward(dim, mult):  # an nn.Sequential so that keys read layers.I.1.{0,1,3}
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(), nn.Linear(dim * mult, dim, bias=False))
+
+
+class Resampler(nn.Module):
+    """Perceiver resampler. `groupresampler`: the token sequence is cut into `group` contiguous
+    chunks (the first L % group one token longer), each squeezed into the same num_queries/group
+    latents independently, outputs concatenated, then a position table added. `naiveresampler`:
+    one set of num_queries latents over all tokens, the position table added to the input tokens."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.grouped = cfg.connector_type == "groupresampler"
+        self.group = cfg.group if self.grouped else 1
+        d = cfg.hidden_size
+        self.latents = nn.Parameter(torch.randn(cfg.num_queries // self.group, d))
+        self.linear = nn.Linear(cfg.vision_hidden_size, d)
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(d, cfg.heads, cfg.dim_head), feed_forward(d, cfg.ff_mult)])
+            for _ in range(cfg.num_resampler_layers))
+        self.norm = nn.LayerNorm(d)
+
+    def resample(self, x):  # (B, N, D) -> (B, n, D)
+        latents = self.latents.expand(x.shape[0], -1, -1)
+        for attn, ff in self.layers:
+            latents = attn(x, latents) + latents
+            latents = ff(latents) + latents
+        return self.norm(latents)
+
+    def forward(self, x):  # (B, T*728, 1152) -> (B, num_queries, D)
+        x = self.linear(x)
+        if not self.grouped:
+            return self.resample(x + sinusoid_table(x.shape[1], x.shape[2], x.device).to(x.dtype))
+        # With 16 frames and 16 groups each chunk is exactly one frame.
+        out = torch.cat([self.resample(chunk) for chunk in torch.tensor_split(x, self.group, dim=1)], dim=1)
+        return out + sinusoid_table(out.shape[1], out.shape[2], out.device).to(out.dtype)
+
+
+def build_connector(cfg):
+    if cfg.connector_type in ("groupresampler", "naiveresampler"):
+        return Resampler(cfg)
+    if cfg.connector_type == "mlp2x_gelu":  # TinyLLaVA Factory's MLP, per token: keys 0.* and 2.*
+        return nn.Sequential(nn.Linear(cfg.vision_hidden_size, cfg.hidden_size), nn.GELU(), nn.Linear(cfg.hidden_size, cfg.hidden_size))
+    raise ValueError(f"unknown connector_type {cfg.connector_type!r}: expected groupresampler, naiveresampler or mlp2x_gelu")
+
+
+# ----------------------------------------------------------------------------- decoder
+# Qwen2: pre-norm blocks x + attn(norm(x)), x + mlp(norm(x)); RMSNorm in fp32; rotate-half RoPE;
+# grouped-query attention (16 query heads share 2 key/value heads); biases on q/k/v only.
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim, theta, dtype):
+    """positions (B, L) -> cos, sin (B, 1, L, head_dim), computed in fp32: cat(freqs, freqs)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):  # x (B, heads, L, head_dim)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, with static shapes so a decode step can be
+    compiled: k, v (layers, B, kv_heads, max_len, head_dim). All rows write the same slot each
+    step (prompts of different lengths are left-padded); `valid` (B, max_len) marks the slots that
+    hold a real token, `next_pos` (B,) the RoPE position of each row's next real token."""
+
+    def __init__(self, cfg, batch, max_len, device=None, dtype=torch.float32):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch, max_len, device=device, dtype=torch.bool)
+        self.next_pos = torch.zeros(batch, device=device, dtype=torch.long)
+        self.length = 0  # slots written so far, the same for every row
+
+    @property
+    def max_len(self):
+        return self.k.shape[3]
+
+    def repeat_interleave(self, n):
+        """Each row n times (B -> B*n): one prefilled prompt shared by a group of G samples."""
+        new = KVCache.__new__(KVCache)
+        new.k, new.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
+        new.valid, new.next_pos = self.valid.repeat_interleave(n, dim=0), self.next_pos.repeat_interleave(n, dim=0)
+        new.length = self.length
+        return new
+
+
+class Qwen2Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.q_proj = nn.Linear(d, self.heads * hd)
+        self.k_proj = nn.Linear(d, self.kv_heads * hd)
+        self.v_proj = nn.Linear(d, self.kv_heads * hd)
+        self.o_proj = nn.Linear(self.heads * hd, d, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, slots=None):  # x (B, L, d)
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.heads, -1).transpose(1, 2)  # (B, 16, L, 128)
+        k = self.k_proj(x).view(B, L, self.kv_heads, -1).transpose(1, 2)  # (B, 2, L, 128)
+        v = self.v_proj(x).view(B, L, self.kv_heads, -1).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # write this step's keys/values, attend over all max_len slots
+            cache.k[layer].index_copy_(2, slots, k.to(cache.k.dtype))
+            cache.v[layer].index_copy_(2, slots, v.to(cache.v.dtype))
+            k, v = cache.k[layer].to(q.dtype), cache.v[layer].to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, 16, L, 128)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+
+
+class Qwen2MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2DecoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Qwen2Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = Qwen2MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, slots=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, slots)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, x, attention_mask=None, cache=None):
+        """x (B, L, d) input embeddings -> (B, L, d) final hidden states.
+
+        attention_mask (B, L), 1 for real tokens: padding may sit on either side; real tokens get
+        positions 0, 1, 2... in order. With a cache, the L tokens go to the next L slots and attend
+        to everything written before them."""
+        B, L, _ = x.shape
+        real = torch.ones(B, L, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
+        if cache is None:
+            slots = torch.arange(L, device=x.device)
+            key_real, key_slots, first_pos = real, slots, 0
+        else:
+            if cache.length + L > cache.max_len:
+                raise ValueError(f"KV cache full: {cache.length} + {L} tokens > max_len {cache.max_len}")
+            slots = torch.arange(cache.length, cache.length + L, device=x.device)
+            cache.valid[:, slots] = real
+            key_real, key_slots, first_pos = cache.valid, torch.arange(cache.max_len, device=x.device), cache.next_pos[:, None]
+            cache.next_pos = cache.next_pos + real.sum(1)
+            cache.length += L
+        positions = (first_pos + real.cumsum(1) - 1).clamp(min=0)  # (B, L)
+        # (B, 1, L, S): causal over slots, real keys only; every slot sees itself so that rows of
+        # pure padding stay finite instead of a softmax over nothing.
+        causal = key_slots[None, :] <= slots[:, None]
+        mask = (causal[None] & key_real[:, None, :]) | (key_slots[None, :] == slots[:, None])[None]
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for i, layer in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(layer, x, cos, sin, mask[:, None], use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask[:, None], cache, i, slots)
+        return self.norm(x)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Qwen2Model(cfg)
+        # Tied (Qwen2.5-3B): the output projection is the embedding table, so there is no lm_head.
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def logits(self, hidden):  # (..., d) -> (..., vocab)
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def forward(self, input_ids, attention_mask=None, cache=None):
+        return self.logits(self.model(self.model.embed_tokens(input_ids), attention_mask, cache))
+
+
+# ----------------------------------------------------------------------------- the whole model
+
+
+class TinyLLaVA(nn.Module):
+    def __init__(self, config=None):
+        super().__init__()
+        self.config = config = config or TinyLLaVAConfig()
+        self.vision_tower = SiglipVisionEncoder(config.vision, config.vision_layers_used)
+        self.connector = build_connector(config.connector)
+        self.language_model = Qwen2ForCausalLM(config.text)
+        self.apply(_init_weights)
+
+    def encode_video(self, pixel_values):
+        """(B, T, 3, H, W) -> (B, Q, hidden): Q = 512 for the resamplers, T*728 for the MLP."""
+        B, T = pixel_values.shape[:2]
+        feats = self.vision_tower(pixel_values.flatten(0, 1))  # (B*T, 729, 1152)
+        if self.config.vision_feature_select_strategy == "patch":
+            feats = feats[:, 1:]  # (B*T, 728, 1152)
+        feats = feats.reshape(B, -1, feats.shape[-1]).to(self.connector_dtype)  # (B, T*728, 1152)
+        return self.connector(feats).to(self.language_model.model.embed_tokens.weight.dtype)
+
+    def new_cache(self, batch, max_len):
+        """An empty KV cache for `batch` rows of up to `max_len` tokens, in the decoder's dtype."""
+        w = self.language_model.model.embed_tokens.weight
+        return KVCache(self.config.text, batch, max_len, device=w.device, dtype=w.dtype)
+
+    @property
+    def connector_dtype(self):
+        return next(self.connector.parameters()).dtype
+
+    def embed(self, input_ids, video_embeds, attention_mask=None):
+        """Splice video embeddings at the placeholder: ids (B, L), video (B, Q, d) ->
+        embeddings (B, L-1+Q, d) and the attention mask (B, L-1+Q) with the video tokens real."""
+        B, L = input_ids.shape
+        where = input_ids == self.config.image_token_index
+        if not torch.equal(where.sum(1), torch.ones(B, dtype=torch.long, device=input_ids.device)):
+            raise ValueError(f"every row of input_ids needs exactly one IMAGE_TOKEN_INDEX ({self.config.image_token_index}); found {where.sum(1).tolist()}")
+        text = self.language_model.model.embed_tokens(input_ids.masked_fill(where, 0))  # (B, L, d)
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        embeds, masks = [], []
+        for b, p in enumerate(where.float().argmax(1).tolist()):
+            embeds.append(torch.cat([text[b, :p], video_embeds[b], text[b, p + 1:]]))
+            video_mask = torch.ones(video_embeds.shape[1], dtype=torch.bool, device=mask.device)
+            masks.append(torch.cat([mask[b, :p], video_mask, mask[b, p + 1:]]))
+        return torch.stack(embeds), torch.stack(masks)
+
+    def forward(self, input_ids, pixel_values, attention_mask=None):
+        """ids (B, L) with one IMAGE_TOKEN_INDEX per row, pixels (B, T, 3, H, W) -> logits (B, L-1+Q, V)."""
+        x, mask = self.embed(input_ids, self.encode_video(pixel_values), attention_mask)
+        return self.language_model.logits(self.language_model.model(x, mask))
+
+    # -------------------------------------------------- loading and saving
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None):
+        """Load a published TinyLLaVA-Video(-R1) directory: config.json plus model.safetensors or
+        shards with model.safetensors.index.json. dtype None keeps the checkpoint's dtype."""
+        config = TinyLLaVAConfig.from_dict(_read_json(os.path.join(path, "config.json")))
+        with torch.device("meta"):
+            model = cls(config)
+        files = _checkpoint_files(path)
+        model._load(files, {ours: pub for ours, pub in CHECKPOINT_PREFIXES.items()}, device, dtype)
+        return model.eval()
+
+    @classmethod
+    def from_parts(cls, vision_path, llm_path, connector="mlp2x_gelu", device=None, dtype=None, **connector_options):
+        """A new model from a SigLIP directory and a Qwen2 directory (their own HF layouts), with a
+        freshly initialised connector (`connector_options` are ConnectorConfig fields, e.g. group=16)."""
+        vcfg = _read_json(os.path.join(vision_path, "config.json"))
+        vcfg = vcfg.get("vision_config", vcfg)  # a full SigLIP dual encoder nests its vision part
+        tcfg = _read_json(os.path.join(llm_path, "config.json"))
+        text = TextConfig.from_dict(tcfg)
+        config = TinyLLaVAConfig(
+            vision=VisionConfig.from_dict(vcfg), text=text, torch_dtype=tcfg.get("torch_dtype", tcfg.get("dtype", "bfloat16")),
+            connector=ConnectorConfig(connector_type=connector, hidden_size=text.hidden_size,
+                                      vision_hidden_size=vcfg.get("hidden_size", 1152), **connector_options))
+        with torch.device("meta"):
+            model = cls(config)
+        # The connector is new: build it for real (meta tensors hold no values).
+        with torch.device(device or "cpu"):
+            model.connector = build_connector(config.connector).to(dtype or _DTYPES.get(config.torch_dtype, torch.float32))
+        files = _checkpoint_files(vision_path) + _checkpoint_files(llm_path)
+        model._load(files, {"vision_tower.": "vision_model.", "language_model.": ""}, device, dtype, skip=("connector.",))
+        return model.eval()
+
+    def _load(self, files, prefixes, device, dtype, skip=()):
+        """Read every tensor once, straight into place (the meta model holds no memory, so a 7 GB
+        checkpoint is never held twice). One error lists every problem, naming the files."""
+        from safetensors import safe_open
+
+        expected = {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
+        published = {}  # published key -> our key
+        for ours in expected:
+            prefix = next(p for p in prefixes if ours.startswith(p))
+            published[prefixes[prefix] + ours[len(prefix):]] = ours
+        loaded, unexpected, mismatched, bad_shape = {}, [], [], set()
+        for file in files:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    ours = published.get(key)
+                    if ours is None:
+                        if not self._known_unused(key, prefixes):
+                            unexpected.append(f"{key} (in {os.path.basename(file)})")
+                        continue
+                    t = f.get_tensor(key)
+                    if tuple(t.shape) != tuple(expected[ours].shape):
+                        mismatched.append(f"{key}: {tuple(t.shape)} in {os.path.basename(file)}, model expects {tuple(expected[ours].shape)}")
+                        bad_shape.add(ours)
+                        continue
+                    loaded[ours] = t.to(device=device or "cpu", dtype=dtype or t.dtype)
+        missing = [k for k, ours in published.items() if ours not in loaded and ours not in bad_shape]
+        if missing or unexpected or mismatched:
+            lines = [f"cannot load {', '.join(files)}:"]
+            lines += [f"  missing key: {k}" for k in missing]
+            lines += [f"  unexpected key: {k}" for k in unexpected]
+            lines += [f"  shape mismatch: {m}" for m in mismatched]
+            raise CheckpointError("\n".join(lines))
+        self.load_state_dict(loaded, strict=False, assign=True)
+        # The config says which dtype the weights are; keep it truthful for save_pretrained.
+        self.config.torch_dtype = {v: k for k, v in _DTYPES.items()}.get(next(iter(loaded.values())).dtype, self.config.torch_dtype)
+
+    def _known_unused(self, key, prefixes):
+        """Keys published but deliberately not loaded: SigLIP's layers above the feature layer, its
+        post-layernorm and pooling head, a SigLIP text tower, and lm_head when tied."""
+        vision = prefixes["vision_tower."]
+        if key.startswith(vision):
+            rest = key[len(vision):]
+            if rest.startswith(("post_layernorm.", "head.")):
+                return True
+            parts = rest.split(".")
+            return rest.startswith("encoder.layers.") and int(parts[2]) >= self.config.vision_layers_used
+        if key.startswith(("text_model.", "logit_scale", "logit_bias")) and vision == "vision_model.":
+            return True
+        return key == prefixes["language_model."] + "lm_head.weight" and self.config.text.tie_word_embeddings
+
+    def published_state_dict(self):
+        """Our tensors under their published keys."""
+        out = {}
+        for k, v in self.state_dict().items():
+            prefix = next(p for p in CHECKPOINT_PREFIXES if k.startswith(p))
+            out[CHECKPOINT_PREFIXES[prefix] + k[len(prefix):]] = v
+        return out
+
+    def save_pretrained(self, path, max_shard_bytes=5 * 1024**3):
+        """Write config.json and safetensors (sharded with an index above max_shard_bytes) in the
+        published layout. Written to a temporary directory first, then renamed into place, so an
+        interrupted save never leaves a half-written checkpoint at `path`."""
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous().cpu() for k, v in self.published_state_dict().items()}
+        shards, size = [[]], 0
+        for k, v in state.items():
+            nbytes = v.numel() * v.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(k)
+            size += nbytes
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=parent)
+        try:
+            meta = {"format": "pt"}
+            if len(shards) == 1:
+                save_file(state, os.path.join(tmp, "model.safetensors"), metadata=meta)
+            else:
+                names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+                for name, keys in zip(names, shards):
+                    save_file({k: state[k] for k in keys}, os.path.join(tmp, name), metadata=meta)
+                index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+                         "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
+                _write_json(os.path.join(tmp, "model.safetensors.index.json"), index)
+            dtype = next(iter(state.values())).dtype
+            self.config.torch_dtype = {v: k for k, v in _DTYPES.items()}.get(dtype, self.config.torch_dtype)
+            _write_json(os.path.join(tmp, "config.json"), self.config.to_dict())
+            if os.path.isdir(path):  # keep any other files (tokenizer, optimizer state) already there
+                for name in os.listdir(path):
+                    if not name.startswith("model") and name != "config.json" and not os.path.exists(os.path.join(tmp, name)):
+                        src = os.path.join(path, name)
+                        (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, name))
+                old = tmp + ".old"
+                os.rename(path, old)
+                os.rename(tmp, path)
+                shutil.rmtree(old)
+            else:
+                os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+CHECKPOINT_PREFIXES = {  # our module prefix -> published key prefix
+    "vision_tower.": "vision_tower._vision_tower.vision_model.",
+    "connector.": "connector._connector.",
+    "language_model.": "language_model.",
+}
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _init_weights(m):
+    """GPT-style init for models trained from scratch (the synthetic task); loading overwrites it."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+        if getattr(m, "bias", None) is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, Resampler):
+        nn.init.normal_(m.latents, std=0.02)
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def _checkpoint_files(path):
+    """The safetensors files of a checkpoint directory: the index's shards, or model.safetensors."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        shards = sorted(set(_read_json(index)["weight_map"].values()))
+        files = [os.path.join(path, s) for s in shards]
+        absent = [f for f in files if not os.path.exists(f)]
+        if absent:
+            raise CheckpointError(f"{index} names shards that are missing: {', '.join(absent)}")
+        return files
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
