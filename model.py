@@ -483,23 +483,27 @@ class TinyLLaVA(nn.Module):
         self.language_model = Qwen2ForCausalLM(config.text)
         self.apply(_init_weights)
 
-    def encode_video(self, pixel_values):
-        """(B, T, 3, H, W) -> (B, Q, hidden): Q = 512 for the resamplers, T*728 for the MLP."""
+    def vision_features(self, pixel_values):
+        """(B, T, 3, H, W) -> (B, T*728, 1152): the frozen part, computed once per video in GRPO."""
         B, T = pixel_values.shape[:2]
         feats = self.vision_tower(pixel_values.flatten(0, 1))  # (B*T, 729, 1152)
         if self.config.vision_feature_select_strategy == "patch":
             feats = feats[:, 1:]  # (B*T, 728, 1152)
-        feats = feats.reshape(B, -1, feats.shape[-1]).to(self.connector_dtype)  # (B, T*728, 1152)
-        return self.connector(feats).to(self.language_model.model.embed_tokens.weight.dtype)
+        return feats.reshape(B, -1, feats.shape[-1])
+
+    def connect(self, features):
+        """(B, T*728, 1152) -> (B, Q, hidden) in the decoder's dtype."""
+        out = self.connector(features.to(next(self.connector.parameters()).dtype))
+        return out.to(self.language_model.model.embed_tokens.weight.dtype)
+
+    def encode_video(self, pixel_values):
+        """(B, T, 3, H, W) -> (B, Q, hidden): Q = 512 for the resamplers, T*728 for the MLP."""
+        return self.connect(self.vision_features(pixel_values))
 
     def new_cache(self, batch, max_len):
         """An empty KV cache for `batch` rows of up to `max_len` tokens, in the decoder's dtype."""
         w = self.language_model.model.embed_tokens.weight
         return KVCache(self.config.text, batch, max_len, device=w.device, dtype=w.dtype)
-
-    @property
-    def connector_dtype(self):
-        return next(self.connector.parameters()).dtype
 
     def embed(self, input_ids, video_embeds, attention_mask=None):
         """Splice video embeddings at the placeholder: ids (B, L), video (B, Q, d) ->
