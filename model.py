@@ -470,6 +470,11 @@ class Qwen2ForCausalLM(nn.Module):
     def forward(self, input_ids, attention_mask=None, cache=None):
         return self.logits(self.model(self.model.embed_tokens(input_ids), attention_mask, cache))
 
+    def decode_step(self, tokens, cache):
+        """One cached decoding step: tokens (N,) -> next-token logits (N, vocab). Rollouts call
+        only this, so a faster (compiled) step can replace it without touching them."""
+        return self.logits(self.model(self.model.embed_tokens(tokens[:, None]), None, cache)[:, -1])
+
 
 # ----------------------------------------------------------------------------- the whole model
 
