@@ -1,0 +1,138 @@
+"""train.py and sample.py end to end on a tiny model and a tiny synthetic task (CPU, seconds)."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import data as D
+import model as M
+import sample
+import train
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    """Synthetic videos, a tokenizer, and a tiny model saved as a checkpoint to start from."""
+    root = tmp_path_factory.mktemp("task")
+    paths = D.make_synthetic(str(root / "data"), n_train=16, n_coldstart=8, n_test=8, seed=0)
+    texts = [s.question + " " + s.solution for f in (paths["coldstart"], paths["grpo"]) for s in D.read_samples(f)[0]]
+    tok = D.train_tokenizer([D.build_prompt(t) for t in texts], str(root / "tokenizer.json"), vocab_size=300)
+    torch.manual_seed(0)
+    cfg = M.TinyLLaVAConfig(
+        vision=M.VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8),
+        connector=M.ConnectorConfig(num_queries=4, group=2, num_resampler_layers=1, vision_hidden_size=32, hidden_size=32, heads=2, dim_head=16),
+        text=M.TextConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+        raw={"num_frames": 4})
+    init = root / "init"
+    M.TinyLLaVA(cfg).save_pretrained(str(init))
+    shutil.copy(root / "tokenizer.json", init / "tokenizer.json")
+    return {**paths, "init": str(init)}
+
+
+def run(task, out, stage="grpo", **kw):
+    base = dict(stage=stage, init=task["init"], data=task["grpo" if stage == "grpo" else "coldstart"], out=str(out), frames=4,
+                lr=1e-3, prompts_per_step=2, micro_batch=2, group_size=3, max_new_tokens=6, steps=3, save_every=1, seed=0)
+    base.update(kw)
+    return train.train(train.TrainConfig(**base))
+
+
+def weights(path):
+    return M.TinyLLaVA.from_pretrained(path, dtype=torch.float32).published_state_dict()
+
+
+def test_sft_then_grpo_then_sample(task, tmp_path, capsys):
+    m = run(task, tmp_path / "sft", stage="sft", steps=2)
+    assert m["loss"] > 0 and m["tokens"] > 0
+    before = weights(task["init"])
+    after = weights(tmp_path / "sft" / "checkpoint")
+    assert not torch.equal(before["language_model.model.norm.weight"], after["language_model.model.norm.weight"])
+    vision = [k for k in before if k.startswith("vision_tower")]
+    assert all(torch.equal(before[k], after[k]) for k in vision), "the vision tower is frozen"
+
+    m = run(task, tmp_path / "grpo", init=str(tmp_path / "sft" / "checkpoint"))
+    for key in ("reward", "accuracy", "format", "kl", "completion_length", "loss"):
+        assert key in m
+    rows = [json.loads(line) for line in open(tmp_path / "grpo" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert (tmp_path / "grpo" / "curves.png").stat().st_size > 1000
+
+    ckpt = str(tmp_path / "grpo" / "checkpoint")
+    video = D.read_samples(task["test"])[0][0].video
+    assert sample.main(["--ckpt", ckpt, "--video", video, "--question", "What color?", "--options", "red", "blue",
+                        "--max-new-tokens", "5"]) == 0
+    preds = tmp_path / "preds.jsonl"
+    assert sample.main(["--ckpt", ckpt, "--eval", task["test"], "--predictions", str(preds), "--max-new-tokens", "5"]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    lines = open(preds).read().splitlines()
+    assert len(lines) == 8
+    # a partial predictions file is resumed, not redone
+    with open(preds, "w") as f:
+        f.write("\n".join(lines[:5]) + "\n" + lines[5][:10])  # the last line cut short
+    model, tok = sample.load(ckpt)
+    samples = D.read_mc_jsonl(task["test"])
+    res = sample.evaluate(model, tok, samples, predictions=str(preds), max_new_tokens=5, progress=False)
+    assert res["total"] == 8
+    assert len(open(preds).read().splitlines()) == 9  # 5 kept + the broken line + 3 new
+
+
+def test_resume_is_exact(task, tmp_path):
+    run(task, tmp_path / "straight", steps=4)
+    run(task, tmp_path / "split", steps=4, stop_after=2)
+    assert json.loads(open(tmp_path / "split" / "metrics.jsonl").read().splitlines()[-1])["step"] == 2
+    run(task, tmp_path / "split", steps=4, resume=True)
+    a, b = weights(tmp_path / "straight" / "checkpoint"), weights(tmp_path / "split" / "checkpoint")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line)["step"] for line in open(tmp_path / "split" / "metrics.jsonl")]
+    assert rows == [1, 2, 3, 4]
+
+
+def test_bad_samples_are_skipped_and_counted(task, tmp_path):
+    good = open(task["grpo"]).read().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    row = json.loads(good[0])
+    missing = dict(row, video_filename="./videos/missing.mp4")
+    bad.write_text("\n".join([good[0], json.dumps(missing), "{not json", good[1], json.dumps(missing), good[2]]) + "\n")
+    os.symlink(os.path.join(os.path.dirname(task["grpo"]), "videos"), tmp_path / "videos")
+    m = run(task, tmp_path / "run", data=str(bad), steps=2)
+    assert m["skipped_samples"] >= 1
+    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert all("missing.mp4" in s for s in state["skipped"])
+
+
+def test_nan_loss_skips_the_step(task, tmp_path, monkeypatch):
+    real = train.G.grpo_loss
+    calls = []
+
+    def flaky(*a, **k):
+        loss, m = real(*a, **k)
+        calls.append(1)
+        return (loss * float("nan"), m) if len(calls) == 1 else (loss, m)
+
+    monkeypatch.setattr(train.G, "grpo_loss", flaky)
+    run(task, tmp_path / "run", steps=2)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert rows[0]["nan_steps"] == 1 and rows[1]["nan_steps"] == 1
+
+
+def test_sample_errors_are_one_line(task, tmp_path, capsys):
+    assert sample.main(["--ckpt", str(tmp_path / "nope"), "--video", "x.mp4", "--question", "q"]) == 2
+    assert sample.main(["--ckpt", task["init"], "--video", str(tmp_path / "nope.mp4"), "--question", "q"]) == 2
+    assert sample.main(["--ckpt", task["init"]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("sample.py: ") for line in err)
+
+
+@pytest.mark.parametrize("text,mode,want", [
+    ("<think>red</think> <answer>B</answer>", "reason", "B"),
+    ("<think>x</think><answer>The answer is C. blue</answer>", "reason", "C"),
+    ("B. sit down", "reason", None),
+    ("B. sit down", "option", "B"),
+    ("(D)", "option", "D"),
+    ("I think A", "option", "A"),
+    ("no letter here", "option", None),
+])
+def test_parse_answer(text, mode, want):
+    assert sample.parse_answer(text, 4, mode) == want
