@@ -1,0 +1,414 @@
+"""GRPO, the way TinyLLaVA-Video-R1 trains: rewards, advantages, rollouts, log-probs, loss, metrics.
+
+The recipe (the paper's code; every default below is it). For each prompt, a video and a
+multiple-choice question:
+
+  1. Rollout. Sample a group of G = 8 completions from the current model: temperature 1.0, top-k 50,
+     up to 512 new tokens. The video is encoded once, the prompt is prefilled once and its KV cache
+     copied to the G rows, then all rows of all prompts decode together, one token per step.
+  2. Rewards, from the text alone (decoded without special tokens, stripped):
+       accuracy: 1 if the text inside the first <answer></answer> (else the whole completion) equals
+                 the solution's, or begins with it ("B. sit down" matches "B"); else 0.
+       format:   0 unless the completion is exactly <think>...</think> <answer>...</answer> with one
+                 of each tag; then 0.5 + 0.5 * min(len(thinking) / 1200, 1).
+       reward:   acc + (2 acc - 1) * fmt, and 0 (wrong, no format) becomes -2. Correct answers get
+                 1..2 (longer thinking, more), wrong ones in format -0.5..-1 (longer thinking, less).
+  3. Advantages, relative to the group: A = (r - group mean) / (group std + 1e-4), the std unbiased,
+     plus Gaussian noise of std 0.02, so a group whose rewards all agree still moves a little.
+  4. Log-probs of the completion tokens under the policy (with grad) and under the reference, the
+     frozen starting model (no grad). Both see the same prompt and the same video.
+  5. Loss per token: -(ratio * A) + beta * KL, with ratio = exp(logp - logp.detach()) = 1, the k3 KL
+     estimator exp(ref - logp) - (ref - logp) - 1 and beta = 0.01. Tokens after the first eos are
+     masked; the loss is averaged over each completion's tokens, then over completions. One
+     optimiser step per rollout, so the gradient is the policy gradient -A * grad(logp) plus the
+     pull of the KL towards the reference.
+
+The logged loss hovers near 0 by construction: with one update per rollout the ratio is 1 and the
+advantages of a group sum to 0 (but for the noise), so the loss is about beta * KL whatever the model
+learns. Its gradient is not 0. Watch reward, accuracy and kl to follow training, not the loss.
+
+Pitfalls seen in other implementations, and how this file avoids them:
+  - The reference model must see the video: `completion_logprobs` takes `video_embeds` for any model.
+  - Thinking and answers span lines: every regex matches newlines (re.DOTALL).
+  - The KL is a penalty: it is added to the loss, not subtracted.
+  - Rollouts must use a KV cache: `rollout` always decodes through `decode_step` with one, in one
+    batch for all prompts and samples (peers made G batch-1 `generate` calls, in training mode with
+    gradient checkpointing, which silently turned the cache off).
+  - (N, T, vocab) fp32 logits for a whole group are gigabytes: log-probs are taken a chunk of
+    positions at a time, recomputed in backward.
+
+Variants, one argument away (TRL's names and definitions):
+  - several updates per rollout: pass `old_logp` (the log-probs the rollout recorded) to `grpo_loss`;
+    the ratio is then clipped to [1 - epsilon_low, 1 + epsilon_high] as in PPO (0.2, or 0.2/0.28).
+  - `loss_type`: "grpo" (the paper), "bnpo" (sum over all valid tokens / their number), "dr_grpo"
+    (sum / (N * max_completion_length)), "dapo" (TRL: sum / valid tokens of the whole global batch).
+  - `group_advantages(scale="batch" | "none")`: divide by the batch's std, or not at all.
+  - masking truncated completions (`truncated=`), skipping groups whose rewards are all equal
+    (`zero_variance_groups` gives the rows to mask).
+  - T-GRPO (Video-R1): roll out again on shuffled frames (`shuffle_frames`) and add 0.3 to the
+    correct ordered answers of a prompt whose ordered accuracy is >= 0.8 x its shuffled accuracy
+    (`temporal_bonus`): it rewards answers that need the frames in order.
+
+Simplifications and deviations, in plain words:
+  - Accuracy is string matching only (no symbolic maths): the answers here are option letters. Its
+    answer regex matches across newlines; the original's did not, so an answer split over lines
+    scored 0 there.
+  - Log-probs come from logits / temperature over the whole vocabulary: top-k and top-p only decide
+    what is sampled, not the probabilities the loss sees (at the recipe's temperature 1 this is the
+    model's own distribution).
+  - "dapo" divides by the number of valid tokens passed to this one call. TRL divides by the count
+    over the whole global batch (all processes, all accumulation steps); in one process with the
+    whole batch in one call the two agree, so here "dapo" equals "bnpo".
+  - "grpo" with masked rows (truncated, zero-variance) still averages over all N completions, the
+    masked ones adding 0, as TRL does: masking rows shrinks the step rather than reweighting the rest.
+  - The advantage noise is added whatever `scale` is; TRL adds none (pass noise_std=0 to match it).
+  - T-GRPO: the bonus is added to the combined reward (Video-R1 adds it to its accuracy reward, which
+    it sums with a format reward); "correct" means accuracy > 0; the shuffled rollouts only decide
+    the bonus and are never trained on.
+  - reward_std in the metrics is the mean of the groups' stds (what TRL logs), not the batch's std.
+
+Sections, in the order data flows: rewards; advantages (with the zero-variance and T-GRPO helpers);
+rollouts and log-probs; the loss; metrics.
+"""
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+# ----------------------------------------------------------------------------- rewards
+# A reward function is anything (completion: str, solution: str) -> float; `score` adds extra ones.
+
+ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+FORMAT = re.compile(r"<think>(.*?)</think>\s*<answer>.*?</answer>", re.DOTALL)
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+THINK_CHARS_FOR_FULL_FORMAT = 1200
+
+
+def _answer(text):
+    """The stripped text inside the first <answer></answer>, or the whole stripped text."""
+    text = text.strip()
+    m = ANSWER.search(text)
+    return (m.group(1) if m else text).strip()
+
+
+def accuracy_reward(completion, solution):
+    """1.0 if the completion's answer equals the solution's, or the solution is the answer's first
+    character ("B. sit down" for solution "B"); else 0.0. Case-sensitive."""
+    answer, truth = _answer(completion), _answer(solution)
+    return 1.0 if answer == truth or (answer and truth == answer[0]) else 0.0
+
+
+def format_reward(completion):
+    """0.0 unless the stripped completion is <think>...</think> then <answer>...</answer> and nothing
+    else, each tag exactly once; then 0.5 + 0.5 * min(len(stripped thinking) / 1200, 1)."""
+    text = completion.strip()
+    m = FORMAT.fullmatch(text)
+    if m is None or any(text.count(tag) != 1 for tag in TAGS):
+        return 0.0
+    return 0.5 + 0.5 * min(len(m.group(1).strip()) / THINK_CHARS_FOR_FULL_FORMAT, 1.0)
+
+
+def combined_reward(acc, fmt):
+    """The paper's acc + (2 acc - 1) fmt: correct 1..2, wrong in format -0.5..-1, wrong without -2."""
+    r = acc + (2 * acc - 1) * fmt
+    return -2.0 if r == 0 else float(r)
+
+
+def paper_reward(completion, solution):
+    return combined_reward(accuracy_reward(completion, solution), format_reward(completion))
+
+
+def score(completions, solutions, reward_fns=None):
+    """Rewards of N completions, `solutions` already repeated once per completion.
+
+    Returns float tensors (N,): "reward" (the paper's, plus every extra function's value),
+    "accuracy", "format", and one entry per name in `reward_fns` (name -> fn(completion, solution))."""
+    if len(completions) != len(solutions):
+        raise ValueError(f"score: {len(completions)} completions but {len(solutions)} solutions "
+                         "(repeat each prompt's solution once per completion)")
+    extra = dict(reward_fns or {})
+    clash = sorted(set(extra) & {"reward", "accuracy", "format"})
+    if clash:
+        raise ValueError(f"score: reward_fns may not be named {clash}: those names are taken")
+    acc = [accuracy_reward(c, s) for c, s in zip(completions, solutions)]
+    fmt = [format_reward(c) for c in completions]
+    out = {"reward": torch.tensor([combined_reward(a, f) for a, f in zip(acc, fmt)]),
+           "accuracy": torch.tensor(acc), "format": torch.tensor(fmt)}
+    for name, fn in extra.items():
+        out[name] = torch.tensor([float(fn(c, s)) for c, s in zip(completions, solutions)])
+        out["reward"] = out["reward"] + out[name]
+    return out
+
+
+# ----------------------------------------------------------------------------- advantages
+
+
+def _groups(x, group_size, what):
+    """(N,) -> (N / G, G), rows prompt-major, with a clear error when N is not a multiple of G."""
+    if group_size < 2:
+        raise ValueError(f"{what}: group_size must be >= 2 (a group compares its samples), got {group_size}")
+    if x.ndim != 1 or x.shape[0] % group_size:
+        raise ValueError(f"{what}: expected (N,) values with N a multiple of group_size {group_size}, got shape {tuple(x.shape)}")
+    return x.view(-1, group_size)
+
+
+def group_advantages(rewards, group_size, noise_std=0.02, scale="group", generator=None):
+    """rewards (N,) -> advantages (N,): (r - group mean) / (std + 1e-4) + N(0, noise_std^2).
+
+    scale "group": each group's unbiased std (the paper); "batch": the whole batch's unbiased std;
+    "none": no division (Dr. GRPO). The noise keeps groups of equal rewards from giving exactly 0."""
+    r = _groups(rewards.float(), group_size, "group_advantages")
+    centred = r - r.mean(1, keepdim=True)
+    if scale == "group":
+        centred = centred / (r.std(1, keepdim=True) + 1e-4)
+    elif scale == "batch":
+        centred = centred / (r.std() + 1e-4)
+    elif scale != "none":
+        raise ValueError(f"group_advantages: scale must be 'group', 'batch' or 'none', got {scale!r}")
+    adv = centred.flatten()
+    if noise_std:
+        device = adv.device if generator is None else generator.device  # draw where the generator lives
+        adv = adv + noise_std * torch.randn(adv.shape, generator=generator, device=device).to(adv.device)
+    return adv
+
+
+def zero_variance_groups(rewards, group_size):
+    """(N,) -> bool (N,), True on every row of a group whose rewards are all equal (no signal
+    but the noise: the caller may mask these rows out of the loss)."""
+    r = _groups(rewards, group_size, "zero_variance_groups")
+    return (r == r[:, :1]).all(1).repeat_interleave(group_size)
+
+
+def shuffle_frames(pixel_values, generator=None):
+    """(B, T, 3, H, W) -> the same frames in a random order, a different permutation per row (T-GRPO)."""
+    B, T = pixel_values.shape[:2]
+    device = "cpu" if generator is None else generator.device
+    order = torch.stack([torch.randperm(T, generator=generator, device=device) for _ in range(B)])
+    rows = torch.arange(B, device=pixel_values.device)[:, None]
+    return pixel_values[rows, order.to(pixel_values.device)]
+
+
+def temporal_bonus(acc_ordered, acc_shuffled, group_size, bonus=0.3, ratio=0.8):
+    """T-GRPO (Video-R1): acc_ordered (P*G,) of the rollouts on ordered frames, acc_shuffled (P*G',)
+    of extra rollouts on shuffled frames, both prompt-major -> bonus (P*G,) to add to the rewards:
+    `bonus` on the correct (accuracy > 0) ordered completions of each prompt whose mean ordered
+    accuracy is >= ratio * its mean shuffled accuracy, 0 elsewhere."""
+    ordered = _groups(acc_ordered.float(), group_size, "temporal_bonus")
+    P = ordered.shape[0]
+    if acc_shuffled.ndim != 1 or acc_shuffled.shape[0] % P:
+        raise ValueError(f"temporal_bonus: acc_shuffled must be (P*G',) for the same {P} prompts, got shape {tuple(acc_shuffled.shape)}")
+    shuffled = acc_shuffled.float().view(P, -1).to(ordered.device)
+    earned = ordered.mean(1, keepdim=True) >= ratio * shuffled.mean(1, keepdim=True)  # (P, 1)
+    return (bonus * (earned & (ordered > 0)).float()).flatten()
+
+
+# ----------------------------------------------------------------------------- rollouts and log-probs
+
+
+@dataclass
+class Rollout:
+    """G completions per prompt, rows prompt-major (row p*G + g is sample g of prompt p)."""
+    completion_ids: torch.Tensor  # (N, T) sampled tokens; pad after each row's eos
+    mask: torch.Tensor  # (N, T) float, 1 up to and including the first eos
+    logprobs: torch.Tensor  # (N, T) log-probs of the sampled tokens under the sampling policy
+    truncated: torch.Tensor  # (N,) bool, True where no eos came within max_new_tokens
+    group_size: int
+
+
+def sample_token(logits, temperature=1.0, top_k=50, top_p=1.0, generator=None):
+    """logits (N, V) -> tokens (N,), and their log-probs under logits / temperature (the policy
+    the loss differentiates: top-k and top-p only cut the tail that is sampled from).
+    temperature 0 is greedy."""
+    logits = logits.float()
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, logits.log_softmax(-1).gather(1, tok[:, None])[:, 0]
+    logits = logits / temperature
+    logp = logits.log_softmax(-1)
+    cut = logits
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        cut = cut.masked_fill(cut < kth, float("-inf"))
+    if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
+        sorted_logits, order = cut.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p
+        cut = cut.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    tok = torch.multinomial(cut.softmax(-1), 1, generator=generator)[:, 0]
+    return tok, logp.gather(1, tok[:, None])[:, 0]
+
+
+@torch.no_grad()
+def rollout(model, input_ids, video_embeds, eos_id, pad_id=None, attention_mask=None, group_size=8,
+            max_new_tokens=512, temperature=1.0, top_k=50, top_p=1.0, generator=None, check_every=8):
+    """Sample `group_size` completions for each of P prompts in one batch with the KV cache.
+
+    input_ids (P, L) with one IMAGE_TOKEN_INDEX each, left-padded (attention_mask) if their lengths
+    differ; video_embeds (P, Q, d) from model.encode_video, computed once per video. Each prompt is
+    prefilled once and its cache copied to its G rows; then all P*G rows decode together, through
+    `language_model.decode_step` only (so a compiled step can replace it)."""
+    lm = model.language_model
+    pad_id = eos_id if pad_id is None else pad_id
+    embeds, mask = model.embed(input_ids, video_embeds, attention_mask)  # (P, L-1+Q, d)
+    if not mask[:, -1].all():
+        raise ValueError("rollout needs left-padded prompts: every row's last position must be real")
+    P, G = embeds.shape[0], group_size
+    cache = model.new_cache(P, embeds.shape[1] + max_new_tokens)
+    last = lm.logits(lm.model(embeds, mask, cache)[:, -1])  # prefill once per prompt: (P, V)
+    cache, last = cache.repeat_interleave(G), last.repeat_interleave(G, dim=0)  # (P*G, ...)
+    N = P * G
+    ids = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=embeds.device)
+    logprobs = torch.zeros(N, max_new_tokens, device=embeds.device)
+    done = torch.zeros(N, dtype=torch.bool, device=embeds.device)
+    for t in range(max_new_tokens):
+        tok, lp = sample_token(last, temperature, top_k, top_p, generator)
+        ids[:, t] = torch.where(done, pad_id, tok)
+        logprobs[:, t] = torch.where(done, 0.0, lp)
+        done = done | (tok == eos_id)
+        # A host sync to stop early costs time on a GPU: look only every few steps.
+        if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and done.all()):
+            break
+        last = lm.decode_step(ids[:, t], cache)  # (N, V)
+    ids, logprobs = ids[:, :t + 1], logprobs[:, :t + 1]
+    mask = completion_mask(ids, eos_id)
+    return Rollout(ids, mask, logprobs * mask, ~(ids == eos_id).any(1), G)
+
+
+def completion_mask(ids, eos_id):
+    """(N, T) -> float mask, 1 up to and including each row's first eos (all 1 without eos)."""
+    is_eos = (ids == eos_id).long()
+    after = is_eos.cumsum(1) - is_eos  # eos tokens strictly before each position
+    return (after == 0).float()
+
+
+def completion_logprobs(model, input_ids, video_embeds, completion_ids, completion_mask, attention_mask=None,
+                        temperature=1.0, chunk=64):
+    """Log-probs (N, T) of completion tokens given prompt + video, for the policy (with grad) or the
+    reference (under no_grad). input_ids (P, L), video_embeds (P, Q, d), completions (P*G, T).
+
+    Only the T completion positions go through the LM head, `chunk` positions at a time; with
+    grad on, each chunk is recomputed in backward, so (N, T, vocab) fp32 logits never exist at once."""
+    G = completion_ids.shape[0] // input_ids.shape[0]
+    prompt, pmask = model.embed(input_ids, video_embeds, attention_mask)  # (P, Lp, d)
+    prompt, pmask = prompt.repeat_interleave(G, dim=0), pmask.repeat_interleave(G, dim=0)
+    lm = model.language_model
+    x = torch.cat([prompt, lm.model.embed_tokens(completion_ids)], dim=1)
+    mask = torch.cat([pmask, completion_mask.bool()], dim=1)
+    Lp, T = prompt.shape[1], completion_ids.shape[1]
+    hidden = lm.model(x, mask)[:, Lp - 1:Lp - 1 + T]  # the states that predict each completion token
+
+    def chunk_logp(h, ids):
+        return (lm.logits(h).float() / temperature).log_softmax(-1).gather(-1, ids[..., None])[..., 0]
+
+    out = []
+    for s in range(0, T, chunk):
+        h, ids = hidden[:, s:s + chunk], completion_ids[:, s:s + chunk]
+        out.append(checkpoint(chunk_logp, h, ids, use_reentrant=False) if torch.is_grad_enabled() else chunk_logp(h, ids))
+    return torch.cat(out, dim=1) * completion_mask
+
+
+# ----------------------------------------------------------------------------- the loss
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.01, loss_type="grpo", epsilon_low=0.2,
+              epsilon_high=None, truncated=None, max_completion_length=None):
+    """The GRPO loss of N completions of T tokens -> (loss scalar, {"loss", "kl", "clip_ratio"} floats).
+
+    logp (N, T) policy log-probs with grad; old_logp (N, T) of the policy that sampled, or None for
+    the paper's one update per rollout (then ratio = exp(logp - logp.detach()) = 1); ref_logp (N, T)
+    of the frozen reference, or None (or beta 0) for no KL term; advantages (N,); mask (N, T), 1 on
+    valid tokens; truncated (N,) bool rows to mask out entirely, when given.
+
+    Per token: -min(ratio * A, clip(ratio, 1 - epsilon_low, 1 + epsilon_high) * A) + beta * KL, KL
+    the k3 estimator exp(ref - logp) - (ref - logp) - 1 (>= 0, exactly 0 where ref == logp). Then:
+      "grpo"    mean over each completion's valid tokens, then over all N completions (the paper);
+      "bnpo"    sum over valid tokens / number of valid tokens;
+      "dr_grpo" sum over valid tokens / (N * max_completion_length), default T;
+      "dapo"    sum / valid tokens in the global batch: in one call and one process, "bnpo".
+    Metrics: "kl" the mean KL over valid tokens (0.0 without a reference), "clip_ratio" the share of
+    valid tokens where the clipped term is chosen (ratio < 1 - eps_low with A < 0, or ratio >
+    1 + eps_high with A > 0: their gradient is 0)."""
+    N, T = logp.shape
+    for name, x, shape in (("old_logp", old_logp, (N, T)), ("ref_logp", ref_logp, (N, T)), ("mask", mask, (N, T)),
+                           ("advantages", advantages, (N,)), ("truncated", truncated, (N,))):
+        if x is not None and tuple(x.shape) != shape:
+            raise ValueError(f"grpo_loss: {name} has shape {tuple(x.shape)}, expected {shape} (logp is {(N, T)})")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"grpo_loss: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
+    mask = mask.float()
+    if truncated is not None:
+        mask = mask * (~truncated.bool()).float()[:, None]
+
+    old = logp.detach() if old_logp is None else old_logp
+    ratio = torch.exp(logp - old)
+    A = advantages.float()[:, None]
+    per_token = -torch.min(ratio * A, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * A)
+    kl = None
+    if ref_logp is not None:
+        delta = ref_logp - logp
+        kl = torch.exp(delta) - delta - 1
+        if beta != 0:
+            per_token = per_token + beta * kl
+
+    valid = mask.sum().clamp(min=1.0)
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1.0)).mean()
+    elif loss_type in ("bnpo", "dapo"):
+        loss = (per_token * mask).sum() / valid
+    else:  # dr_grpo
+        loss = (per_token * mask).sum() / (N * (T if max_completion_length is None else max_completion_length))
+
+    with torch.no_grad():
+        clipped = ((ratio < 1 - epsilon_low) & (A < 0)) | ((ratio > 1 + epsilon_high) & (A > 0))
+        metrics = {"loss": loss.item(),
+                   "kl": 0.0 if kl is None else ((kl * mask).sum() / valid).item(),
+                   "clip_ratio": ((clipped.float() * mask).sum() / valid).item()}
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------- metrics
+
+# The paper's "aha" signal: the model stops to re-examine its answer.
+REFLECTION = re.compile(r"\b(?:wait\b|re-?check|let me reconsider)", re.IGNORECASE)
+
+
+def step_metrics(rollout, completions, scores, group_size, kl=None, times=None):
+    """Floats to log for one step, under the names TRL users know.
+
+    reward (mean), reward_std (mean of the groups' stds), reward/<name> (mean of each entry of
+    `scores` but "reward"), accuracy (mean), format (share of completions in format),
+    completion_length (mean, in tokens up to and including eos) with _min and _max, truncated (share
+    with no eos), zero_std_groups (share of groups whose rewards are all equal), reflection (share
+    of completions saying "wait", "re-check"/"recheck" or "let me reconsider", any case), kl when
+    given; with `times` {phase: seconds}, time/<phase> and tokens_per_s (decoded positions of all
+    rows, N x steps, per second of the "rollout" phase: the way DESIGN.md counts decode speed)."""
+    N = rollout.completion_ids.shape[0]
+    if len(completions) != N or scores["reward"].shape[0] != N:
+        raise ValueError(f"step_metrics: rollout has {N} rows, completions {len(completions)}, scores {scores['reward'].shape[0]}")
+    reward = scores["reward"].float()
+    lengths = rollout.mask.sum(1).float()
+    out = {"reward": reward.mean().item(),
+           "reward_std": reward.view(-1, group_size).std(1).mean().item()}
+    out.update({f"reward/{name}": v.float().mean().item() for name, v in scores.items() if name != "reward"})
+    out.update({
+        "accuracy": scores["accuracy"].float().mean().item(),
+        "format": (scores["format"] > 0).float().mean().item(),
+        "completion_length": lengths.mean().item(),
+        "completion_length_min": lengths.min().item(),
+        "completion_length_max": lengths.max().item(),
+        "truncated": rollout.truncated.float().mean().item(),
+        "zero_std_groups": zero_variance_groups(reward, group_size).float().mean().item(),
+        "reflection": sum(bool(REFLECTION.search(c)) for c in completions) / N,
+    })
+    if kl is not None:
+        out["kl"] = float(kl)
+    for phase, seconds in (times or {}).items():
+        out[f"time/{phase}"] = float(seconds)
+    if times and times.get("rollout"):
+        out["tokens_per_s"] = rollout.completion_ids.numel() / times["rollout"]
+    return out
