@@ -136,7 +136,10 @@ class TinyLLaVAConfig:
 
     def to_dict(self):
         d = dict(self.raw)
-        d.update({k: v for k, v in dataclasses.asdict(self.connector).items() if k not in ("heads", "dim_head", "ff_mult")})
+        # heads, dim_head, ff_mult are not in the published config.json: written only when not the published ones
+        default = ConnectorConfig()
+        d.update({k: v for k, v in dataclasses.asdict(self.connector).items()
+                  if k not in ("heads", "dim_head", "ff_mult") or v != getattr(default, k)})
         d.update(hidden_size=self.text.hidden_size, vocab_size=self.text.vocab_size,
                  vision_feature_layer=self.vision_feature_layer, vision_feature_select_strategy=self.vision_feature_select_strategy,
                  image_token_index=self.image_token_index, tokenizer_model_max_length=self.tokenizer_model_max_length,

@@ -507,7 +507,7 @@ def train(cfg):
 
     curve_keys = ["loss"] if cfg.stage == "sft" else ["reward", "accuracy", "format", "kl"]
     bar = tqdm(range(start, total), initial=start, total=total, desc=cfg.stage, dynamic_ncols=True)
-    m = {}
+    record = {}
     for step in bar:
         batch = step_samples(samples, step, cfg)
         if cfg.stage == "sft":
@@ -521,7 +521,8 @@ def train(cfg):
         elif not m.get("skipped_step"):
             apply_update()
         schedule.step()
-        record = {"step": step + 1, "lr": schedule.get_last_lr()[0], **m, "skipped_samples": len(load.skipped), "nan_steps": nan_steps}
+        record = {"step": step + 1, "lr": schedule.get_last_lr()[0], **m, "skipped_samples": len(load.skipped),
+                  "skipped_rows": len(bad_rows), "nan_steps": nan_steps}
         append_jsonl(metrics_path, record)
         records.append(record)
         plot_curves(records, os.path.join(cfg.out, "curves.png"), curve_keys)
@@ -534,7 +535,7 @@ def train(cfg):
             break
     if load.skipped:
         tqdm.write(f"{len(load.skipped)} samples skipped: unreadable videos (see metrics.jsonl 'skipped_samples')")
-    return m
+    return record
 
 
 # ----------------------------------------------------------------------------- the CPU demo
