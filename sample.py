@@ -145,8 +145,9 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
             texts = generate(model, tok, [s.question for s in batch], torch.stack(pixels), max_new_tokens)
             for s, text in zip(batch, texts):
                 pred = parse_answer(text, len(s.meta.get("options") or []) or 26, mode)
-                r = {"key": sample_key(s), "video": s.video, "answer": s.solution, "pred": pred,
-                     "correct": pred == s.solution, "output": text, **{k: v for k, v in s.meta.items() if k == "task"}}
+                answer = parse_answer(s.solution, 26, "reason" if "<answer>" in s.solution else "option")
+                r = {"key": sample_key(s), "video": s.video, "answer": answer, "pred": pred,
+                     "correct": pred is not None and pred == answer, "output": text, **{k: v for k, v in s.meta.items() if k == "task"}}
                 records.append(r)
                 if out:
                     out.write(json.dumps(r) + "\n")

@@ -549,27 +549,23 @@ def demo_config(vocab_size):
     return M.TinyLLaVAConfig(
         vision=M.VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
                               image_size=32, patch_size=8),
-        connector=M.ConnectorConfig(connector_type="groupresampler", num_queries=32, group=8, num_resampler_layers=1,
-                                    vision_hidden_size=64, hidden_size=128, heads=2, dim_head=32, ff_mult=2),
+        connector=M.ConnectorConfig(connector_type="mlp2x_gelu", vision_hidden_size=64, hidden_size=128),
         text=M.TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
         raw={"num_frames": DEMO["frames"]})
 
 
-DEMO = dict(frames=8, n_train=2000, n_coldstart=64, n_test=200,
-            sft=dict(lr=1e-3, epochs=8, prompts_per_step=8, micro_batch=8),
-            grpo=dict(lr=2e-4, steps=150, prompts_per_step=8, micro_batch=8, group_size=8, max_new_tokens=48, beta=0.01))
+DEMO = dict(frames=8, n_train=2000, n_coldstart=320, n_test=200,
+            sft=dict(lr=1e-3, epochs=4, prompts_per_step=16, micro_batch=16),
+            grpo=dict(lr=1e-4, steps=250, prompts_per_step=8, micro_batch=8, group_size=8, max_new_tokens=40, beta=0.01))
 
 
 def demo(out, seed, device=""):
     t0 = time.time()
     paths = D.make_synthetic(os.path.join(out, "data"), n_train=DEMO["n_train"], n_coldstart=DEMO["n_coldstart"],
                              n_test=DEMO["n_test"], seed=seed)
+    tok = D.synthetic_tokenizer(paths)
     tok_path = os.path.join(paths["root"], "tokenizer.json")
-    if not os.path.exists(tok_path):
-        texts = [s.question + " " + s.solution for f in (paths["coldstart"], paths["grpo"]) for s in D.read_samples(f)[0]]
-        D.train_tokenizer([D.build_prompt(t) for t in texts], tok_path)
-    tok = D.Tokenizer(tok_path)
     init = os.path.join(out, "init")
     torch.manual_seed(seed)
     model = M.TinyLLaVA(demo_config(tok.vocab_size))
@@ -581,11 +577,11 @@ def demo(out, seed, device=""):
                       out=os.path.join(out, "grpo"), **common, **DEMO["grpo"]))
 
     import sample  # evaluation lives with inference
-    test = D.read_mc_jsonl(paths["test"], mode="reason")
+    test = D.read_samples(paths["heldout"])[0]  # held-out questions, asked exactly as in training
     results = {}
     for stage in ("sft", "grpo"):
         model, tok = sample.load(os.path.join(out, stage, "checkpoint"), device or None)
-        results[stage] = sample.evaluate(model, tok, test, "reason", batch_size=50, frames=DEMO["frames"], max_new_tokens=48)
+        results[stage] = sample.evaluate(model, tok, test, "reason", batch_size=50, frames=DEMO["frames"], max_new_tokens=DEMO["grpo"]["max_new_tokens"])
     tasks = sorted({r["task"] for r in results["sft"]["records"]})
     print(f"\n{'held-out accuracy':<20}" + "".join(f"{t:>10}" for t in tasks) + f"{'all':>10}")
     for stage in ("sft", "grpo"):

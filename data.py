@@ -1,0 +1,518 @@
+"""From video files and annotation rows to what the model eats: frames, pixels, token ids.
+
+    video file --sample_frames--> (T, H, W, 3) uint8 RGB, T frames spread uniformly over the clip
+      --preprocess_frames--> (T, 3, 384, 384) float in [-1, 1], resized the way Pillow does it
+    question --build_prompt--> the qwen2_base chat text --Tokenizer.prompt_ids--> ids with one -200
+
+The published model saw 16 frames picked with `np.linspace(0, N-1, 16).astype(int)` over all decoded
+frames, each resized with Pillow's bicubic filter (which antialiases when shrinking; OpenCV's INTER_CUBIC
+does not, and differs by a few percent of the range on a 720p frame). Both are reproduced here without
+Pillow. Then the datasets of the paper (NextQA GRPO rows, cold-start conversations, plain multiple
+choice), batching, and a synthetic video task small enough to train on a laptop CPU.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from model import IMAGE_TOKEN_INDEX
+
+
+class VideoError(Exception):
+    """A video that cannot be used: missing, not a video, or without a decodable frame."""
+
+
+class DataError(ValueError):
+    """A malformed annotation: the message names the file, the line and the field."""
+
+
+# ----------------------------------------------------------------------------- frames
+
+
+def frame_indices(n, num_frames):
+    """The original's uniform pick: num_frames indices over n frames (repeats when n < num_frames)."""
+    return np.linspace(0, n - 1, num_frames).astype(int)
+
+
+def _open(path):
+    if not os.path.isfile(path):
+        raise VideoError(f"{path}: no such file")
+    cap = cv2.VideoCapture(path)
+    if not cap.isOpened():
+        raise VideoError(f"{path}: cannot be opened as a video")
+    return cap
+
+
+def _read(path, wanted=None):
+    """Decode sequentially (seeking is unreliable on some codecs), keeping only the frames whose index is
+    in `wanted` and stopping after the last of them; wanted=None decodes everything to count the frames.
+    -> ({index: RGB frame}, number of frames decoded)."""
+    cap, keep, n = _open(path), {}, 0
+    stop = max(wanted) if wanted else None
+    try:
+        while cap.grab():
+            if wanted and n in wanted:
+                ok, frame = cap.retrieve()
+                if ok:
+                    if frame.ndim == 2:  # grayscale
+                        frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
+                    keep[n] = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            n += 1
+            if stop is not None and n > stop:
+                break
+    finally:
+        cap.release()
+    return keep, n
+
+
+def sample_frames(path, num_frames=16, max_frames=None):
+    """(T, H, W, 3) uint8 RGB frames of a video file, spread uniformly over all its frames.
+
+    num_frames=None with max_frames: the "fps mode", one frame a second up to max_frames
+    (min(max_frames, max(1, int(duration_s)))). The container's frame count is trusted only if decoding
+    agrees; otherwise the real count is taken from a full sequential pass and the frames read again."""
+    cap = _open(path)
+    reported, fps = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), cap.get(cv2.CAP_PROP_FPS)
+    cap.release()
+
+    def count():
+        return _read(path)[1]
+
+    def how_many(n):
+        if num_frames is not None:
+            return num_frames
+        if not max_frames:
+            raise ValueError("sample_frames: give num_frames, or num_frames=None with max_frames")
+        duration = n / fps if fps and fps > 0 else n  # no frame rate: assume one frame a second
+        return min(max_frames, max(1, int(duration)))
+
+    n = reported if reported > 0 else count()
+    for attempt in range(2):
+        if n <= 0:
+            break
+        idx = frame_indices(n, how_many(n))
+        frames, _ = _read(path, set(idx.tolist()))
+        if all(i in frames for i in idx):
+            return np.stack([frames[i] for i in idx])
+        n = count() if attempt == 0 else 0  # the reported count was wrong: count by decoding, try again
+    raise VideoError(f"{path}: no decodable frame")
+
+
+# ----------------------------------------------------------------------------- preprocessing
+# Pillow's resize: a separable filter, one pass per axis, each output pixel a weighted sum
+# of the input pixels under the filter; when shrinking, the filter is stretched by the scale factor
+# (that is the antialiasing). Between the passes and at the end values are rounded and clipped to 0..255.
+
+
+def _cubic(x, a=-0.5):
+    x = np.abs(x)
+    return np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                    np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
+
+
+PRECISION_BITS = 22  # Pillow computes 8-bit resizes in fixed point: weights scaled by 2**22, int32 sums
+
+
+def resize_weights(size_in, size_out):
+    """Taps of Pillow's bicubic filter: indices (out, K) and fixed-point weights (out, K), rows zero-padded."""
+    scale = size_in / size_out
+    stretch = max(scale, 1.0)
+    support = 2.0 * stretch
+    K = int(np.ceil(support)) * 2 + 1
+    idx = np.zeros((size_out, K), np.int64)
+    w = np.zeros((size_out, K), np.int32)
+    for o in range(size_out):
+        center = (o + 0.5) * scale
+        lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), size_in)
+        taps = np.arange(lo, hi)
+        ww = _cubic((taps - center + 0.5) / stretch)
+        ww = ww / ww.sum() * (1 << PRECISION_BITS)
+        idx[o, :len(taps)], w[o, :len(taps)] = taps, np.trunc(ww + np.where(ww < 0, -0.5, 0.5))
+    return torch.from_numpy(idx), torch.from_numpy(w)
+
+
+def _resize_axis(x, axis, size_out):
+    """Resize one axis of a float64 tensor of 0..255 integers exactly as Pillow does (fixed point, rounded,
+    clipped to 0..255). The axis is moved first so that each filter tap gathers whole contiguous rows."""
+    if x.shape[axis] == size_out:
+        return x
+    idx, w = resize_weights(x.shape[axis], size_out)
+    rows = x.movedim(axis, 0).contiguous()
+    flat = rows.reshape(rows.shape[0], -1)  # (size_in, everything else)
+    # float64 holds these integer sums exactly (< 2**53) and multiplies faster than int32 on a CPU
+    out = torch.full((size_out, flat.shape[1]), float(1 << (PRECISION_BITS - 1)), dtype=torch.float64)  # +0.5: rounding
+    w = w.double()
+    for k in range(idx.shape[1]):
+        out.addcmul_(flat[idx[:, k]], w[:, k, None])
+    out = out.div_(1 << PRECISION_BITS).floor_().clamp_(0, 255)  # the fixed-point shift, then clip to 8 bits
+    return out.reshape(size_out, *rows.shape[1:]).movedim(0, axis)
+
+
+def preprocess_frames(frames, size=384):
+    """(T, H, W, 3) uint8 RGB -> (T, 3, size, size) float: Pillow-style bicubic resize ignoring aspect
+    ratio, then /255, then (x - 0.5) / 0.5 (SigLIP's mean and std are 0.5)."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).double()  # (T, H, W, 3)
+    H, W = x.shape[1:3]
+    # Pillow runs first the pass that leaves the smaller intermediate image (horizontal on a tie); the
+    # order matters because each pass rounds to 0..255.
+    for axis in ((2, 1) if size * H <= W * size else (1, 2)):
+        x = _resize_axis(x, axis, size)  # -> (T, size, size, 3)
+    return (x.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+
+
+def load_video(path, num_frames=16, max_frames=None, size=384):
+    """A video file -> (T, 3, size, size) pixel values for the vision tower."""
+    return preprocess_frames(sample_frames(path, num_frames, max_frames), size)
+
+
+# ----------------------------------------------------------------------------- prompt and tokenizer
+
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+GRPO_SUFFIX = " Output the thinking process in <think> </think> and final answer (option) in <answer> </answer> tags."
+REASON_SUFFIX = "\nOutput the thinking process in <think> </think> and final answer (option) in <answer> </answer> tags."
+OPTION_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
+EOS = "<|endoftext|>"  # Qwen2.5: end of text, also the padding token; there is no BOS
+
+
+def build_prompt(question):
+    """The qwen2_base template: the system sentence, one space, the user turn with the video first."""
+    if "<image>" in question:
+        raise ValueError("the question must not contain <image>: the template puts the video first")
+    return f"{SYSTEM} USER: <image>\n{question} ASSISTANT:"
+
+
+def format_options(options):
+    """["sit down", "run"] -> "A. sit down\\nB. run" (options already lettered "A. ..." are kept)."""
+    lines = []
+    for i, o in enumerate(options):
+        letter = chr(ord("A") + i)
+        lines.append(o if o.startswith(f"{letter}.") else f"{letter}. {o}")
+    return "\n".join(lines)
+
+
+def mc_question(question, options, mode="reason"):
+    """A multiple-choice question as the evaluation asks it, in "reason" or "option" mode."""
+    if mode not in ("reason", "option"):
+        raise ValueError(f"mode must be reason or option, not {mode!r}")
+    return f"{question}\n{format_options(options)}" + (REASON_SUFFIX if mode == "reason" else OPTION_SUFFIX)
+
+
+class Tokenizer:
+    """A Hugging Face tokenizer.json read with `tokenizers`, with the prompt and label rules of the paper."""
+
+    def __init__(self, path):
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file}: no such tokenizer file")
+        self.tok = HFTokenizer.from_file(file)
+        self.eos_id = self.tok.token_to_id(EOS)
+        if self.eos_id is None:
+            raise ValueError(f"{file}: the vocabulary has no {EOS} token")
+        self.pad_id = self.eos_id
+        self.vocab_size = self.tok.get_vocab_size()
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def prompt_ids(self, question, max_len=3072):
+        """Token ids of the prompt: each side of <image> tokenized on its own, joined by IMAGE_TOKEN_INDEX."""
+        before, after = build_prompt(question).split("<image>")
+        return (self.encode(before) + [IMAGE_TOKEN_INDEX] + self.encode(after))[:max_len]
+
+    def sft_ids(self, question, answer, max_len=3072):
+        """(input_ids, labels) for supervised training: prompt, " answer", eos; labels -100 on the prompt."""
+        prompt = self.prompt_ids(question, max_len)
+        target = self.encode(" " + answer) + [self.eos_id]
+        return (prompt + target)[:max_len], ([-100] * len(prompt) + target)[:max_len]
+
+
+def train_tokenizer(texts, path, vocab_size=512):
+    """A small byte-level BPE tokenizer (with Qwen's special tokens) trained on `texts`, saved to `path`."""
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tok.save(path)
+    return Tokenizer(path)
+
+
+# ----------------------------------------------------------------------------- datasets and batches
+
+
+@dataclass
+class Sample:
+    video: str  # the video's path, joined to the dataset root
+    question: str  # the text that goes into build_prompt
+    solution: str  # GRPO: as given ("<answer>B</answer>" or "B"); cold start: the full answer; MC: the letter
+    meta: dict = field(default_factory=dict)  # the row's other fields, and "line"
+
+
+def _field(row, key, path, line, kind=str):
+    if not isinstance(row, dict):
+        raise DataError(f"{path}:{line}: a row must be a JSON object")
+    if key not in row:
+        raise DataError(f"{path}:{line}: missing field {key!r}")
+    if not isinstance(row[key], kind):
+        raise DataError(f"{path}:{line}: field {key!r} must be {getattr(kind, '__name__', kind)}")
+    return row[key]
+
+
+def _rows(path):
+    """(line number, parsed object) for a .jsonl file or the items of a .json list."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    with open(path) as f:
+        if path.endswith(".json"):
+            try:
+                items = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: not valid JSON ({e})")
+            if not isinstance(items, list):
+                raise DataError(f"{path}: expected a JSON list")
+            return [(i + 1, item) for i, item in enumerate(items)]
+        out = []
+        for i, line in enumerate(f):
+            if line.strip():
+                try:
+                    out.append((i + 1, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    out.append((i + 1, DataError(f"{path}:{i + 1}: not valid JSON ({e.msg})")))
+        return out
+
+
+def _grpo_sample(row, path, line, root):
+    problem = _field(row, "problem", path, line)
+    solution = _field(row, "solution", path, line)
+    video = _field(row, "video_filename", path, line)
+    meta = {k: v for k, v in row.items() if k not in ("problem", "solution", "video_filename")}
+    return Sample(os.path.join(root, video), problem + GRPO_SUFFIX, solution, {**meta, "line": line})
+
+
+def _coldstart_sample(row, path, line, root):
+    video = _field(row, "video", path, line)
+    turns = _field(row, "conversations", path, line, list)
+    if len(turns) < 2 or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns[:2]):
+        raise DataError(f"{path}:{line}: field 'conversations' needs a human and a gpt turn with 'value'")
+    question = turns[0]["value"].replace("<image>\n", "").replace("<image>", "").strip()
+    meta = {k: v for k, v in row.items() if k not in ("video", "conversations")}
+    return Sample(os.path.join(root, video), question, turns[1]["value"], {**meta, "line": line})
+
+
+def _mc_sample(row, path, line, root, mode):
+    video, question = _field(row, "video", path, line), _field(row, "question", path, line)
+    options, answer = _field(row, "options", path, line, list), _field(row, "answer", path, line)
+    if len(answer) != 1 or not "A" <= answer <= chr(ord("A") + len(options) - 1):
+        raise DataError(f"{path}:{line}: field 'answer' must be one of the option letters, not {answer!r}")
+    meta = {k: v for k, v in row.items() if k not in ("video", "question", "answer")}
+    return Sample(os.path.join(root, video), mc_question(question, options, mode), answer, {**meta, "line": line})
+
+
+def read_samples(path, root=None, errors="raise", mode="reason"):
+    """Any of the three formats, told apart by their fields. -> (samples, messages of skipped rows).
+
+    .json list with "conversations": cold start; .jsonl with "problem": NextQA GRPO; .jsonl with
+    "options": plain multiple choice. errors="skip" skips malformed rows and returns their messages."""
+    root = root or os.path.dirname(os.path.abspath(path))
+    samples, skipped = [], []
+    for line, row in _rows(path):
+        try:
+            if isinstance(row, DataError):
+                raise row
+            if isinstance(row, dict) and "conversations" in row:
+                samples.append(_coldstart_sample(row, path, line, root))
+            elif isinstance(row, dict) and "problem" in row:
+                samples.append(_grpo_sample(row, path, line, root))
+            elif isinstance(row, dict) and "options" in row:
+                samples.append(_mc_sample(row, path, line, root, mode))
+            else:
+                raise DataError(f"{path}:{line}: not a known row format (needs 'conversations', 'problem' or 'options')")
+        except DataError as e:
+            if errors == "raise":
+                raise
+            skipped.append(str(e))
+    return samples, skipped
+
+
+def read_grpo_jsonl(path, root=None):
+    return read_samples(path, root)[0]
+
+
+def read_coldstart_json(path, root=None):
+    return read_samples(path, root)[0]
+
+
+def read_mc_jsonl(path, root=None, mode="reason"):
+    return read_samples(path, root, mode=mode)[0]
+
+
+def collate_prompts(id_lists, pad_id):
+    """Prompts for generation, LEFT-padded so that every row ends at its last real token.
+    -> ids (B, L) long, mask (B, L) bool."""
+    L = max(len(x) for x in id_lists)
+    ids = torch.full((len(id_lists), L), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(id_lists), L, dtype=torch.bool)
+    for i, x in enumerate(id_lists):
+        ids[i, L - len(x):], mask[i, L - len(x):] = torch.tensor(x), True
+    return ids, mask
+
+
+def collate_sft(pairs, pad_id):
+    """(input_ids, labels) pairs for training, RIGHT-padded. -> ids, labels (-100 on pads), mask: (B, L)."""
+    L = max(len(ids) for ids, _ in pairs)
+    ids = torch.full((len(pairs), L), pad_id, dtype=torch.long)
+    labels = torch.full((len(pairs), L), -100, dtype=torch.long)
+    mask = torch.zeros(len(pairs), L, dtype=torch.bool)
+    for i, (x, y) in enumerate(pairs):
+        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), True
+    return ids, labels, mask
+
+
+# ----------------------------------------------------------------------------- a synthetic video task
+# Real video files and annotations in the paper's formats, so the CPU demo runs the same code as a real
+# run. Four kinds of question, each needing the video and three of them its temporal order; options
+# come in a fixed order per kind (a from-scratch model learns them in minutes), the right letter is
+# spread evenly over A-D.
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (50, 80, 230), "yellow": (230, 220, 40)}
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+TASKS = {
+    "color": ("What color is the moving square?", list(COLOURS)),
+    "direction": ("Which direction does the square move?", list(DIRECTIONS)),
+    "order": ("Which color appears first?", list(COLOURS)),
+    "count": ("How many times does the circle flash?", ["1", "2", "3", "4"]),
+}
+SIZE, FRAMES, FPS = 64, 8, 4  # 64x64 pixels, 8 frames, 2 seconds
+
+
+def _square(frame, x, y, side, colour):
+    cv2.rectangle(frame, (int(x), int(y)), (int(x + side), int(y + side)), COLOURS[colour][::-1], -1)  # BGR
+
+
+def render(task, answer, rng):
+    """Frames (FRAMES, SIZE, SIZE, 3) BGR for one question, and a short correct reasoning."""
+    frames = np.full((FRAMES, SIZE, SIZE, 3), 40, np.uint8)  # dark grey background
+    t_mid = (FRAMES - 1) / 2
+    if task == "color":  # a square drifting a little: only its colour matters
+        side, (dx, dy) = rng.randint(22, 27), DIRECTIONS[list(DIRECTIONS)[rng.randint(4)]]
+        x, y = rng.randint(12, SIZE - 12 - side, 2)
+        for t in range(FRAMES):
+            _square(frames[t], x + dx * (t - t_mid) * 1.5, y + dy * (t - t_mid) * 1.5, side, answer)
+        why = f"The square is {answer}."
+    elif task == "direction":  # ~35 px of travel across the clip
+        side, (dx, dy), colour = rng.randint(22, 27), DIRECTIONS[answer], list(COLOURS)[rng.randint(4)]
+        x, y = rng.randint(SIZE // 2 - 4 - side // 2, SIZE // 2 + 4 - side // 2, 2)
+        for t in range(FRAMES):
+            _square(frames[t], x + dx * (t - t_mid) * 5, y + dy * (t - t_mid) * 5, side, colour)
+        start, end = {"left": ("right", "left"), "right": ("left", "right"), "up": ("bottom", "top"), "down": ("top", "bottom")}[answer]
+        why = f"The square starts at the {start} and ends at the {end}, so it moves {answer}."
+    elif task == "order":  # one square from frame 0-1 on, another from frame 4-5 on, side by side
+        second = [c for c in COLOURS if c != answer][rng.randint(3)]
+        side, t1, t2 = rng.randint(22, 27), rng.randint(0, 2), rng.randint(4, 6)
+        y1, y2 = rng.randint(2, SIZE - 2 - side, 2)
+        x1, x2 = rng.randint(1, 31 - side), rng.randint(33, 63 - side)
+        if rng.randint(2):
+            x1, x2 = x2, x1
+        for t in range(FRAMES):
+            if t >= t1:
+                _square(frames[t], x1, y1, side, answer)
+            if t >= t2:
+                _square(frames[t], x2, y2, side, second)
+        why = f"The {answer} square is there from the start and the {second} one comes later, so {answer} is first."
+    elif task == "count":  # a circle shown on k frames, never two in a row
+        k = int(answer)
+        while True:
+            shown = np.sort(rng.choice(FRAMES, k, replace=False))
+            if np.all(np.diff(shown) > 1):
+                break
+        colour, r = list(COLOURS)[rng.randint(4)], rng.randint(12, 15)
+        x, y = rng.randint(17, SIZE - 17, 2)
+        for t in shown:
+            cv2.circle(frames[t], (int(x), int(y)), int(r), COLOURS[colour][::-1], -1)
+        why = f"The circle flashes {k} times."
+    else:
+        raise ValueError(f"unknown synthetic task {task!r}")
+    return frames, why
+
+
+def _write_video(path, frames):
+    """mp4 (mp4v) where OpenCV can write it, else MJPG in an .avi. -> the path written."""
+    for ext, codec in ((".mp4", "mp4v"), (".avi", "MJPG")):
+        out = os.path.splitext(path)[0] + ext
+        writer = cv2.VideoWriter(out, cv2.VideoWriter_fourcc(*codec), FPS, (SIZE, SIZE))
+        if writer.isOpened():
+            for f in frames:
+                writer.write(f)
+            writer.release()
+            return out
+    raise VideoError(f"{path}: OpenCV cannot write mp4v or MJPG video here")
+
+
+def make_synthetic(out_dir, n_train=2000, n_coldstart=64, n_test=200, seed=0):
+    """Write the synthetic task to out_dir: videos/, grpo.jsonl (NextQA GRPO format), coldstart.json
+    (cold-start format, with reasoning), heldout.jsonl (GRPO format) and test.jsonl (plain multiple
+    choice) for the same held-out videos. Deterministic in `seed`; skipped if already written with the
+    same settings. -> {"root", "grpo", "coldstart", "heldout", "test"} paths."""
+    names = {"grpo": "grpo.jsonl", "coldstart": "coldstart.json", "heldout": "heldout.jsonl", "test": "test.jsonl"}
+    paths = {"root": out_dir, **{k: os.path.join(out_dir, v) for k, v in names.items()}}
+    settings = {"n_train": n_train, "n_coldstart": n_coldstart, "n_test": n_test, "seed": seed, "version": 2}
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(meta_path) and all(os.path.exists(p) for p in paths.values()):
+        with open(meta_path) as f:
+            if json.load(f) == settings:
+                return paths
+    os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
+    rng = np.random.RandomState(seed)
+    total = n_train + n_coldstart + n_test
+    kinds = [(task, opt) for task in TASKS for opt in range(4)]  # 16 (task, answer) cells
+    # each split cycles through the cells, then is shuffled: every task x letter equally often
+    cells = [kinds[i % 16] for n in (n_train, n_coldstart, n_test) for i in rng.permutation(n)]
+    rows = []
+    for i, (task, k) in enumerate(cells):
+        question, options = TASKS[task]
+        frames, why = render(task, options[k], rng)
+        video = _write_video(os.path.join(out_dir, "videos", f"{i:05d}.mp4"), frames)
+        problem = question + "\nOptions:\n" + format_options(options)
+        rows.append(dict(video="./videos/" + os.path.basename(video), task=task, question=question, options=options,
+                         letter="ABCD"[k], why=why, problem=problem))
+    train, cold, test = rows[:n_train], rows[n_train:n_train + n_coldstart], rows[n_train + n_coldstart:]
+
+    def grpo_row(r):
+        return {"problem": r["problem"], "solution": f"<answer>{r['letter']}</answer>", "video_filename": r["video"], "task": r["task"]}
+
+    def write_jsonl(path, items):
+        with open(path, "w") as f:
+            f.writelines(json.dumps(x) + "\n" for x in items)
+
+    write_jsonl(paths["grpo"], [grpo_row(r) for r in train])
+    write_jsonl(paths["heldout"], [grpo_row(r) for r in test])
+    write_jsonl(paths["test"], [{"video": r["video"], "question": r["question"], "options": r["options"],
+                                 "answer": r["letter"], "task": r["task"]} for r in test])
+    with open(paths["coldstart"], "w") as f:
+        json.dump([{"video": r["video"], "task": r["task"], "conversations": [
+            {"from": "human", "value": "<image>\n" + r["problem"] + GRPO_SUFFIX},
+            {"from": "gpt", "value": f"<think>{r['why']}</think> <answer>{r['letter']}</answer>"}]} for r in cold], f, indent=1)
+    with open(meta_path, "w") as f:
+        json.dump(settings, f)
+    return paths
+
+
+def synthetic_tokenizer(paths, vocab_size=512):
+    """Train (once) and load the small tokenizer of the synthetic task, saved as ROOT/tokenizer.json."""
+    path = os.path.join(paths["root"], "tokenizer.json")
+    if not os.path.exists(path):
+        texts = [build_prompt(s.question) + " " + s.solution for f in (paths["coldstart"], paths["grpo"]) for s in read_samples(f)[0]]
+        train_tokenizer(texts, path, vocab_size)
+    return Tokenizer(path)
