@@ -341,9 +341,11 @@ def apply_rope(x, cos, sin):  # x (B, heads, L, head_dim)
 
 class KVCache:
     """Preallocated keys and values of every layer, with static shapes so a decode step can be
-    compiled: k, v (layers, B, kv_heads, max_len, head_dim). All rows write the same slot each
-    step (prompts of different lengths are left-padded); `valid` (B, max_len) marks the slots that
-    hold a real token, `next_pos` (B,) the RoPE position of each row's next real token.
+    compiled: k, v are lists of one (B, kv_heads, max_len, head_dim) tensor per layer (separate
+    tensors: torch.compile writes each in place, where slices of one big tensor made it copy the
+    whole cache every step). All rows write the same slot each step (prompts of different lengths
+    are left-padded); `valid` (B, max_len) marks the slots that hold a real token, `next_pos` (B,)
+    the RoPE position of each row's next real token.
 
     Where the next token goes is kept twice: `pos`, a device tensor that the step itself reads and
     advances (so every decode step is the same graph, with no host value baked in), and `length`,
@@ -352,9 +354,9 @@ class KVCache:
     addresses."""
 
     def __init__(self, cfg, batch, max_len, device=None, dtype=torch.float32):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.valid = torch.zeros(batch, max_len, device=device, dtype=torch.bool)
         self.next_pos = torch.zeros(batch, device=device, dtype=torch.long)
         self.pos = torch.zeros((), device=device, dtype=torch.long)  # the next slot to write, on the device
@@ -362,7 +364,7 @@ class KVCache:
 
     @property
     def max_len(self):
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def reserve(self, n):
         """Claim the next n slots on the host side, before a step writes them."""
@@ -373,7 +375,7 @@ class KVCache:
     def repeat_interleave(self, n):
         """Each row n times (B -> B*n): one prefilled prompt shared by a group of G samples."""
         new = KVCache.__new__(KVCache)
-        new.k, new.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
+        new.k, new.v = ([t.repeat_interleave(n, dim=0) for t in kv] for kv in (self.k, self.v))
         new.valid, new.next_pos = self.valid.repeat_interleave(n, dim=0), self.next_pos.repeat_interleave(n, dim=0)
         new.pos, new.length = self.pos.clone(), self.length
         return new
@@ -396,8 +398,8 @@ class Qwen2Attention(nn.Module):
         v = self.v_proj(x).view(B, L, self.kv_heads, -1).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # write this step's keys/values, attend over all max_len slots
-            cache.k[layer].index_copy_(2, slots, k.to(cache.k.dtype))
-            cache.v[layer].index_copy_(2, slots, v.to(cache.v.dtype))
+            cache.k[layer].index_copy_(2, slots, k.to(cache.k[layer].dtype))
+            cache.v[layer].index_copy_(2, slots, v.to(cache.v[layer].dtype))
             k, v = cache.k[layer].to(q.dtype), cache.v[layer].to(q.dtype)
         # Grouped-query attention without copying keys and values: the 8 query heads that share a
         # key/value head become 8 x L query rows of that head, row j*L + l for head kv*8 + j at
