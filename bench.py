@@ -255,6 +255,9 @@ def time_hf_generate(hf, clock, embeds, group, new_tokens, static, warmup_tokens
 
 # ----------------------------------------------------------------------------- the benchmark
 
+# DESIGN.md section 5: one H100, published shapes, G = 8, 512 new tokens.
+TARGETS = dict(decode_ms=3.0, decode_of_floor=0.70, decode_speedup=2.5, grpo_step_ms=4000.0, peak_memory_gb=80.0)
+
 
 def run(args):
     device = torch.device(args.device)
@@ -264,12 +267,17 @@ def run(args):
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     clock = Clock(device)
     config = tiny_config() if args.tiny else M.TinyLLaVAConfig()
-    result = dict(command="python " + " ".join([os.path.basename(sys.argv[0])] + args.argv), device=describe(device),
-                  torch=torch.__version__, dtype=str(dtype).replace("torch.", ""), shapes=shapes, rows=[])
+    result = dict(command="python " + " ".join(["bench.py"] + args.argv), device=describe(device), torch=torch.__version__,
+                  dtype=str(dtype).replace("torch.", ""), shapes=shapes)
+    measured = {}  # name -> (ms, floor ms, what bounds the floor)
 
-    def row(name, ms, floor_ms=None, bound=None, peer=None, peer_ms=None):
-        result["rows"].append(dict(name=name, ms=ms, floor_ms=floor_ms, bound=bound, of_floor=floor_ms / ms if floor_ms else None,
-                                   peer=peer, peer_ms=peer_ms, speedup=peer_ms / ms if peer_ms else None))
+    def time_it(name, fn, setup=None, per=1, floor_ms=None, bound="compute"):
+        ms = timed(clock, fn, setup, warmup=args.warmup, repeats=args.repeats) / per
+        if floor_ms is None:  # FLOP-bound: its matrix-product FLOPs at the measured rate
+            floor_ms = count_flops(fn) / flop_rate * 1e3
+        measured[name] = (ms, floor_ms, bound)
+        log(f"{name}: {ms:.2f} ms (floor {floor_ms:.3f} ms)")
+        return ms
 
     log(f"device {result['device']}, {'tiny' if args.tiny else 'published'} shapes {shapes}, {result['dtype']}")
     bandwidth, flop_rate = copy_bandwidth(clock, device), matmul_rate(clock, device, dtype)
@@ -282,51 +290,50 @@ def run(args):
     lm = sampler.language_model
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-6, fused=device.type == "cuda")
+    gen = torch.Generator(device).manual_seed(args.seed)
 
-    # -------------------------------------------------- encode, prefill, decode: the sampler alone
+    # -------------------------------------------------- the sampler: encode, prefill, decode, rollout
     with torch.no_grad():
-        features = sampler.vision_features(pixels)  # frozen: computed once, shared by all three models
+        features = sampler.vision_features(pixels)  # the tower is frozen: computed once, used by all three models
         video = sampler.connect(features)
         embeds, mask = sampler.embed(ids, video)
     L = embeds.shape[1]
     result["shapes"]["prompt_length"] = L
     decoder_bytes = nbytes(lm.parameters())
     kv_bytes_per_token = 2 * config.text.num_hidden_layers * config.text.num_key_value_heads * config.text.head_dim * dtype.itemsize
-    step_floor = (decoder_bytes + G * kv_bytes_per_token * (L + T / 2)) / bandwidth * 1e3  # context L..L+T, on average L+T/2
-    result.update(decoder_gb=decoder_bytes / 1e9, kv_bytes_per_token=kv_bytes_per_token)
+    # A step reads every decoder weight once, and the keys and values of a context of L..L+T tokens.
+    step_floor = (decoder_bytes + G * kv_bytes_per_token * (L + T / 2)) / bandwidth * 1e3
+    result.update(decoder_gb=decoder_bytes / 1e9, kv_bytes_per_token=kv_bytes_per_token, decode_floor_ms=step_floor)
 
+    @torch.no_grad()
     def encode():
-        with torch.no_grad():
-            sampler.connect(sampler.vision_features(pixels))
+        sampler.connect(sampler.vision_features(pixels))
 
+    @torch.no_grad()
     def prefill():
-        with torch.no_grad():
-            cache = sampler.new_cache(1, L + T)
-            lm.logits(lm.model(embeds, mask, cache)[:, -1])
-            return cache
+        cache = sampler.new_cache(1, L + T)
+        lm.logits(lm.model(embeds, mask, cache)[:, -1])
+        return cache
 
-    encode_ms = timed(clock, encode, warmup=args.warmup, repeats=args.repeats)
-    row("encode video (SigLIP + connector)", encode_ms, count_flops(encode) / flop_rate * 1e3, "compute")
-    prefill_ms = timed(clock, prefill, warmup=args.warmup, repeats=args.repeats)
-    prefill_floor = count_flops(prefill) / flop_rate * 1e3
-    row(f"prefill, 1 x {L} tokens", prefill_ms, prefill_floor, "compute")
-    log(f"encode {encode_ms:.1f} ms, prefill {prefill_ms:.1f} ms")
+    time_it("encode video (SigLIP + connector)", encode)
+    prefill_ms = time_it(f"prefill, 1 x {L} tokens", prefill)
+    prefill_floor = measured[f"prefill, 1 x {L} tokens"][1]
 
     eager_step = lm.decode_step  # the class's eager step, bound before compile_decode replaces it
     sampler.compile_decode(compile=not args.no_compile)
     fast_step = lm.decode_step
-    log(f"checking the fast decode step against the eager one over {shapes['check_steps']} greedy steps"
-        + ("" if args.no_compile else " (the first step compiles)"))
+    steps = min(shapes["check_steps"], T - 1)
+    log(f"checking the fast decode step against the eager one over {steps} greedy steps" + ("" if args.no_compile else " (the first step compiles)"))
     tol = 1e-4 if dtype == torch.float32 else 3e-2
-    result["check"] = check = check_decode(sampler, eager_step, fast_step, embeds, mask, G, min(shapes["check_steps"], T - 1), L + T, tol)
+    result["check"] = check = check_decode(sampler, eager_step, fast_step, embeds, mask, G, steps, L + T, tol)
     log(f"check {'passed' if check['ok'] else 'FAILED'}: {check}")
     if not check["ok"]:
         return result
 
     n = shapes["decode_steps"]
 
-    def fresh_cache(step):
-        def setup():  # a prefilled group cache, and one step already taken (a CUDA graph captures on it)
+    def group_cache(step):
+        def setup():  # a prefilled group cache with one step taken: on CUDA the graph is captured then
             cache = prefill().repeat_interleave(G)
             tok = torch.zeros(G, dtype=torch.long, device=device)
             step(tok, cache)
@@ -334,63 +341,30 @@ def run(args):
         return setup
 
     def decode(step):
-        def steps(arg):
+        @torch.no_grad()
+        def run_steps(arg):
             cache, tok = arg
             for _ in range(n):
                 step(tok, cache)
-        return steps
+        return run_steps
 
-    with torch.no_grad():
-        eager_ms = timed(clock, decode(eager_step), fresh_cache(eager_step), warmup=args.warmup, repeats=args.repeats) / n
-        fast_ms = timed(clock, decode(fast_step), fresh_cache(fast_step), warmup=args.warmup, repeats=args.repeats) / n
-    log(f"decode step, G={G}: eager {eager_ms:.2f} ms, fast {fast_ms:.2f} ms (floor {step_floor:.2f} ms)")
-
-    gen = torch.Generator(device).manual_seed(args.seed)
+    fast_name, eager_name = f"decode step, G={G}, fast (compile_decode)", f"decode step, G={G}, eager"
+    time_it(fast_name, decode(fast_step), group_cache(fast_step), per=n, floor_ms=step_floor, bound="memory")
+    time_it(eager_name, decode(eager_step), group_cache(eager_step), per=n, floor_ms=step_floor, bound="memory")
 
     def sample():
         return rollout(sampler, ids, video, eos_id=NEVER, pad_id=0, group_size=G, max_new_tokens=T, generator=gen)
 
-    rollout_ms = timed(clock, sample, warmup=args.warmup, repeats=args.repeats)
-    rollout_floor = prefill_floor + T * step_floor
-    log(f"rollout {G} x {T}: {rollout_ms:.0f} ms")
+    rollout_name = f"rollout {G} x {T} (prefill once + {T} steps)"
+    time_it(rollout_name, sample, floor_ms=prefill_floor + T * step_floor, bound="memory")
 
-    # -------------------------------------------------- the peers, then free their memory
-    peers = {}
-    if args.no_hf:
-        result["hf"] = "skipped (--no-hf)"
-    else:
-        try:
-            import transformers
-        except ImportError:
-            transformers = None
-            result["hf"] = "transformers not installed"
-        if transformers is not None:
-            result["hf"] = transformers.__version__
-            hf = hf_peer(lm, device, dtype)
-            hf_T = args.hf_new_tokens or T
-            for name, static in (("HF generate, eager", False), ("HF generate, static cache" + (" + compile" if device.type == "cuda" else ""), True)):
-                log(f"{name}: {G} x {hf_T} tokens")
-                peers[name] = time_hf_generate(hf, clock, embeds, G, hf_T, static, warmup_tokens=hf_T if static else 4)
-                log(f"{name}: {peers[name][0]:.0f} ms in all, {peers[name][1]:.2f} ms per step")
-            del hf
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    best = min(peers, key=lambda k: peers[k][1]) if peers else None
-    row(f"decode step, G={G}, fast (compile_decode)", fast_ms, step_floor, "memory", best, peers[best][1] if best else None)
-    row(f"decode step, G={G}, eager", eager_ms, step_floor, "memory")
-    for name, (total, per_step) in peers.items():
-        row(f"decode step, G={G}, {name}", per_step, step_floor, "memory")
-    row(f"rollout {G} x {T} (prefill once + {T} steps)", rollout_ms, rollout_floor, "memory",
-        best, peers[best][0] * T / (args.hf_new_tokens or T) if best else None)
-
-    # -------------------------------------------------- reference, policy, optimizer: the training side
+    # -------------------------------------------------- the training side
     r = sample()
-    rewards = torch.randn(G, generator=torch.Generator().manual_seed(args.seed)).to(device)  # no tokenizer here: random rewards
-    advantages = group_advantages(rewards, G)
+    advantages = group_advantages(torch.randn(G, device=device, generator=gen), G)  # no tokenizer here: random rewards
 
+    @torch.no_grad()
     def reference_logprobs():
-        with torch.no_grad():
-            return completion_logprobs(reference, ids, reference.connect(features), r.completion_ids, r.mask)
+        return completion_logprobs(reference, ids, reference.connect(features), r.completion_ids, r.mask)
 
     ref_logp = reference_logprobs()
 
@@ -410,23 +384,18 @@ def run(args):
             if master.requires_grad:
                 mine.copy_(master)
 
-    log("reference log-probs, policy forward + backward, optimizer step, sampler refresh")
-    ref_ms = timed(clock, reference_logprobs, warmup=args.warmup, repeats=args.repeats)
-    row(f"reference log-probs, {G} x {L + T} tokens", ref_ms, count_flops(reference_logprobs) / flop_rate * 1e3, "compute")
-    backward_ms = timed(clock, policy_backward, warmup=args.warmup, repeats=args.repeats)
-    row(f"policy forward + backward, {G} x {L + T} tokens (checkpointed)", backward_ms,
-        count_flops(policy_backward) / flop_rate * 1e3, "compute")
     n_train = sum(p.numel() for p in trainable)
-    opt_ms = timed(clock, optimizer_step, warmup=args.warmup, repeats=args.repeats)
-    row(f"AdamW step, {n_train / 1e9:.2f} B fp32 parameters", opt_ms, 28 * n_train / bandwidth * 1e3, "memory")  # read p, g, m, v; write p, m, v
-    sync_ms = timed(clock, refresh_sampler, warmup=args.warmup, repeats=args.repeats)
-    row("refresh the sampler's weights", sync_ms, (4 + dtype.itemsize) * n_train / bandwidth * 1e3, "memory")
+    time_it(f"reference log-probs, {G} x {L + T} tokens", reference_logprobs)
+    time_it(f"policy forward + backward, {G} x {L + T} tokens (checkpointed)", policy_backward)
+    # AdamW reads parameters, gradients and both moments, and writes all but the gradients: 28 bytes each.
+    time_it(f"AdamW step, {n_train / 1e9:.3g} B fp32 parameters", optimizer_step, floor_ms=28 * n_train / bandwidth * 1e3, bound="memory")
+    time_it("refresh the sampler's weights", refresh_sampler, floor_ms=(4 + dtype.itemsize) * n_train / bandwidth * 1e3, bound="memory")
 
     def grpo_step():
         with torch.no_grad():
             feats = sampler.vision_features(pixels)
             r = rollout(sampler, ids, sampler.connect(feats), eos_id=NEVER, pad_id=0, group_size=G, max_new_tokens=T, generator=gen)
-            adv = group_advantages(torch.randn(G, device=device), G)
+            adv = group_advantages(torch.randn(G, device=device, generator=gen), G)
             ref = completion_logprobs(reference, ids, reference.connect(feats), r.completion_ids, r.mask)
         with autocast:
             logp = completion_logprobs(policy, ids, policy.connect(feats), r.completion_ids, r.mask)
@@ -435,14 +404,50 @@ def run(args):
         optimizer_step()
         refresh_sampler()
 
-    log("whole GRPO steps")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    step_ms = timed(clock, grpo_step, warmup=args.warmup, repeats=args.repeats)
-    floors = {x["name"]: x["floor_ms"] for x in result["rows"] if not x["name"].startswith(("decode", "prefill"))}
-    row("whole GRPO step, one prompt", step_ms, sum(floors.values()), "sum of the phases")
+    phases = [name for name in measured if not name.startswith(("prefill", "decode"))]  # the rollout row holds the prefill
+    time_it("whole GRPO step, one prompt", grpo_step, floor_ms=sum(measured[k][1] for k in phases), bound="sum of phases")
     result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
-    result["hf_tokens"] = args.hf_new_tokens or T
+
+    # -------------------------------------------------- the peers, once the training side is gone
+    del policy, reference, optimizer, trainable, r, ref_logp
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    peers = {}  # name -> (generate ms in all, ms per decode step)
+    hf_T = args.hf_new_tokens or T
+    try:
+        import transformers
+        result["hf"] = "skipped (--no-hf)" if args.no_hf else transformers.__version__
+    except ImportError:
+        result["hf"] = "transformers is not installed"
+    if not args.no_hf and "transformers" in sys.modules:
+        hf = hf_peer(lm, device, dtype)
+        for name, static in (("HF generate, eager", False), ("HF generate, static cache" + (" + compile" if device.type == "cuda" else ""), True)):
+            log(f"{name}: {G} x {hf_T} tokens" + (" (the first run compiles)" if static and device.type == "cuda" else ""))
+            peers[name] = time_hf_generate(hf, clock, embeds, G, hf_T, static, warmup_tokens=hf_T if static else 4)
+            log(f"{name}: {peers[name][0]:.0f} ms in all, {peers[name][1]:.2f} ms per step")
+        del hf
+
+    # -------------------------------------------------- the rows
+    best = min(peers, key=lambda k: peers[k][1]) if peers else None
+    peer_of = {fast_name: (best, peers[best][1]) if best else None,
+               rollout_name: (best, peers[best][0] * T / hf_T) if best else None}  # scaled if the peers made fewer tokens
+    result["rows"] = []
+    for name, (ms, floor_ms, bound) in measured.items():
+        peer, peer_ms = peer_of.get(name) or (None, None)
+        result["rows"].append(dict(name=name, ms=ms, floor_ms=floor_ms, bound=bound, of_floor=floor_ms / ms, peer=peer,
+                                   peer_ms=peer_ms, speedup=peer_ms / ms if peer_ms else None))
+        if name == eager_name:  # the peers' own decode steps, right below ours
+            for peer, (_, per_step) in peers.items():
+                result["rows"].append(dict(name=f"decode step, G={G}, {peer}", ms=per_step, floor_ms=step_floor, bound="memory",
+                                           of_floor=step_floor / per_step, peer=None, peer_ms=None, speedup=None))
+    if not args.tiny:
+        fast, step = measured[fast_name], measured["whole GRPO step, one prompt"]
+        got = dict(decode_ms=fast[0], decode_of_floor=fast[1] / fast[0], decode_speedup=peer_of[fast_name][1] / fast[0] if best else None,
+                   grpo_step_ms=step[0], peak_memory_gb=result["peak_memory_gb"])
+        result["targets"] = {k: dict(target=v, measured=got[k], met=None if got[k] is None else
+                                     (got[k] >= v if k in ("decode_of_floor", "decode_speedup") else got[k] <= v)) for k, v in TARGETS.items()}
     return result
 
 
@@ -466,7 +471,9 @@ def table(result):
                      f"{r['peer'] or '-':<34} {cell(r['peer_ms'], '10.2f'):>10} {cell(r['speedup'], '7.2f') + ('x' if r['speedup'] else ''):>8}")
     if result.get("peak_memory_gb") is not None:
         lines.append(f"peak memory {result['peak_memory_gb']:.1f} GB (policy + gradients + AdamW state, sampler, reference)")
-    lines.append(f"check: {result['check']}")
+    lines.append(f"decode check, fast vs eager under greedy: {result['check']}")
+    for name, t in result.get("targets", {}).items():
+        lines.append(f"target {name}: {t['target']}, measured {t['measured']}, {'met' if t['met'] else 'NOT met' if t['met'] is False else 'n/a'}")
     return "\n".join(lines)
 
 
