@@ -80,7 +80,7 @@ def inputs(config, shapes, device, seed):
     """One prompt: text ids with the video placeholder, and random frames in [-1, 1]."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, config.text.vocab_size, (1, shapes["text_tokens"] + 1), generator=g)
-    ids[0, 1] = config.image_token_index  # where the template puts <image>: after "USER:"
+    ids[0, shapes["text_tokens"] // 3] = config.image_token_index  # after the system sentence and "USER:"
     size = config.vision.image_size
     pixels = torch.rand(1, shapes["frames"], 3, size, size, generator=g) * 2 - 1
     return ids.to(device), pixels.to(device)

@@ -102,6 +102,22 @@ def test_fast_step_keeps_the_cache_bounds_check():
     assert lm.decode_step.__func__ is M.Qwen2ForCausalLM.decode_step
 
 
+def test_bench_decode_check_catches_a_wrong_fast_step():
+    model = tiny_model()
+    lm = model.language_model
+    ids, video = prompt(model)
+    embeds, mask = model.embed(ids, video)
+
+    def check(fast_step):
+        return bench.check_decode(model, lm.decode_step, fast_step, embeds, mask, group=2, steps=6,
+                                  max_len=embeds.shape[1] + 7, tol=1e-4)
+
+    assert check(lm.decode_step)["ok"]
+    off_by_one_position = lambda tokens, cache: (cache.next_pos.add_(1), lm.decode_step(tokens, cache))[1]
+    bad = check(off_by_one_position)
+    assert not bad["ok"] and bad["max_abs_logit_diff"] > 1e-2
+
+
 def test_bench_tiny_runs_end_to_end_and_writes_its_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = bench.main(["--tiny", "--new-tokens", "12", "--decode-steps", "3", "--check-steps", "8", "--repeats", "1",
