@@ -280,6 +280,8 @@ def run(args):
         return ms
 
     log(f"device {result['device']}, {'tiny' if args.tiny else 'published'} shapes {shapes}, {result['dtype']}")
+    if device.type == "cpu" and not args.tiny:
+        log("the published shapes on a CPU take hours and ~60 GB of memory: --tiny is meant for CPUs")
     bandwidth, flop_rate = copy_bandwidth(clock, device), matmul_rate(clock, device, dtype)
     result.update(copy_bandwidth_gbps=bandwidth / 1e9, matmul_tflops=flop_rate / 1e12)
     log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, {result['dtype']} matmul {flop_rate / 1e12:.2f} TFLOP/s")
@@ -497,7 +499,7 @@ def parse(argv):
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face peers")
     p.add_argument("--hf-new-tokens", type=int, help="tokens per completion for the peers (default: --new-tokens)")
     p.add_argument("--json", default="out/bench.json", help="where to write the results (default out/bench.json)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights, inputs and samples (default 0)")
     args = p.parse_args(argv)
     args.argv = list(argv)
     return args
