@@ -12,6 +12,17 @@ import model as M
 from grpo import rollout
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are thousands of tiny ops: on a busy 2-core machine, waking a second OpenMP thread
+    for each costs more than the op (here bench --tiny took 2 s on one thread, 38 s on two while
+    another job ran)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(seed=0):
     """bench.py's tiny model with its weights scaled up, so greedy choices are not near-ties."""
     torch.manual_seed(seed)
