@@ -277,11 +277,10 @@ def run(args):
             floor_ms = count_flops(fn) / flop_rate * 1e3
         measured[name] = (ms, floor_ms, bound)
         log(f"{name}: {ms:.2f} ms (floor {floor_ms:.3f} ms)")
-        return ms
 
     log(f"device {result['device']}, {'tiny' if args.tiny else 'published'} shapes {shapes}, {result['dtype']}")
     if device.type == "cpu" and not args.tiny:
-        log("the published shapes on a CPU take hours and ~60 GB of memory: --tiny is meant for CPUs")
+        log("the published shapes are far too slow for a CPU: --tiny is meant for CPUs")
     bandwidth, flop_rate = copy_bandwidth(clock, device), matmul_rate(clock, device, dtype)
     result.update(copy_bandwidth_gbps=bandwidth / 1e9, matmul_tflops=flop_rate / 1e12)
     log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, {result['dtype']} matmul {flop_rate / 1e12:.2f} TFLOP/s")
@@ -318,7 +317,7 @@ def run(args):
         return cache
 
     time_it("encode video (SigLIP + connector)", encode)
-    prefill_ms = time_it(f"prefill, 1 x {L} tokens", prefill)
+    time_it(f"prefill, 1 x {L} tokens", prefill)
     prefill_floor = measured[f"prefill, 1 x {L} tokens"][1]
 
     eager_step = lm.decode_step  # the class's eager step, bound before compile_decode replaces it
@@ -390,7 +389,7 @@ def run(args):
     time_it(f"reference log-probs, {G} x {L + T} tokens", reference_logprobs)
     time_it(f"policy forward + backward, {G} x {L + T} tokens (checkpointed)", policy_backward)
     # AdamW reads parameters, gradients and both moments, and writes all but the gradients: 28 bytes each.
-    time_it(f"AdamW step, {n_train / 1e9:.3g} B fp32 parameters", optimizer_step, floor_ms=28 * n_train / bandwidth * 1e3, bound="memory")
+    time_it(f"AdamW step, {n_train:,} fp32 parameters", optimizer_step, floor_ms=28 * n_train / bandwidth * 1e3, bound="memory")
     time_it("refresh the sampler's weights", refresh_sampler, floor_ms=(4 + dtype.itemsize) * n_train / bandwidth * 1e3, bound="memory")
 
     def grpo_step():
@@ -456,7 +455,8 @@ def run(args):
 def describe(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"CPU ({platform.processor() or platform.machine()}, {n} thread{'s' if n > 1 else ''})"
 
 
 # ----------------------------------------------------------------------------- the report
