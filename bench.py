@@ -1,0 +1,523 @@
+"""bench.py: how long one GRPO step takes, against its floor and against Hugging Face.
+
+    python bench.py              # the published shapes on CUDA: Qwen2.5-3B decoder, SigLIP, 16 frames,
+                                 # 512 video tokens, G = 8 completions of 512 new tokens
+    python bench.py --tiny       # tiny shapes: the same code end to end on a CPU, in seconds
+
+A GRPO step for one prompt (DESIGN.md section 3) is: encode the video once; sample G completions
+(the rollout: prefill the prompt once, then one decode step of the whole group per token); the
+log-probs of the completions under the frozen reference model; the policy's forward and backward
+(fp32 master weights, bf16 compute, gradient checkpointing, vision tower frozen); an AdamW step;
+and copying the new weights into the bf16 model that samples the next rollout. Each phase is timed
+on its own and the whole step end to end.
+
+Weights are random (speed does not depend on their values) and completions are forced to full
+length (eos id -1 is never sampled), so every run does the same work. Before any timing, the fast
+decode step is checked against the eager one under greedy decoding.
+
+Each figure is compared with two things measured in the same run:
+  - its floor: the time to move the bytes it must move at the device-to-device copy bandwidth, or
+    to do its matrix-product FLOPs at the measured matmul rate, whichever is longer. A decode step
+    of the group must read every decoder weight once (6.2 GB for Qwen2.5-3B in bf16) plus the keys
+    and values of its context, so it cannot beat about 2.1 ms on an H100. "of floor" is floor / time.
+  - a peer: Hugging Face `generate` on the same decoder and weights (transformers' Qwen2), eager and
+    with its static cache (which it compiles on CUDA), same batch and prompt length. "speed-up" is
+    peer time / our time.
+Timings are medians over --repeats runs after --warmup runs, with CUDA events on CUDA (perf_counter
+on CPU). The table is printed and written as JSON (--json).
+"""
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import model as M
+from grpo import completion_logprobs, group_advantages, grpo_loss, rollout
+
+NEVER = -1  # an eos id no token has: every completion runs to its full length
+
+
+# ----------------------------------------------------------------------------- shapes and models
+
+PUBLISHED = dict(frames=16, text_tokens=108, group=8, new_tokens=512, decode_steps=64, check_steps=32)
+TINY = dict(frames=4, text_tokens=12, group=8, new_tokens=64, decode_steps=16, check_steps=24)
+
+
+def tiny_config():
+    """A few layers of everything, small enough that a CPU runs a GRPO step in well under a second."""
+    return M.TinyLLaVAConfig(
+        vision=M.VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8),  # 16 patches a frame, 15 kept
+        connector=M.ConnectorConfig(connector_type="groupresampler", num_queries=16, group=4, num_resampler_layers=1,
+                                    vision_hidden_size=32, hidden_size=64),
+        text=M.TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
+        torch_dtype="float32")
+
+
+def build_models(config, device, dtype, seed):
+    """The policy (fp32 master weights, trained: connector and decoder), and two `dtype` copies of it
+    that never see a gradient: the model that samples rollouts (refreshed from the policy after each
+    optimizer step) and the frozen reference."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        policy = M.TinyLLaVA(config)
+    policy.vision_tower.requires_grad_(False)
+    policy.language_model.model.gradient_checkpointing = True
+    sampler, reference = (copy.deepcopy(policy).to(dtype).eval().requires_grad_(False) for _ in range(2))
+    return policy.train(), sampler, reference
+
+
+def inputs(config, shapes, device, seed):
+    """One prompt: text ids with the video placeholder, and random frames in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.text.vocab_size, (1, shapes["text_tokens"] + 1), generator=g)
+    ids[0, shapes["text_tokens"] // 3] = config.image_token_index  # after the system sentence and "USER:"
+    size = config.vision.image_size
+    pixels = torch.rand(1, shapes["frames"], 3, size, size, generator=g) * 2 - 1
+    return ids.to(device), pixels.to(device)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def log(msg):
+    print(f"[bench] {msg}", flush=True)
+
+
+class Clock:
+    """Marks on the device's timeline: CUDA events on CUDA (the GPU's time, host gaps included),
+    perf_counter on CPU. `ms(a, b)` after `sync()`."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def ms(self, a, b):
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+
+def timed(clock, fn, setup=None, warmup=1, repeats=3):
+    """Median milliseconds of fn(setup()) over `repeats` runs, after `warmup` runs; setup is not timed."""
+    times = []
+    for i in range(warmup + repeats):
+        arg = setup() if setup else None
+        clock.sync()
+        start = clock.mark()
+        fn(arg) if setup else fn()
+        end = clock.mark()
+        clock.sync()
+        if i >= warmup:
+            times.append(clock.ms(start, end))
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- floors
+
+
+def copy_bandwidth(clock, device):
+    """Bytes moved per second by a device-to-device copy (read + write)."""
+    n = (1 << 30 if device.type == "cuda" else 1 << 26) // 4
+    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+    ms = timed(clock, lambda: dst.copy_(src), warmup=2, repeats=5)
+    return 2 * 4 * n / (ms / 1e3)
+
+
+def matmul_rate(clock, device, dtype):
+    """FLOP/s of one large matrix product in `dtype`."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    ms = timed(clock, lambda: a @ b, warmup=2, repeats=5)
+    return 2 * n**3 / (ms / 1e3)
+
+
+def count_flops(fn):
+    """Matrix-product and attention FLOPs of one call of fn (forward, and backward if fn runs it)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ----------------------------------------------------------------------------- correctness first
+
+
+@torch.no_grad()
+def check_decode(model, eager_step, fast_step, embeds, mask, group, steps, max_len, tol):
+    """The fast decode step against the eager one under greedy decoding: both are fed the eager
+    step's argmax tokens, from caches prefilled the same way (of the rollouts' size, so that the
+    compiled step is the one the rollouts use). They must choose the same token at every step but
+    near-ties (eager top-2 gap within twice the logit difference: low-precision rounding may flip
+    those), and their logits must agree within `tol` of the logits' scale."""
+    lm = model.language_model
+    caches = []
+    for _ in range(2):
+        cache = model.new_cache(1, max_len)
+        last = lm.logits(lm.model(embeds, mask, cache)[:, -1])
+        caches.append(cache.repeat_interleave(group))
+    tok = last.argmax(-1).repeat(group)
+    worst, scale, flips, ties = 0.0, 0.0, 0, 0
+    for _ in range(steps):
+        a, b = eager_step(tok, caches[0]).float(), fast_step(tok, caches[1]).float()
+        diff = (a - b).abs().amax(-1)  # (G,)
+        top2 = a.topk(2, dim=-1).values
+        near_tie = top2[:, 0] - top2[:, 1] <= 2 * diff
+        differ = a.argmax(-1) != b.argmax(-1)
+        flips += int((differ & ~near_tie).sum())
+        ties += int((differ & near_tie).sum())
+        worst, scale = max(worst, diff.max().item()), max(scale, a.abs().max().item())
+        tok = a.argmax(-1)
+    ok = flips == 0 and worst <= tol * scale
+    return dict(ok=ok, steps=steps, group=group, max_abs_logit_diff=worst, logit_scale=scale, tolerance=tol,
+                token_mismatches=flips, near_tie_mismatches=ties)
+
+
+# ----------------------------------------------------------------------------- Hugging Face peers
+
+
+def hf_peer(lm, device, dtype):
+    """transformers' Qwen2ForCausalLM with our decoder's config and weights (same names)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    c = lm.cfg
+    config = Qwen2Config(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                         num_key_value_heads=c.num_key_value_heads, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
+                         max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
+                         attn_implementation="sdpa")
+    with torch.device(device):
+        hf = Qwen2ForCausalLM(config)
+    hf = hf.to(dtype).eval().requires_grad_(False)
+    missing, unexpected = hf.load_state_dict(lm.state_dict(), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"bench.py: our decoder's keys do not match transformers' Qwen2: missing {missing}, unexpected {unexpected}")
+    if c.tie_word_embeddings and hf.lm_head.weight.data_ptr() != hf.model.embed_tokens.weight.data_ptr():
+        hf.lm_head.weight = hf.model.embed_tokens.weight
+    return hf
+
+
+def time_hf_generate(hf, clock, embeds, group, new_tokens, static, warmup_tokens):
+    """Greedy `generate` of `group` rows from the same prompt embeddings, forced to `new_tokens`:
+    (total ms including its prefill, ms per decode step from a mark at every step's logits)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class StepMarks(LogitsProcessor):  # called once per step with that step's logits
+        def __init__(self):
+            self.marks = []
+
+        def __call__(self, input_ids, scores):
+            self.marks.append(clock.mark())
+            return scores
+
+    rows = embeds.expand(group, -1, -1)
+    attention_mask = torch.ones(rows.shape[:2], dtype=torch.long, device=rows.device)
+    extra = dict(cache_implementation="static") if static else {}
+
+    def run(n, marks=None):
+        return hf.generate(inputs_embeds=rows, attention_mask=attention_mask, max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, eos_token_id=0, pad_token_id=0,
+                           logits_processor=LogitsProcessorList([marks] if marks else []), **extra)
+
+    with torch.no_grad():
+        run(warmup_tokens)  # a static cache is sized by prompt + new tokens: warm up at full length
+        marks = StepMarks()
+        clock.sync()
+        start = clock.mark()
+        out = run(new_tokens, marks)
+        end = clock.mark()
+        clock.sync()
+    if out.shape[1] != new_tokens:
+        raise RuntimeError(f"bench.py: Hugging Face generate made {out.shape[1]} tokens, expected {new_tokens}")
+    per_step = clock.ms(marks.marks[0], marks.marks[-1]) / (len(marks.marks) - 1)
+    return clock.ms(start, end), per_step
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+# DESIGN.md section 5: one H100, published shapes, G = 8, 512 new tokens.
+TARGETS = dict(decode_ms=3.0, decode_of_floor=0.70, decode_speedup=2.5, grpo_step_ms=4000.0, peak_memory_gb=80.0)
+
+
+def run(args):
+    device = torch.device(args.device)
+    shapes = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in (TINY if args.tiny else PUBLISHED).items()}
+    G, T = shapes["group"], shapes["new_tokens"]
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    clock = Clock(device)
+    config = tiny_config() if args.tiny else M.TinyLLaVAConfig()
+    result = dict(command="python " + " ".join(["bench.py"] + args.argv), device=describe(device), torch=torch.__version__,
+                  dtype=str(dtype).replace("torch.", ""), shapes=shapes)
+    measured = {}  # name -> (ms, floor ms, what bounds the floor)
+
+    def time_it(name, fn, setup=None, per=1, floor_ms=None, bound="compute"):
+        ms = timed(clock, fn, setup, warmup=args.warmup, repeats=args.repeats) / per
+        if floor_ms is None:  # FLOP-bound: its matrix-product FLOPs at the measured rate
+            floor_ms = count_flops(fn) / flop_rate * 1e3
+        measured[name] = (ms, floor_ms, bound)
+        log(f"{name}: {ms:.2f} ms (floor {floor_ms:.3f} ms)")
+
+    log(f"device {result['device']}, {'tiny' if args.tiny else 'published'} shapes {shapes}, {result['dtype']}")
+    if device.type == "cpu" and not args.tiny:
+        log("the published shapes are far too slow for a CPU: --tiny is meant for CPUs")
+    bandwidth, flop_rate = copy_bandwidth(clock, device), matmul_rate(clock, device, dtype)
+    result.update(copy_bandwidth_gbps=bandwidth / 1e9, matmul_tflops=flop_rate / 1e12)
+    log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, {result['dtype']} matmul {flop_rate / 1e12:.2f} TFLOP/s")
+
+    log("building the policy (fp32), the sampler and the reference")
+    policy, sampler, reference = build_models(config, device, dtype, args.seed)
+    ids, pixels = inputs(config, shapes, device, args.seed)
+    lm = sampler.language_model
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-6, fused=device.type == "cuda")
+    gen = torch.Generator(device).manual_seed(args.seed)
+
+    # -------------------------------------------------- the sampler: encode, prefill, decode, rollout
+    with torch.no_grad():
+        features = sampler.vision_features(pixels)  # the tower is frozen: computed once, used by all three models
+        video = sampler.connect(features)
+        embeds, mask = sampler.embed(ids, video)
+    L = embeds.shape[1]
+    result["shapes"]["prompt_length"] = L
+    decoder_bytes = nbytes(lm.parameters())
+    kv_bytes_per_token = 2 * config.text.num_hidden_layers * config.text.num_key_value_heads * config.text.head_dim * dtype.itemsize
+    # A step reads every decoder weight once, and the keys and values of a context of L..L+T tokens.
+    step_floor = (decoder_bytes + G * kv_bytes_per_token * (L + T / 2)) / bandwidth * 1e3
+    result.update(decoder_gb=decoder_bytes / 1e9, kv_bytes_per_token=kv_bytes_per_token, decode_floor_ms=step_floor)
+
+    @torch.no_grad()
+    def encode():
+        sampler.connect(sampler.vision_features(pixels))
+
+    @torch.no_grad()
+    def prefill():
+        cache = sampler.new_cache(1, L + T)
+        lm.logits(lm.model(embeds, mask, cache)[:, -1])
+        return cache
+
+    time_it("encode video (SigLIP + connector)", encode)
+    time_it(f"prefill, 1 x {L} tokens", prefill)
+    prefill_floor = measured[f"prefill, 1 x {L} tokens"][1]
+
+    eager_step = lm.decode_step  # the class's eager step, bound before compile_decode replaces it
+    sampler.compile_decode(compile=not args.no_compile)
+    fast_step = lm.decode_step
+    steps = min(shapes["check_steps"], T - 1)
+    log(f"checking the fast decode step against the eager one over {steps} greedy steps" + ("" if args.no_compile else " (the first step compiles)"))
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    result["check"] = check = check_decode(sampler, eager_step, fast_step, embeds, mask, G, steps, L + T, tol)
+    log(f"check {'passed' if check['ok'] else 'FAILED'}: {check}")
+    if not check["ok"]:
+        return result
+
+    n = shapes["decode_steps"]
+
+    def group_cache(step):
+        def setup():  # a prefilled group cache with one step taken: on CUDA the graph is captured then
+            cache = prefill().repeat_interleave(G)
+            tok = torch.zeros(G, dtype=torch.long, device=device)
+            step(tok, cache)
+            return cache, tok
+        return setup
+
+    def decode(step):
+        @torch.no_grad()
+        def run_steps(arg):
+            cache, tok = arg
+            for _ in range(n):
+                step(tok, cache)
+        return run_steps
+
+    fast_name, eager_name = f"decode step, G={G}, fast (compile_decode)", f"decode step, G={G}, eager"
+    time_it(fast_name, decode(fast_step), group_cache(fast_step), per=n, floor_ms=step_floor, bound="memory")
+    time_it(eager_name, decode(eager_step), group_cache(eager_step), per=n, floor_ms=step_floor, bound="memory")
+
+    def sample():
+        return rollout(sampler, ids, video, eos_id=NEVER, pad_id=0, group_size=G, max_new_tokens=T, generator=gen)
+
+    rollout_name = f"rollout {G} x {T} (prefill once + {T} steps)"
+    time_it(rollout_name, sample, floor_ms=prefill_floor + T * step_floor, bound="memory")
+
+    # -------------------------------------------------- the training side
+    r = sample()
+    advantages = group_advantages(torch.randn(G, device=device, generator=gen), G)  # no tokenizer here: random rewards
+
+    @torch.no_grad()
+    def reference_logprobs():
+        return completion_logprobs(reference, ids, reference.connect(features), r.completion_ids, r.mask)
+
+    ref_logp = reference_logprobs()
+
+    def policy_backward():
+        with autocast:
+            logp = completion_logprobs(policy, ids, policy.connect(features), r.completion_ids, r.mask)
+        loss, _ = grpo_loss(logp, None, ref_logp, advantages, r.mask)
+        loss.backward()
+
+    def optimizer_step():
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)  # keep the gradient buffers: the same memory every step
+
+    @torch.no_grad()
+    def refresh_sampler():  # the next rollout samples from the updated policy
+        for mine, master in zip(sampler.parameters(), policy.parameters()):
+            if master.requires_grad:
+                mine.copy_(master)
+
+    n_train = sum(p.numel() for p in trainable)
+    time_it(f"reference log-probs, {G} x {L + T} tokens", reference_logprobs)
+    time_it(f"policy forward + backward, {G} x {L + T} tokens (checkpointed)", policy_backward)
+    # AdamW reads parameters, gradients and both moments, and writes all but the gradients: 28 bytes each.
+    time_it(f"AdamW step, {n_train:,} fp32 parameters", optimizer_step, floor_ms=28 * n_train / bandwidth * 1e3, bound="memory")
+    time_it("refresh the sampler's weights", refresh_sampler, floor_ms=(4 + dtype.itemsize) * n_train / bandwidth * 1e3, bound="memory")
+
+    def grpo_step():
+        with torch.no_grad():
+            feats = sampler.vision_features(pixels)
+            r = rollout(sampler, ids, sampler.connect(feats), eos_id=NEVER, pad_id=0, group_size=G, max_new_tokens=T, generator=gen)
+            adv = group_advantages(torch.randn(G, device=device, generator=gen), G)
+            ref = completion_logprobs(reference, ids, reference.connect(feats), r.completion_ids, r.mask)
+        with autocast:
+            logp = completion_logprobs(policy, ids, policy.connect(feats), r.completion_ids, r.mask)
+        loss, _ = grpo_loss(logp, None, ref, adv, r.mask)
+        loss.backward()
+        optimizer_step()
+        refresh_sampler()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    phases = [name for name in measured if not name.startswith(("prefill", "decode"))]  # the rollout row holds the prefill
+    time_it("whole GRPO step, one prompt", grpo_step, floor_ms=sum(measured[k][1] for k in phases), bound="sum of phases")
+    result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
+
+    # -------------------------------------------------- the peers, once the training side is gone
+    del policy, reference, optimizer, trainable, r, ref_logp
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    peers = {}  # name -> (generate ms in all, ms per decode step)
+    hf_T = args.hf_new_tokens or T
+    try:
+        import transformers
+        result["hf"] = "skipped (--no-hf)" if args.no_hf else transformers.__version__
+    except ImportError:
+        result["hf"] = "transformers is not installed"
+    if not args.no_hf and "transformers" in sys.modules:
+        hf = hf_peer(lm, device, dtype)
+        for name, static in (("HF generate, eager", False), ("HF generate, static cache" + (" + compile" if device.type == "cuda" else ""), True)):
+            log(f"{name}: {G} x {hf_T} tokens" + (" (the first run compiles)" if static and device.type == "cuda" else ""))
+            peers[name] = time_hf_generate(hf, clock, embeds, G, hf_T, static, warmup_tokens=hf_T if static else 4)
+            log(f"{name}: {peers[name][0]:.0f} ms in all, {peers[name][1]:.2f} ms per step")
+        del hf
+
+    # -------------------------------------------------- the rows
+    best = min(peers, key=lambda k: peers[k][1]) if peers else None
+    peer_of = {fast_name: (best, peers[best][1]) if best else None,
+               rollout_name: (best, peers[best][0] * T / hf_T) if best else None}  # scaled if the peers made fewer tokens
+    result["rows"] = []
+    for name, (ms, floor_ms, bound) in measured.items():
+        peer, peer_ms = peer_of.get(name) or (None, None)
+        result["rows"].append(dict(name=name, ms=ms, floor_ms=floor_ms, bound=bound, of_floor=floor_ms / ms, peer=peer,
+                                   peer_ms=peer_ms, speedup=peer_ms / ms if peer_ms else None))
+        if name == eager_name:  # the peers' own decode steps, right below ours
+            for peer, (_, per_step) in peers.items():
+                result["rows"].append(dict(name=f"decode step, G={G}, {peer}", ms=per_step, floor_ms=step_floor, bound="memory",
+                                           of_floor=step_floor / per_step, peer=None, peer_ms=None, speedup=None))
+    if not args.tiny:
+        fast, step = measured[fast_name], measured["whole GRPO step, one prompt"]
+        got = dict(decode_ms=fast[0], decode_of_floor=fast[1] / fast[0], decode_speedup=peer_of[fast_name][1] / fast[0] if best else None,
+                   grpo_step_ms=step[0], peak_memory_gb=result["peak_memory_gb"])
+        result["targets"] = {k: dict(target=v, measured=got[k], met=None if got[k] is None else
+                                     (got[k] >= v if k in ("decode_of_floor", "decode_speedup") else got[k] <= v)) for k, v in TARGETS.items()}
+    return result
+
+
+def describe(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    n = torch.get_num_threads()
+    return f"CPU ({platform.processor() or platform.machine()}, {n} thread{'s' if n > 1 else ''})"
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def table(result):
+    lines = [f"{result['device']}, torch {result['torch']}, {result['dtype']}, shapes {result['shapes']}",
+             f"copy bandwidth {result['copy_bandwidth_gbps']:.1f} GB/s, matmul {result['matmul_tflops']:.2f} TFLOP/s",
+             "", f"{'phase':<58} {'ms':>10} {'floor ms':>10} {'of floor':>9}  {'peer':<34} {'peer ms':>10} {'speed-up':>8}"]
+    for r in result["rows"]:
+        cell = lambda v, f: format(v, f) if v is not None else "-"
+        lines.append(f"{r['name']:<58} {cell(r['ms'], '10.2f')} {cell(r['floor_ms'], '10.3f'):>10} "
+                     f"{cell(r['of_floor'] and 100 * r['of_floor'], '8.1f') + ('%' if r['of_floor'] else ''):>9}  "
+                     f"{r['peer'] or '-':<34} {cell(r['peer_ms'], '10.2f'):>10} {cell(r['speedup'], '7.2f') + ('x' if r['speedup'] else ''):>8}")
+    if result.get("peak_memory_gb") is not None:
+        lines.append(f"peak memory {result['peak_memory_gb']:.1f} GB (policy + gradients + AdamW state, sampler, reference)")
+    lines.append(f"decode check, fast vs eager under greedy: {result['check']}")
+    for name, t in result.get("targets", {}).items():
+        lines.append(f"target {name}: {t['target']}, measured {t['measured']}, {'met' if t['met'] else 'NOT met' if t['met'] is False else 'n/a'}")
+    return "\n".join(lines)
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Shape flags default to the published shapes, or to small ones with --tiny: "
+                                       f"published {PUBLISHED}, tiny {TINY}.")
+    p.add_argument("--tiny", action="store_true", help="tiny model and inputs (for a CPU and for the tests)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: cuda if there is one)")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), help="compute dtype of the sampler and the reference, and autocast "
+                   "dtype of the fp32 policy (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--frames", type=int, help="video frames per prompt")
+    p.add_argument("--text-tokens", type=int, help="prompt tokens besides the video's")
+    p.add_argument("--group", type=int, help="completions per prompt (G)")
+    p.add_argument("--new-tokens", type=int, help="tokens per completion; every completion runs to this length")
+    p.add_argument("--decode-steps", type=int, help="decode steps per timing of the bare decode step")
+    p.add_argument("--check-steps", type=int, help="greedy steps of the fast-vs-eager decode check")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the median is reported (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before them (default 1)")
+    p.add_argument("--no-compile", action="store_true", help="fast decode without torch.compile (a CUDA graph of the eager kernels on CUDA)")
+    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face peers")
+    p.add_argument("--hf-new-tokens", type=int, help="tokens per completion for the peers (default: --new-tokens)")
+    p.add_argument("--json", default="out/bench.json", help="where to write the results (default out/bench.json)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights, inputs and samples (default 0)")
+    args = p.parse_args(argv)
+    args.argv = list(argv)
+    return args
+
+
+def main(argv=None):
+    args = parse(sys.argv[1:] if argv is None else argv)
+    result = run(args)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    if not result["check"]["ok"]:
+        log(f"the fast decode step disagrees with the eager one: nothing timed. {result['check']}")
+        return 1
+    print(table(result), flush=True)
+    log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
