@@ -116,7 +116,7 @@ def test_preprocessing_is_fast():
     D.preprocess_frames(frames[:1])
     t = time.perf_counter()
     D.preprocess_frames(frames)
-    assert time.perf_counter() - t < 3.0  # about 0.5 s on 2 cores; generous for a loaded CI machine
+    assert time.perf_counter() - t < 5.0  # under a second on 2 idle cores; generous for a loaded CI machine
 
 
 # ----------------------------------------------------------------------------- prompt and tokenizer
