@@ -463,11 +463,14 @@ def _write_video(path, frames):
 def make_synthetic(out_dir, n_train=2000, n_coldstart=64, n_test=200, seed=0):
     """Write the synthetic task to out_dir: videos/, grpo.jsonl (NextQA GRPO format), coldstart.json
     (cold-start format, with reasoning), heldout.jsonl (GRPO format) and test.jsonl (plain multiple
-    choice) for the same held-out videos. Deterministic in `seed`; skipped if already written with the
-    same settings. -> {"root", "grpo", "coldstart", "heldout", "test"} paths."""
-    names = {"grpo": "grpo.jsonl", "coldstart": "coldstart.json", "heldout": "heldout.jsonl", "test": "test.jsonl"}
+    choice) for the same held-out videos, and captions.json (cold-start format: each GRPO question answered with
+    a plain description of its video, no letter; it stands in for the pretraining that gave the published base model its sight).
+    Deterministic in `seed`; skipped if already written with the same settings.
+    -> {"root", "grpo", "coldstart", "heldout", "test", "captions"} paths."""
+    names = {"grpo": "grpo.jsonl", "coldstart": "coldstart.json", "heldout": "heldout.jsonl", "test": "test.jsonl",
+             "captions": "captions.json"}
     paths = {"root": out_dir, **{k: os.path.join(out_dir, v) for k, v in names.items()}}
-    settings = {"n_train": n_train, "n_coldstart": n_coldstart, "n_test": n_test, "seed": seed, "version": 2}
+    settings = {"n_train": n_train, "n_coldstart": n_coldstart, "n_test": n_test, "seed": seed, "version": 4}
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path) and all(os.path.exists(p) for p in paths.values()):
         with open(meta_path) as f:
@@ -504,6 +507,10 @@ def make_synthetic(out_dir, n_train=2000, n_coldstart=64, n_test=200, seed=0):
         json.dump([{"video": r["video"], "task": r["task"], "conversations": [
             {"from": "human", "value": "<image>\n" + r["problem"] + GRPO_SUFFIX},
             {"from": "gpt", "value": f"<think>{r['why']}</think> <answer>{r['letter']}</answer>"}]} for r in cold], f, indent=1)
+    with open(paths["captions"], "w") as f:  # what the base model learns to see, on the GRPO videos
+        json.dump([{"video": r["video"], "task": r["task"], "conversations": [
+            {"from": "human", "value": "<image>\n" + r["problem"]},
+            {"from": "gpt", "value": r["why"]}]} for r in train], f, indent=1)
     with open(meta_path, "w") as f:
         json.dump(settings, f)
     return paths

@@ -548,16 +548,17 @@ def train(cfg):
 def demo_config(vocab_size):
     return M.TinyLLaVAConfig(
         vision=M.VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
-                              image_size=32, patch_size=8),
+                              image_size=16, patch_size=8),  # 2x2 patches a frame, 3 kept: 24 video tokens
         connector=M.ConnectorConfig(connector_type="mlp2x_gelu", vision_hidden_size=64, hidden_size=128),
         text=M.TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
         raw={"num_frames": DEMO["frames"]})
 
 
-DEMO = dict(frames=8, n_train=2000, n_coldstart=320, n_test=200,
-            sft=dict(lr=1e-3, epochs=4, prompts_per_step=16, micro_batch=16),
-            grpo=dict(lr=1e-4, steps=250, prompts_per_step=8, micro_batch=8, group_size=8, max_new_tokens=40, beta=0.01))
+DEMO = dict(frames=8, n_train=2000, n_coldstart=64, n_test=200,
+            base=dict(lr=1e-3, epochs=2, prompts_per_step=16, micro_batch=16),
+            sft=dict(lr=1e-3, epochs=12, prompts_per_step=8, micro_batch=8),
+            grpo=dict(lr=2e-4, steps=250, prompts_per_step=8, micro_batch=8, group_size=8, max_new_tokens=40, beta=0.01))
 
 
 def demo(out, seed, device=""):
@@ -572,7 +573,11 @@ def demo(out, seed, device=""):
     model.save_pretrained(init)
     shutil.copy(tok_path, os.path.join(init, "tokenizer.json"))
     common = dict(seed=seed, frames=DEMO["frames"], device=device, save_every=10**9)
-    train(TrainConfig(stage="sft", init=init, data=paths["coldstart"], out=os.path.join(out, "sft"), **common, **DEMO["sft"]))
+    # The published chain starts from a base model that already sees; here a short supervised stage on
+    # plain descriptions of the GRPO videos plays that part. Then the paper's two stages.
+    train(TrainConfig(stage="sft", init=init, data=paths["captions"], out=os.path.join(out, "base"), **common, **DEMO["base"]))
+    train(TrainConfig(stage="sft", init=os.path.join(out, "base", "checkpoint"), data=paths["coldstart"],
+                      out=os.path.join(out, "sft"), **common, **DEMO["sft"]))
     train(TrainConfig(stage="grpo", init=os.path.join(out, "sft", "checkpoint"), data=paths["grpo"],
                       out=os.path.join(out, "grpo"), **common, **DEMO["grpo"]))
 
