@@ -17,7 +17,6 @@ tasks, Video-MME per duration, MMVU over all items.
 import argparse
 import glob
 import json
-import math
 import os
 import re
 import sys
@@ -129,6 +128,8 @@ def read_clip(path, num_frames, bound=None, fps=None):
     """-> (num_frames, H, W, 3) uint8 RGB from a video file (its own frame rate) or from a folder of frame
     images taken in name order (`fps` frames per second), optionally within bound = (start, end) seconds."""
     if os.path.isdir(path):
+        if bound is not None and not fps:
+            raise D.DataError(f"{path}: a folder of frames with start/end seconds but no frame rate")
         names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTS))
         if not names:
             raise D.VideoError(f"{path}: a folder with no frame images ({', '.join(IMAGE_EXTS)})")
@@ -311,10 +312,11 @@ MVBENCH_TASKS = {
     "Episodic Reasoning": ("episodic_reasoning.json", "tvqa/frames_fps3_hq", True),
     "Counterfactual Inference": ("counterfactual_inference.json", "clevrer/video_validation", False),
 }
-# Episodic Reasoning's "videos" are folders of JPEG frames taken 3 times a second. Other videos are files of
-# any kind OpenCV decodes (mp4, webm, avi, gif). The bounds are applied to every bounded task; the paper's
-# own script applied them to the frame folders only and sampled the whole file for the four others.
-MVBENCH_FRAME_FPS = 3
+# Episodic Reasoning's "videos" are folders of JPEG frames taken 3 times a second (folder -> frame rate).
+# Other videos are files of any kind OpenCV decodes (mp4, webm, avi, gif). The bounds are applied to every
+# bounded task; the paper's own script applied them to the frame folders only and sampled the whole file for
+# the four others.
+MVBENCH_FRAME_FOLDERS = {"tvqa/frames_fps3_hq": 3}
 
 
 def read_mvbench(root, mode):
@@ -327,7 +329,8 @@ def read_mvbench(root, mode):
             meta = {"line": f"{file}:{i}", "task": task}
             if bounded:
                 meta["bound"] = [float(need(item, "start", where)), float(need(item, "end", where))]
-                meta["fps"] = MVBENCH_FRAME_FPS  # used only when the video is a folder of frames
+            if folder in MVBENCH_FRAME_FOLDERS:
+                meta["fps"] = MVBENCH_FRAME_FOLDERS[folder]
             video = os.path.join(root, "video", folder, need(item, "video", where))
             samples.append(mc_sample(video, need(item, "question", where), options,
                                      letter_of(str(need(item, "answer", where)), options, where), mode, **meta))

@@ -155,6 +155,8 @@ def test_clips_bounds_frame_folders_and_gif(tmp_path):
     clip = sample.load_clip(D.Sample(folder, "q", "A", {"bound": [1.0, 2.0], "fps": 3}), 4, 16)
     assert clip.shape == (4, 3, 16, 16) and clip.min() >= -1 and clip.max() <= 1
     assert torch.allclose(sample.load_clip(D.Sample(video, "q", "A", {}), 4, 16), D.load_video(video, 4, size=16))
+    with pytest.raises(D.DataError):  # seconds in a frame folder need its frame rate
+        sample.read_clip(folder, 4, bound=(1.0, 2.0))
     os.makedirs(tmp_path / "empty")
     for bad in (str(tmp_path / "nope.mp4"), str(tmp_path / "empty")):
         with pytest.raises(D.VideoError):
@@ -200,6 +202,7 @@ def test_mvbench_reader(tmp_path):
     assert s.question == D.mc_question("Action Sequence?", ["red", "blue", "green"], "option")
     assert s.solution == "B" and s.meta["bound"] == [0.5, 2.0] and s.meta["options"] == ["red", "blue", "green"]
     assert "bound" not in next(s for s in samples if s.meta["task"] == "Action Antonym").meta
+    assert "fps" not in s.meta  # a file's frame rate is read from the file
     er = next(s for s in samples if s.meta["task"] == "Episodic Reasoning")
     assert os.path.isdir(er.video) and er.meta["fps"] == 3
     # frame indices inside [0.5 s, 2 s]: at 3 fps frames 2..6 of the folder, at 4 fps frames 2..8 of the mp4
