@@ -555,6 +555,8 @@ def main(argv=None):
     try:
         if not args.bench and not args.eval and not (args.video and args.question):
             raise UsageError("give --video and --question, --eval FILE.jsonl, or --bench NAME --root DIR")
+        if args.bench and args.eval:
+            raise UsageError("give --bench or --eval, not both")
         if args.bench:  # read the benchmark first: a layout error should not wait for the model to load
             if not args.root or not os.path.isdir(args.root):
                 raise UsageError(f"--bench {args.bench} needs --root DIR, the benchmark's folder (got {args.root})")

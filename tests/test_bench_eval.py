@@ -243,6 +243,8 @@ def test_mvbench_layout_errors_are_one_line(ckpt, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "state_change.json item 0" in err and "purple" in err
     code, _, err = run(["--ckpt", ckpt, "--bench", "mvbench"], capsys)
     assert code == 2 and "--root" in err
+    code, _, err = run(["--ckpt", ckpt, "--bench", "mvbench", "--root", root, "--eval", "x.jsonl"], capsys)
+    assert code == 2 and "not both" in err
 
 
 # ----------------------------------------------------------------------------- Video-MME
