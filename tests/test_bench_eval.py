@@ -77,13 +77,13 @@ def ckpt(tmp_path_factory):
 
 
 def scripted(monkeypatch, answers, calls=None):
-    """Replace generation by fixed completions, chosen by the first line of each question, to check the
-    arithmetic through the whole command; the pixels must still be the model's input shape."""
+    """Replace generation by fixed completions, chosen by the longest key found in each question, to check
+    the arithmetic through the whole command; the pixels must still be the model's input shape."""
     def generate(model, tok, questions, pixels, max_new_tokens=512, **kw):
         assert pixels.shape[:3] == (len(questions), 4, 3) and pixels.shape[-1] == 16
         if calls is not None:
             calls.append(len(questions))
-        return [answers[q.split("\n")[0]] for q in questions]
+        return [answers[max((k for k in answers if k in q), key=len)] for q in questions]
     monkeypatch.setattr(sample, "generate", generate)
 
 
@@ -332,8 +332,7 @@ def test_mlvu_macro_average(ckpt, tmp_path, monkeypatch, capsys):
     assert samples[-1].video == f"{root}/video/topic_reasoning/topic_reasoning.mp4"
     # plotQA 1 of 2 right, needle right, the 5 others wrong: macro (0.5 + 1) / 7, micro 2 / 8
     right, wrong = "<answer>A</answer>", "<answer>B</answer>"
-    scripted(monkeypatch, {**{s.question.split("\n")[0]: wrong for s in samples},
-                           "plotQA 0": right, "needle 0": right})
+    scripted(monkeypatch, {**{s.meta["task"]: wrong for s in samples}, "plotQA 0": right, "needle 0": right})
     code, out, err = run(["--ckpt", ckpt, "--bench", "mlvu", "--root", root, "--predictions",
                           str(tmp_path / "mlvu.jsonl")], capsys)
     assert code == 0, err
@@ -346,7 +345,7 @@ def test_mlvu_macro_average(ckpt, tmp_path, monkeypatch, capsys):
 def test_mlvu_resumes_a_partial_run(ckpt, tmp_path, monkeypatch, capsys):
     root = str(tmp_path / "MLVU")
     mlvu(root)
-    answers = {s.question.split("\n")[0]: "<answer>A</answer>" for s in sample.read_mlvu(root, "reason")}
+    answers = {s.meta["task"]: "<answer>A</answer>" for s in sample.read_mlvu(root, "reason")}
     calls = []
     scripted(monkeypatch, answers, calls)
     preds = str(tmp_path / "mlvu.jsonl")
