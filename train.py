@@ -558,7 +558,7 @@ def demo_config(vocab_size):
 DEMO = dict(frames=8, n_train=2000, n_coldstart=64, n_test=200,
             base=dict(lr=1e-3, epochs=2, prompts_per_step=16, micro_batch=16),
             sft=dict(lr=1e-3, epochs=12, prompts_per_step=8, micro_batch=8),
-            grpo=dict(lr=2e-4, steps=250, prompts_per_step=8, micro_batch=8, group_size=8, max_new_tokens=40, beta=0.01))
+            grpo=dict(lr=2e-4, steps=450, prompts_per_step=8, micro_batch=8, group_size=8, max_new_tokens=40, beta=0.01))
 
 
 def demo(out, seed, device=""):
