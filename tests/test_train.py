@@ -136,3 +136,19 @@ def test_sample_errors_are_one_line(task, tmp_path, capsys):
 ])
 def test_parse_answer(text, mode, want):
     assert sample.parse_answer(text, 4, mode) == want
+
+
+def test_default_run_shortened(tmp_path, monkeypatch, capsys):
+    """`python train.py` with no flags, at a few steps per stage: data, tokenizer, base, SFT, GRPO, evaluation."""
+    small = dict(frames=8, n_train=16, n_coldstart=8, n_test=8,
+                 base=dict(lr=1e-3, steps=2, prompts_per_step=8, micro_batch=8),
+                 sft=dict(lr=1e-3, steps=2, prompts_per_step=4, micro_batch=4),
+                 grpo=dict(lr=1e-4, steps=2, prompts_per_step=4, micro_batch=4, group_size=4, max_new_tokens=8, beta=0.01))
+    monkeypatch.setattr(train, "DEMO", small)
+    train.main(["--out", str(tmp_path), "--seed", "3"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(summary) >= {"sft_accuracy", "grpo_accuracy", "seconds"}
+    assert 0 <= summary["sft_accuracy"] <= 1 and 0 <= summary["grpo_accuracy"] <= 1 and summary["n_test"] == 8
+    for stage in ("base", "sft", "grpo"):
+        assert (tmp_path / stage / "checkpoint" / "model.safetensors").exists()
+    assert (tmp_path / "grpo" / "curves.png").exists()
