@@ -138,26 +138,26 @@ def resize_weights(size_in, size_out):
 
 
 def _resize_axis(x, axis, size_out):
-    """Resize one axis of a float64 tensor of 0..255 integers exactly as Pillow does (fixed point, rounded,
-    clipped to 0..255). The axis is moved first so that each filter tap gathers whole contiguous rows."""
+    """Resize one axis of a uint8 tensor exactly as Pillow does (fixed point, rounded, clipped to 0..255).
+    The axis is moved first so that each filter tap gathers whole contiguous rows."""
     if x.shape[axis] == size_out:
         return x
     idx, w = resize_weights(x.shape[axis], size_out)
     rows = x.movedim(axis, 0).contiguous()
-    flat = rows.reshape(rows.shape[0], -1)  # (size_in, everything else)
+    flat = rows.reshape(rows.shape[0], -1)  # (size_in, everything else), still uint8: cheap to move
     # float64 holds these integer sums exactly (< 2**53) and multiplies faster than int32 on a CPU
     out = torch.full((size_out, flat.shape[1]), float(1 << (PRECISION_BITS - 1)), dtype=torch.float64)  # +0.5: rounding
     w = w.double()
     for k in range(idx.shape[1]):
-        out.addcmul_(flat[idx[:, k]], w[:, k, None])
-    out = out.div_(1 << PRECISION_BITS).floor_().clamp_(0, 255)  # the fixed-point shift, then clip to 8 bits
+        out.addcmul_(flat[idx[:, k]].double(), w[:, k, None])
+    out = out.div_(1 << PRECISION_BITS).floor_().clamp_(0, 255).to(torch.uint8)  # the shift, then clip to 8 bits
     return out.reshape(size_out, *rows.shape[1:]).movedim(0, axis)
 
 
 def preprocess_frames(frames, size=384):
     """(T, H, W, 3) uint8 RGB -> (T, 3, size, size) float: Pillow-style bicubic resize ignoring aspect
     ratio, then /255, then (x - 0.5) / 0.5 (SigLIP's mean and std are 0.5)."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).double()  # (T, H, W, 3)
+    x = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.uint8))  # (T, H, W, 3)
     H, W = x.shape[1:3]
     # Pillow runs first the pass that leaves the smaller intermediate image (horizontal on a tie); the
     # order matters because each pass rounds to 0..255.
@@ -460,28 +460,30 @@ def _write_video(path, frames):
     raise VideoError(f"{path}: OpenCV cannot write mp4v or MJPG video here")
 
 
-def make_synthetic(out_dir, n_train=2000, n_coldstart=64, n_test=200, seed=0):
+def make_synthetic(out_dir, n_train=2000, n_coldstart=64, n_test=200, seed=0, n_captions=0):
     """Write the synthetic task to out_dir: videos/, grpo.jsonl (NextQA GRPO format), coldstart.json
     (cold-start format, with reasoning), heldout.jsonl (GRPO format) and test.jsonl (plain multiple
-    choice) for the same held-out videos, and captions.json (cold-start format: each GRPO question answered with
-    a plain description of its video, no letter; it stands in for the pretraining that gave the published base model its sight).
+    choice) for the same held-out videos, and captions.json (cold-start format, n_captions more videos of their
+    own: each question answered with a plain description of its video, no letter; it stands in for the pretraining that gave the published base model its sight).
     Deterministic in `seed`; skipped if already written with the same settings.
     -> {"root", "grpo", "coldstart", "heldout", "test", "captions"} paths."""
     names = {"grpo": "grpo.jsonl", "coldstart": "coldstart.json", "heldout": "heldout.jsonl", "test": "test.jsonl",
              "captions": "captions.json"}
     paths = {"root": out_dir, **{k: os.path.join(out_dir, v) for k, v in names.items()}}
-    settings = {"n_train": n_train, "n_coldstart": n_coldstart, "n_test": n_test, "seed": seed, "version": 4}
+    settings = {"n_train": n_train, "n_coldstart": n_coldstart, "n_test": n_test, "n_captions": n_captions, "seed": seed, "version": 5}
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path) and all(os.path.exists(p) for p in paths.values()):
         with open(meta_path) as f:
             if json.load(f) == settings:
                 return paths
     os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
+    if os.path.exists(os.path.join(out_dir, "tokenizer.json")):
+        os.remove(os.path.join(out_dir, "tokenizer.json"))  # trained on the old texts
     rng = np.random.RandomState(seed)
     total = n_train + n_coldstart + n_test
     kinds = [(task, opt) for task in TASKS for opt in range(4)]  # 16 (task, answer) cells
     # each split cycles through the cells, then is shuffled: every task x letter equally often
-    cells = [kinds[i % 16] for n in (n_train, n_coldstart, n_test) for i in rng.permutation(n)]
+    cells = [kinds[i % 16] for n in (n_train, n_coldstart, n_test, n_captions) for i in rng.permutation(n)]
     rows = []
     for i, (task, k) in enumerate(cells):
         question, options = TASKS[task]
@@ -490,7 +492,8 @@ def make_synthetic(out_dir, n_train=2000, n_coldstart=64, n_test=200, seed=0):
         problem = question + "\nOptions:\n" + format_options(options)
         rows.append(dict(video="./videos/" + os.path.basename(video), task=task, question=question, options=options,
                          letter="ABCD"[k], why=why, problem=problem))
-    train, cold, test = rows[:n_train], rows[n_train:n_train + n_coldstart], rows[n_train + n_coldstart:]
+    train, cold = rows[:n_train], rows[n_train:n_train + n_coldstart]
+    test, captions = rows[n_train + n_coldstart:n_train + n_coldstart + n_test], rows[n_train + n_coldstart + n_test:]
 
     def grpo_row(r):
         return {"problem": r["problem"], "solution": f"<answer>{r['letter']}</answer>", "video_filename": r["video"], "task": r["task"]}
@@ -507,10 +510,10 @@ def make_synthetic(out_dir, n_train=2000, n_coldstart=64, n_test=200, seed=0):
         json.dump([{"video": r["video"], "task": r["task"], "conversations": [
             {"from": "human", "value": "<image>\n" + r["problem"] + GRPO_SUFFIX},
             {"from": "gpt", "value": f"<think>{r['why']}</think> <answer>{r['letter']}</answer>"}]} for r in cold], f, indent=1)
-    with open(paths["captions"], "w") as f:  # what the base model learns to see, on the GRPO videos
+    with open(paths["captions"], "w") as f:  # what the base model learns to see, on videos of their own
         json.dump([{"video": r["video"], "task": r["task"], "conversations": [
             {"from": "human", "value": "<image>\n" + r["problem"]},
-            {"from": "gpt", "value": r["why"]}]} for r in train], f, indent=1)
+            {"from": "gpt", "value": r["why"]}]} for r in captions], f, indent=1)
     with open(meta_path, "w") as f:
         json.dump(settings, f)
     return paths

@@ -555,8 +555,8 @@ def demo_config(vocab_size):
         raw={"num_frames": DEMO["frames"]})
 
 
-DEMO = dict(frames=8, n_train=2000, n_coldstart=64, n_test=200,
-            base=dict(lr=1e-3, epochs=2, prompts_per_step=16, micro_batch=16),
+DEMO = dict(frames=8, n_train=2000, n_coldstart=64, n_test=200, n_captions=4000,
+            base=dict(lr=1e-3, epochs=1, prompts_per_step=16, micro_batch=16),
             sft=dict(lr=1e-3, epochs=12, prompts_per_step=8, micro_batch=8),
             grpo=dict(lr=2e-4, steps=450, prompts_per_step=8, micro_batch=8, group_size=8, max_new_tokens=40, beta=0.01))
 
@@ -564,7 +564,7 @@ DEMO = dict(frames=8, n_train=2000, n_coldstart=64, n_test=200,
 def demo(out, seed, device=""):
     t0 = time.time()
     paths = D.make_synthetic(os.path.join(out, "data"), n_train=DEMO["n_train"], n_coldstart=DEMO["n_coldstart"],
-                             n_test=DEMO["n_test"], seed=seed)
+                             n_test=DEMO["n_test"], n_captions=DEMO["n_captions"], seed=seed)
     tok = D.synthetic_tokenizer(paths)
     tok_path = os.path.join(paths["root"], "tokenizer.json")
     init = os.path.join(out, "init")
@@ -574,7 +574,8 @@ def demo(out, seed, device=""):
     shutil.copy(tok_path, os.path.join(init, "tokenizer.json"))
     common = dict(seed=seed, frames=DEMO["frames"], device=device, save_every=10**9)
     # The published chain starts from a base model that already sees; here a short supervised stage on
-    # plain descriptions of the GRPO videos plays that part. Then the paper's two stages.
+    # plain descriptions of separate videos plays that part (on the GRPO videos themselves it would
+    # memorise their answers). Then the paper's two stages.
     train(TrainConfig(stage="sft", init=init, data=paths["captions"], out=os.path.join(out, "base"), **common, **DEMO["base"]))
     train(TrainConfig(stage="sft", init=os.path.join(out, "base", "checkpoint"), data=paths["coldstart"],
                       out=os.path.join(out, "sft"), **common, **DEMO["sft"]))

@@ -140,7 +140,7 @@ def test_parse_answer(text, mode, want):
 
 def test_default_run_shortened(tmp_path, monkeypatch, capsys):
     """`python train.py` with no flags, at a few steps per stage: data, tokenizer, base, SFT, GRPO, evaluation."""
-    small = dict(frames=8, n_train=16, n_coldstart=8, n_test=8,
+    small = dict(frames=8, n_train=16, n_coldstart=8, n_test=8, n_captions=16,
                  base=dict(lr=1e-3, steps=2, prompts_per_step=8, micro_batch=8),
                  sft=dict(lr=1e-3, steps=2, prompts_per_step=4, micro_batch=4),
                  grpo=dict(lr=1e-4, steps=2, prompts_per_step=4, micro_batch=4, group_size=4, max_new_tokens=8, beta=0.01))
