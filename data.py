@@ -158,11 +158,10 @@ def preprocess_frames(frames, size=384):
     """(T, H, W, 3) uint8 RGB -> (T, 3, size, size) float: Pillow-style bicubic resize ignoring aspect
     ratio, then /255, then (x - 0.5) / 0.5 (SigLIP's mean and std are 0.5)."""
     x = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.uint8))  # (T, H, W, 3)
-    H, W = x.shape[1:3]
-    # Pillow runs first the pass that leaves the smaller intermediate image (horizontal on a tie); the
-    # order matters because each pass rounds to 0..255.
-    for axis in ((2, 1) if size * H <= W * size else (1, 2)):
-        x = _resize_axis(x, axis, size)  # -> (T, size, size, 3)
+    # Horizontal pass first, as Pillow up to 12 (what the published model saw) always did; the order
+    # matters because each pass rounds to 0..255. (Pillow 13 goes vertical first on some tall images.)
+    x = _resize_axis(x, 2, size)  # (T, H, size, 3)
+    x = _resize_axis(x, 1, size)  # (T, size, size, 3)
     return (x.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
 
 
