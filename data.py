@@ -480,7 +480,6 @@ def make_synthetic(out_dir, n_train=2000, n_coldstart=64, n_test=200, seed=0, n_
     if os.path.exists(os.path.join(out_dir, "tokenizer.json")):
         os.remove(os.path.join(out_dir, "tokenizer.json"))  # trained on the old texts
     rng = np.random.RandomState(seed)
-    total = n_train + n_coldstart + n_test
     kinds = [(task, opt) for task in TASKS for opt in range(4)]  # 16 (task, answer) cells
     # each split cycles through the cells, then is shuffled: every task x letter equally often
     cells = [kinds[i % 16] for n in (n_train, n_coldstart, n_test, n_captions) for i in rng.permutation(n)]

@@ -271,7 +271,7 @@ def grpo_step(model, ref, tok, samples, load, cfg, device, gen, apply_update):
     The gradient is accumulated over micro-batches of prompts and divided so that the loss is the mean
     over prompts, as if the whole step were one batch."""
     t0 = time.perf_counter()
-    G_, rolls, texts_all, stats = cfg.group_size, [], [], []
+    G_, rolls, texts_all = cfg.group_size, [], []
     times = {"rollout": 0.0, "reference": 0.0, "policy": 0.0}
     for i in range(0, len(samples), cfg.micro_batch):
         batch, pixels = load(samples[i:i + cfg.micro_batch])
