@@ -71,10 +71,13 @@ Sections, in the order data flows: rewards; advantages (with the zero-variance a
 rollouts and log-probs; the loss; metrics.
 """
 
+import copy
 import re
+import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 # ----------------------------------------------------------------------------- rewards
@@ -217,63 +220,113 @@ class Rollout:
     group_size: int
 
 
-def sample_token(logits, temperature=1.0, top_k=50, top_p=1.0, generator=None):
+def _mix32(x):
+    """A bijection on 32-bit integers held in int64 (the "lowbias32" hash), written so that no
+    product leaves int64: the multiplier is split in 16-bit halves."""
+    x = x & 0xFFFFFFFF
+    for shift, mult in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        x = x ^ (x >> shift)
+        x = (x * (mult & 0xFFFF) + (((x * (mult >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def step_keys(row_seeds, t):
+    """(N,) row seeds and a decode step t -> (N,) keys for that step's draws."""
+    return _mix32(row_seeds ^ _mix32(torch.full_like(row_seeds, t + 0x5EED)))
+
+
+def sample_token(logits, temperature=1.0, top_k=50, top_p=1.0, generator=None, keys=None):
     """logits (N, V) -> tokens (N,), and their log-probs under logits / temperature (the policy
     the loss differentiates: top-k and top-p only cut the tail that is sampled from).
-    temperature 0 is greedy."""
+    temperature 0 is greedy.
+
+    The draw is the Gumbel-max trick, argmax(logit + Gumbel noise) over the kept tokens, which
+    samples exactly softmax(kept logits). The noise of row n for token v is a hash of (keys[n], v):
+    a row's sample depends on its own key only, never on which other rows share the batch, so a
+    rollout samples the same completions whether its prompts decode together or apart, and
+    whether finished rows have been dropped. keys (N,) ints; None: drawn from `generator`."""
     logits = logits.float()
     if temperature == 0:
         tok = logits.argmax(-1)
         return tok, logits.log_softmax(-1).gather(1, tok[:, None])[:, 0]
     logits = logits / temperature
     logp = logits.log_softmax(-1)
-    cut = logits
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        cut = cut.masked_fill(cut < kth, float("-inf"))
+    k = top_k if top_k and top_k < logits.shape[-1] else logits.shape[-1]
+    cand, index = logits.topk(k, dim=-1)  # (N, k), sorted: only these are hashed
     if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
-        sorted_logits, order = cut.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p
-        cut = cut.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    tok = torch.multinomial(cut.softmax(-1), 1, generator=generator)[:, 0]
+        probs = cand.softmax(-1)
+        cand = cand.masked_fill(probs.cumsum(-1) - probs > top_p, float("-inf"))
+    if keys is None:
+        device = "cpu" if generator is None else generator.device
+        keys = torch.randint(0, 2**31, (logits.shape[0],), generator=generator, device=device).to(logits.device)
+    bits = _mix32(_mix32(keys[:, None] ^ index) ^ keys[:, None])  # (N, k) 32 random bits per candidate
+    u = ((bits >> 8).float() + 0.5) / 2**24  # uniform in (0, 1)
+    tok = index.gather(1, (cand - (-u.log()).log()).argmax(-1, keepdim=True))[:, 0]
     return tok, logp.gather(1, tok[:, None])[:, 0]
 
 
 @torch.no_grad()
 def rollout(model, input_ids, video_embeds, eos_id, pad_id=None, attention_mask=None, group_size=8,
-            max_new_tokens=512, temperature=1.0, top_k=50, top_p=1.0, generator=None, check_every=8):
+            max_new_tokens=512, temperature=1.0, top_k=50, top_p=1.0, generator=None, seeds=None, decode=None,
+            check_every=8):
     """Sample `group_size` completions for each of P prompts in one batch with the KV cache.
 
     input_ids (P, L) with one IMAGE_TOKEN_INDEX each, left-padded (attention_mask) if their lengths
     differ; video_embeds (P, Q, d) from model.encode_video, computed once per video. Each prompt is
-    prefilled once and its cache copied to its G rows; then all P*G rows decode together, through
-    `language_model.decode_step` only (so a compiled step can replace it)."""
+    prefilled once and its cache copied to its G rows; then all P*G rows decode together through
+    `decode` (default: the model's eager `language_model.decode_step`; a `FastDecode` is the same
+    step, compiled). seeds (P,) ints fix each prompt's samples whatever else shares the batch
+    (None: drawn from `generator`). Every `check_every` steps, once half the rows or more have
+    finished, they leave the batch (the cache shrinks with them), so a long straggler costs what it
+    costs alone; no sampled token changes."""
     lm = model.language_model
+    decode = decode or lm.decode_step
     pad_id = eos_id if pad_id is None else pad_id
     embeds, mask = model.embed(input_ids, video_embeds, attention_mask)  # (P, L-1+Q, d)
     if not mask[:, -1].all():
         raise ValueError("rollout needs left-padded prompts: every row's last position must be real")
     P, G = embeds.shape[0], group_size
+    device = embeds.device
+    if seeds is None:
+        seeds = torch.randint(0, 2**31, (P,), generator=generator, device="cpu" if generator is None else generator.device)
+    rows = torch.arange(P * G, device=device)
+    row_seeds = _mix32(seeds.to(device).repeat_interleave(G) * G + rows % G)  # sample g of prompt p
     cache = model.new_cache(P, embeds.shape[1] + max_new_tokens)
     last = lm.logits(lm.model(embeds, mask, cache)[:, -1])  # prefill once per prompt: (P, V)
     cache, last = cache.repeat_interleave(G), last.repeat_interleave(G, dim=0)  # (P*G, ...)
-    N = P * G
-    ids = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=embeds.device)
-    logprobs = torch.zeros(N, max_new_tokens, device=embeds.device)
-    done = torch.zeros(N, dtype=torch.bool, device=embeds.device)
+    ids = torch.full((P * G, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(P * G, max_new_tokens, device=device)
+    done = torch.zeros(P * G, dtype=torch.bool, device=device)
+    live = rows  # the rows still in the batch (all of them until half have finished)
     for t in range(max_new_tokens):
-        tok, lp = sample_token(last, temperature, top_k, top_p, generator)
-        ids[:, t] = torch.where(done, pad_id, tok)
-        logprobs[:, t] = torch.where(done, 0.0, lp)
-        done = done | (tok == eos_id)
-        # A host sync to stop early costs time on a GPU: look only every few steps.
-        if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and done.all()):
+        tok, lp = sample_token(last, temperature, top_k, top_p, keys=step_keys(row_seeds[live], t))
+        ids[live, t] = torch.where(done[live], pad_id, tok)
+        logprobs[live, t] = torch.where(done[live], 0.0, lp)
+        done[live] |= tok == eos_id
+        if t + 1 == max_new_tokens:
             break
-        last = lm.decode_step(ids[:, t], cache)  # (N, V)
+        # A host sync costs time on a GPU: look only every few steps.
+        if (t + 1) % check_every == 0:
+            finished = int(done[live].sum())
+            if finished == len(live):
+                break
+            if 2 * finished >= len(live):  # drop them: a smaller batch, a smaller cache
+                keep = (~done[live]).nonzero()[:, 0]
+                live, cache, tok = live[keep], cache.select_rows(keep), tok[keep]
+        last = decode(torch.where(done[live], pad_id, tok), cache)  # (rows in the batch, V)
     ids, logprobs = ids[:, :t + 1], logprobs[:, :t + 1]
     mask = completion_mask(ids, eos_id)
     return Rollout(ids, mask, logprobs * mask, ~(ids == eos_id).any(1), G)
+
+
+def concat_rollouts(rolls):
+    """Rollouts of several batches of prompts as one, completions right-padded to the longest."""
+    T = max(r.completion_ids.shape[1] for r in rolls)
+
+    def cat(name):
+        return torch.cat([F.pad(getattr(r, name), (0, T - getattr(r, name).shape[1])) for r in rolls])
+
+    return Rollout(cat("completion_ids"), cat("mask"), cat("logprobs"), torch.cat([r.truncated for r in rolls]), rolls[0].group_size)
 
 
 def completion_mask(ids, eos_id):
@@ -307,6 +360,108 @@ def completion_logprobs(model, input_ids, video_embeds, completion_ids, completi
         h, ids = hidden[:, s:s + chunk], completion_ids[:, s:s + chunk]
         out.append(checkpoint(chunk_logp, h, ids, use_reentrant=False) if torch.is_grad_enabled() else chunk_logp(h, ids))
     return torch.cat(out, dim=1) * completion_mask
+
+
+# ----------------------------------------------------------------------------- fast decoding and the sampler
+# A decode step of the group reads every decoder weight (6.2 GB for Qwen2.5-3B) to make 8 tokens:
+# its floor is the time to read them (2.1 ms on an H100). Run eagerly, a step is about 40 kernels
+# a layer, 1,500 in all, most of them tiny elementwise ones (RMSNorm, RoPE, SiLU, residual adds),
+# each launched from Python; the matrix products are about a third of the time. Two tools remove
+# most of the rest without changing a formula: torch.compile fuses the small kernels into a few,
+# and a CUDA graph replays all of a step's kernels with one launch. Both need a step whose shapes,
+# kernels and addresses never change: that is why the KV cache is preallocated, its write position
+# is a device tensor (KVCache.pos) and everything in it is updated in place.
+
+
+class FastDecode:
+    """A drop-in `decode_step(tokens, cache)` of the same results as the eager one, faster; pass it
+    to `rollout` as `decode`.
+
+    compile: run `step_logits` through torch.compile (fused kernels).
+    cuda_graph: capture the step as a CUDA graph and replay it; None means "when on CUDA".
+
+    The graph is captured the first time the step meets a cache (once per rollout: the graph reads
+    that cache's tensors at their addresses) and replayed for every later step on it. The capture
+    is explicit, not torch.compile(mode="reduce-overhead"): that mode's graph trees run a function
+    without graphs when it mutates inputs at addresses they do not own, as a step does to the cache,
+    and re-record, up to a limit, for every new cache. No gradients flow through this step: it is
+    for sampling."""
+
+    def __init__(self, lm, compile=True, cuda_graph=None):
+        self.lm, self.cuda_graph = lm, cuda_graph
+        self.step = torch.compile(lm.step_logits, fullgraph=True) if compile else lm.step_logits
+        self.graph = None  # (weak reference to the cache, CUDAGraph, its token input, its logits output)
+
+    @torch.no_grad()
+    def __call__(self, tokens, cache):
+        cache.reserve(1)  # host-side bounds check and count, outside any compiled or captured code
+        if not (tokens.is_cuda if self.cuda_graph is None else self.cuda_graph):
+            return self.step(tokens, cache)
+        if self.graph is None or self.graph[0]() is not cache:
+            self.graph = None  # free the old graph's memory before capturing the new one
+            self.graph = (weakref.ref(cache), *self._capture(tokens, cache))
+        _, graph, static_tokens, logits = self.graph
+        static_tokens.copy_(tokens)
+        graph.replay()
+        return logits.clone()  # the next replay overwrites `logits`
+
+    def _capture(self, tokens, cache):
+        static_tokens = tokens.clone()
+        # Warm up once on a side stream (torch.compile compiles, cuBLAS initialises: neither may
+        # happen during a capture), then undo the warm-up's writes to the cache. Its keys and values
+        # went to the slot the real step writes again; its pos, next_pos and valid are restored.
+        saved = [t.clone() for t in (cache.pos, cache.next_pos, cache.valid)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.step(static_tokens, cache)
+        torch.cuda.current_stream().wait_stream(side)
+        for t, before in zip((cache.pos, cache.next_pos, cache.valid), saved):
+            t.copy_(before)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records the kernels without running them
+            logits = self.step(static_tokens, cache)
+        return graph, static_tokens, logits
+
+
+class Sampler:
+    """What rollouts sample from, and how: `rollout(...)` with this model and decode step.
+
+    On a GPU the trainable parts (connector + decoder) are copied once in `dtype` (bf16), with a
+    bf16 KV cache: a decode step then reads 6 GB of weights rather than converting 12 GB of fp32
+    master weights under autocast. The frozen vision tower is shared, never copied. `refresh()`
+    copies the policy's weights in after every optimizer step, in place, so the copy keeps its
+    addresses and a compiled step stays valid. With dtype None (the CPU) the policy samples itself.
+    compile: decode through a FastDecode (torch.compile, plus a CUDA graph on CUDA)."""
+
+    def __init__(self, policy, dtype=None, compile=False):
+        self.policy, self.model = policy, policy
+        if dtype is not None and dtype != policy.language_model.model.embed_tokens.weight.dtype:
+            tower, policy.vision_tower = policy.vision_tower, None  # shared, not copied
+            try:
+                self.model = copy.deepcopy(policy).to(dtype).requires_grad_(False).eval()
+            finally:
+                policy.vision_tower = self.model.vision_tower = tower
+        lm = self.model.language_model
+        self.decode = FastDecode(lm) if compile else lm.decode_step
+
+    @torch.no_grad()
+    def refresh(self):
+        if self.model is not self.policy:
+            for mine, master in zip(self.model.parameters(), self.policy.parameters()):
+                if master.requires_grad:
+                    mine.copy_(master)
+
+    def rollout(self, input_ids, video_features, eos_id, **kw):
+        """`rollout` from frozen vision features (P, T*728, 1152) through this model's connector."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return rollout(model, input_ids, model.connect(video_features), eos_id, decode=self.decode, **kw)
+        finally:
+            model.train(was_training)
 
 
 # ----------------------------------------------------------------------------- the loss

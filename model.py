@@ -21,7 +21,7 @@ key: our `vision_tower.X` is `vision_tower._vision_tower.vision_model.X` in the 
 (see CHECKPOINT_PREFIXES). Loading never goes through `transformers`.
 
 Sections, in the order data flows: configs, vision encoder, connectors, decoder with its
-key/value cache, fast decoding (an optional compiled step for rollouts), the whole model,
+key/value cache, the whole model,
 loading and saving.
 """
 
@@ -32,7 +32,6 @@ import os
 import shutil
 import tempfile
 import warnings
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -378,10 +377,16 @@ class KVCache:
 
     def repeat_interleave(self, n):
         """Each row n times (B -> B*n): one prefilled prompt shared by a group of G samples."""
+        return self._rows(lambda t: t.repeat_interleave(n, dim=0))
+
+    def select_rows(self, rows):
+        """The rows `rows` (n,) only (B -> n): finished samples leave a rollout's batch."""
+        return self._rows(lambda t: t.index_select(0, rows))
+
+    def _rows(self, f):
         new = KVCache.__new__(KVCache)
-        new.k, new.v = ([t.repeat_interleave(n, dim=0) for t in kv] for kv in (self.k, self.v))
-        new.valid, new.next_pos = self.valid.repeat_interleave(n, dim=0), self.next_pos.repeat_interleave(n, dim=0)
-        new.pos, new.length = self.pos.clone(), self.length
+        new.k, new.v = [f(t) for t in self.k], [f(t) for t in self.v]
+        new.valid, new.next_pos, new.pos, new.length = f(self.valid), f(self.next_pos), self.pos.clone(), self.length
         return new
 
 
@@ -405,6 +410,13 @@ class Qwen2Attention(nn.Module):
             cache.k[layer].index_copy_(2, slots, k.to(cache.k[layer].dtype))
             cache.v[layer].index_copy_(2, slots, v.to(cache.v[layer].dtype))
             k, v = cache.k[layer].to(q.dtype), cache.v[layer].to(q.dtype)
+        if mask is None:  # plain causal attention (no padding before any real token): the flash kernel.
+            # Keys and values repeated for the 8 query heads that share them: 8x a layer's keys of one
+            # sequence is a few MB, small beside what the flash kernel saves over a masked one.
+            rep = self.heads // self.kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, 16, L, 128)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, 16, L, 128)
+            return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
         # Grouped-query attention without copying keys and values: the 8 query heads that share a
         # key/value head become 8 x L query rows of that head, row j*L + l for head kv*8 + j at
         # position l (the mask comes in that layout). SDPA's enable_gqa with a mask would run the
@@ -452,15 +464,26 @@ class Qwen2Model(nn.Module):
 
         attention_mask (B, L), 1 for real tokens: padding may sit on either side; real tokens get
         positions 0, 1, 2... in order. With a cache, the L tokens go to the next L slots and attend
-        to everything written before them."""
+        to everything written before them.
+
+        Without a cache, where no row has padding before a real token (no padding at all, or only
+        after the last real token, as completions that ended early have), attention is plain
+        causal attention: no mask tensor, so SDPA may pick its flash kernel. Outputs at positions
+        after a row's last real token are then not those of the masked path: nothing reads them."""
         if cache is not None:
             cache.reserve(x.shape[1])
+        elif attention_mask is None or not (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
+            return self.run_layers(x, None, None, causal=True)
         return self.run_layers(x, attention_mask, cache)
 
-    def run_layers(self, x, attention_mask=None, cache=None):
+    def run_layers(self, x, attention_mask=None, cache=None, causal=False):
         """`forward` once the cache slots are reserved: tensor operations only, no host values and
-        no syncs, so a decode step is the same graph every time (what `compile_decode` compiles)."""
+        no syncs, so a decode step is the same graph every time (what grpo.FastDecode compiles)."""
         B, L, _ = x.shape
+        if causal:
+            positions = torch.arange(L, device=x.device)[None].expand(B, L)
+            cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+            return self.norm(self._layers(x, cos, sin, None, None, None))
         real = torch.ones(B, L, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
         if cache is None:
             slots = torch.arange(L, device=x.device)
@@ -480,12 +503,15 @@ class Qwen2Model(nn.Module):
         # In the attention's grouped layout: rows j*L + l for the j-th query head of a key/value head.
         mask = mask[:, None].repeat(1, 1, self.cfg.num_attention_heads // self.cfg.num_key_value_heads, 1)  # (B, 1, 8*L, S)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        return self.norm(self._layers(x, cos, sin, mask, cache, slots))
+
+    def _layers(self, x, cos, sin, mask, cache, slots):
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache, i, slots)
-        return self.norm(x)
+        return x
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -505,80 +531,14 @@ class Qwen2ForCausalLM(nn.Module):
 
     def decode_step(self, tokens, cache):
         """One cached decoding step: tokens (N,) -> next-token logits (N, vocab). Rollouts call
-        only this, so `compile_decode` can replace it with a faster step of the same results."""
+        only this, so grpo.FastDecode can stand in for it with a faster step of the same results."""
         cache.reserve(1)
         return self.step_logits(tokens, cache)
 
     def step_logits(self, tokens, cache):
         """`decode_step` once its slot is reserved: tensors in, tensors out, the same shapes and
-        kernels at every step. This is what `FastDecode` compiles and captures."""
+        kernels at every step. This is what grpo.FastDecode compiles and captures."""
         return self.logits(self.model.run_layers(self.model.embed_tokens(tokens[:, None]), None, cache)[:, -1])
-
-    def compile_decode(self, compile=True, cuda_graph=None):
-        """Replace `decode_step` by a FastDecode (see there); the eager step stays the default."""
-        self.decode_step = FastDecode(self, compile, cuda_graph)
-        return self
-
-
-# ----------------------------------------------------------------------------- fast decoding
-# A decode step of the group reads every decoder weight (6.2 GB for Qwen2.5-3B) to make 8 tokens:
-# its floor is the time to read them (2.1 ms on an H100). Run eagerly, a step is about 40 kernels
-# a layer, 1,500 in all, most of them tiny elementwise ones (RMSNorm, RoPE, SiLU, residual adds),
-# each launched from Python; the matrix products are about a third of the time. Two tools remove
-# most of the rest without changing a formula: torch.compile fuses the small kernels into a few,
-# and a CUDA graph replays all of a step's kernels with one launch. Both need a step whose shapes,
-# kernels and addresses never change: that is why the KV cache is preallocated, its write position
-# is a device tensor (KVCache.pos) and everything in it is updated in place.
-
-
-class FastDecode:
-    """A drop-in `decode_step(tokens, cache)` of the same results as the eager one, faster.
-
-    compile: run `step_logits` through torch.compile (fused kernels).
-    cuda_graph: capture the step as a CUDA graph and replay it; None means "when on CUDA".
-
-    The graph is captured the first time the step meets a cache (once per rollout: the graph reads
-    that cache's tensors at their addresses) and replayed for every later step on it. The capture
-    is explicit, not torch.compile(mode="reduce-overhead"): that mode's graph trees run a function
-    without graphs when it mutates inputs at addresses they do not own, as a step does to the cache,
-    and re-record, up to a limit, for every new cache. No gradients flow through this step: it is
-    for sampling."""
-
-    def __init__(self, lm, compile=True, cuda_graph=None):
-        self.lm, self.cuda_graph = lm, cuda_graph
-        self.step = torch.compile(lm.step_logits, fullgraph=True) if compile else lm.step_logits
-        self.graph = None  # (weak reference to the cache, CUDAGraph, its token input, its logits output)
-
-    @torch.no_grad()
-    def __call__(self, tokens, cache):
-        cache.reserve(1)  # host-side bounds check and count, outside any compiled or captured code
-        if not (tokens.is_cuda if self.cuda_graph is None else self.cuda_graph):
-            return self.step(tokens, cache)
-        if self.graph is None or self.graph[0]() is not cache:
-            self.graph = None  # free the old graph's memory before capturing the new one
-            self.graph = (weakref.ref(cache), *self._capture(tokens, cache))
-        _, graph, static_tokens, logits = self.graph
-        static_tokens.copy_(tokens)
-        graph.replay()
-        return logits.clone()  # the next replay overwrites `logits`
-
-    def _capture(self, tokens, cache):
-        static_tokens = tokens.clone()
-        # Warm up once on a side stream (torch.compile compiles, cuBLAS initialises: neither may
-        # happen during a capture), then undo the warm-up's writes to the cache. Its keys and values
-        # went to the slot the real step writes again; its pos, next_pos and valid are restored.
-        saved = [t.clone() for t in (cache.pos, cache.next_pos, cache.valid)]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.step(static_tokens, cache)
-        torch.cuda.current_stream().wait_stream(side)
-        for t, before in zip((cache.pos, cache.next_pos, cache.valid), saved):
-            t.copy_(before)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # records the kernels without running them
-            logits = self.step(static_tokens, cache)
-        return graph, static_tokens, logits
 
 
 # ----------------------------------------------------------------------------- the whole model
@@ -609,14 +569,6 @@ class TinyLLaVA(nn.Module):
     def encode_video(self, pixel_values):
         """(B, T, 3, H, W) -> (B, Q, hidden): Q = 512 for the resamplers, T*728 for the MLP."""
         return self.connect(self.vision_features(pixel_values))
-
-    def compile_decode(self, compile=True, cuda_graph=None):
-        """Make `language_model.decode_step` fast (torch.compile, and a CUDA graph on CUDA); the
-        results stay those of the eager step, which remains the default. Returns the model.
-        The first steps compile (seconds on CPU for a tiny model, about a minute for Qwen2.5-3B).
-        To go back: `del model.language_model.decode_step`."""
-        self.language_model.compile_decode(compile, cuda_graph)
-        return self
 
     def new_cache(self, batch, max_len):
         """An empty KV cache for `batch` rows of up to `max_len` tokens, in the decoder's dtype."""

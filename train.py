@@ -80,6 +80,8 @@ class TrainConfig:
     mask_truncated: bool = False
     skip_zero_variance: bool = False
     temporal: bool = False  # Video-R1's T-GRPO bonus from rollouts on shuffled frames
+    rollout_batch: int = 0  # prompts whose rollouts decode together; 0: all prompts of the step
+    compile: bool = True  # decode rollouts through torch.compile (+ a CUDA graph on a GPU)
     frames: int = 16
     max_len: int = 3072
     device: str = ""  # default: cuda if available
@@ -129,6 +131,9 @@ HELP = {
     "mask_truncated": "leave completions that hit --max-new-tokens out of the loss",
     "skip_zero_variance": "leave groups whose rewards are all equal out of the loss",
     "temporal": "T-GRPO: +0.3 to correct answers when ordered frames beat shuffled ones",
+    "rollout_batch": "prompts whose G rollouts decode as one batch (0: all prompts of the step); "
+                     "a decode step reads the weights once for all its rows",
+    "compile": "decode rollouts through torch.compile, and a CUDA graph on a GPU (the first steps compile)",
     "frames": "frames sampled uniformly per video",
     "max_len": "truncate sequences (prompt + answer) to this many token ids",
     "device": "cuda, cpu, ... (default: cuda if available)",
@@ -166,6 +171,17 @@ def make_reference(model):
     ref = copy.deepcopy(model)
     model.vision_tower = ref.vision_tower = tower
     return ref.requires_grad_(False).eval()
+
+
+def memory_estimate(model, sampler, ref):
+    """What a GRPO run holds on the device before activations and KV caches, from the parameters."""
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    size = lambda *modules: sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    copies = [m for m in (sampler.model, ref) if m is not None and m is not model]  # bf16 on a GPU
+    parts = {"policy": 4 * n, "gradients": 4 * n, "AdamW": 8 * n, "vision tower": size(model.vision_tower),
+             "sampler + reference": size(*[x for m in copies for x in (m.connector, m.language_model)])}
+    return ("memory estimate: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in parts.items())
+            + f"; {sum(parts.values()) / 1e9:.2f} GB + activations and KV cache")
 
 
 def make_schedule(optimizer, cfg, total):
@@ -263,101 +279,147 @@ def sft_step(model, tok, samples, load, cfg, device):
     return {"loss": total_loss / max(n, 1), "tokens": float(total_tokens), "samples": float(n)}
 
 
-def grpo_step(model, ref, tok, samples, load, cfg, device, gen, apply_update):
-    """Rollouts for every prompt of the step, then `updates_per_rollout` policy updates. -> metrics.
+# ----------------------------------------------------------------------------- one GRPO step: collect, then update
+# A step is two halves with an Experience between them. `collect` needs no gradient: it samples G
+# completions per prompt (from the sampler), rewards them, turns rewards into advantages and takes
+# the reference's log-probs. `update` is the only part with a gradient. bench.py times these two
+# functions, so the speed it reports is the speed of a training run.
 
-    With several updates per rollout, `apply_update()` takes the optimizer step between them (the
-    caller takes the last one).
-    The gradient is accumulated over micro-batches of prompts and divided so that the loss is the mean
-    over prompts, as if the whole step were one batch."""
-    t0 = time.perf_counter()
-    G_, rolls, texts_all = cfg.group_size, [], []
-    times = {"rollout": 0.0, "reference": 0.0, "policy": 0.0}
-    for i in range(0, len(samples), cfg.micro_batch):
-        batch, pixels = load(samples[i:i + cfg.micro_batch])
-        if not batch:
-            continue
-        ids, pmask = D.collate_prompts([tok.prompt_ids(s.question, cfg.max_len) for s in batch], tok.pad_id)
-        ids, pmask, pixels = ids.to(device), pmask.to(device), pixels.to(device)
-        t = time.perf_counter()
-        model.eval()
-        with torch.no_grad(), autocast(device):
-            feats = model.vision_features(pixels)  # frozen: computed once, shared by every pass below
-            ro = G.rollout(model, ids, model.connect(feats), tok.eos_id, tok.pad_id, pmask, G_, cfg.max_new_tokens,
-                           cfg.temperature, cfg.top_k, cfg.top_p, generator=gen)
-        texts = [tok.decode(r[m > 0]) for r, m in zip(ro.completion_ids.cpu(), ro.mask.cpu())]
-        solutions = [s.solution for s in batch for _ in range(G_)]
-        sc = G.score(texts, solutions)
+
+@dataclass
+class Experience:
+    """What one GRPO step learns from: P prompts x G completions, rows prompt-major."""
+    prompt_ids: list  # P lists of token ids, each with one IMAGE_TOKEN_INDEX
+    features: torch.Tensor  # (P, T*728, 1152) frozen vision features, computed once per video
+    rollout: G.Rollout  # (P*G, T) completions, their mask and log-probs under the sampler
+    advantages: torch.Tensor  # (P*G,)
+    loss_mask: torch.Tensor  # (P*G, T) tokens in the loss (rollout.mask, less skipped groups)
+    ref_logp: torch.Tensor  # (P*G, T) under the frozen reference, or None (beta 0)
+    texts: list  # P*G decoded completions
+    scores: dict  # name -> (P*G,) rewards, accuracy, format
+    times: dict  # phase -> seconds
+
+    def micro_batches(self, n, pad_id):
+        """Slices of n prompts, each padded only as much as its own rows need (a single prompt has
+        no padding, so the policy's attention runs unmasked): (ids, pmask, features, completions,
+        their mask, rows)."""
+        G_ = self.rollout.group_size
+        for a in range(0, len(self.prompt_ids), n):
+            ids, pmask = D.collate_prompts(self.prompt_ids[a:a + n], pad_id)
+            rows = slice(a * G_, (a + len(ids)) * G_)
+            T = int(self.rollout.mask[rows].sum(1).max())  # drop the columns every row has finished by
+            dev = self.features.device
+            yield (ids.to(dev), pmask.to(dev), self.features[a:a + n], self.rollout.completion_ids[rows, :T],
+                   self.rollout.mask[rows, :T], rows, T)
+
+
+def decode_texts(tok, rollout):
+    return [tok.decode(r[m > 0]) for r, m in zip(rollout.completion_ids.cpu(), rollout.mask.cpu())]
+
+
+def collect(sampler, ref, tok, samples, load, cfg, device, gen):
+    """Rollouts, rewards, advantages and reference log-probs for one step's prompts -> Experience,
+    or None if no video of the step could be read. The prompts decode `cfg.rollout_batch` at a time
+    (all together by default): one decode step reads the weights once for all their rows."""
+    G_, times = cfg.group_size, {"rollout": 0.0, "reference": 0.0}
+    # One seed per prompt, drawn for every prompt of the step: its samples are the same however the
+    # prompts are batched, and whichever videos fail to load.
+    seeds = dict(zip(map(id, samples), torch.randint(0, 2**31, (len(samples),), generator=gen, device=gen.device).cpu()))
+    samples, pixels = load(samples)
+    seeds = [seeds[id(s)] for s in samples]
+    if not samples:
+        return None
+    prompt_ids = [tok.prompt_ids(s.question, cfg.max_len) for s in samples]
+    t = time.perf_counter()
+    with torch.no_grad(), autocast(device):
+        features = torch.cat([sampler.model.vision_features(pixels[i:i + 8].to(device)) for i in range(0, len(samples), 8)])
+    kw = dict(pad_id=tok.pad_id, group_size=G_, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+              top_k=cfg.top_k, top_p=cfg.top_p)
+    rolls, shuffled = [], []
+    P = cfg.rollout_batch or len(samples)
+    for a in range(0, len(samples), P):
+        ids, pmask = D.collate_prompts(prompt_ids[a:a + P], tok.pad_id)
+        ids, pmask, seed = ids.to(device), pmask.to(device), torch.stack(seeds[a:a + P])
+        rolls.append(sampler.rollout(ids, features[a:a + P], tok.eos_id, attention_mask=pmask, seeds=seed, **kw))
         if cfg.temporal:  # T-GRPO: the same prompts on shuffled frames; only their accuracy is used
             with torch.no_grad(), autocast(device):
-                shuf = model.vision_features(G.shuffle_frames(pixels, generator=gen))
-                ro_s = G.rollout(model, ids, model.connect(shuf), tok.eos_id, tok.pad_id, pmask, G_, cfg.max_new_tokens,
-                                 cfg.temperature, cfg.top_k, cfg.top_p, generator=gen)
-            texts_s = [tok.decode(r[m > 0]) for r, m in zip(ro_s.completion_ids.cpu(), ro_s.mask.cpu())]
-            acc_s = G.score(texts_s, solutions)["accuracy"]
-            sc["reward"] = sc["reward"] + G.temporal_bonus(sc["accuracy"], acc_s, G_)
-        times["rollout"] += time.perf_counter() - t
-        adv = G.group_advantages(sc["reward"], G_, cfg.noise_std, cfg.scale, generator=gen).to(device)
-        mask = ro.mask.clone()
-        if cfg.skip_zero_variance:
-            mask[G.zero_variance_groups(sc["reward"], G_).to(device)] = 0
+                shuf = sampler.model.vision_features(G.shuffle_frames(pixels[a:a + P].to(device), generator=gen))
+            shuffled.append(sampler.rollout(ids, shuf, tok.eos_id, attention_mask=pmask, seeds=seed + 1, **kw))
+    ro = G.concat_rollouts(rolls)
+    texts = decode_texts(tok, ro)
+    solutions = [s.solution for s in samples for _ in range(G_)]
+    scores = G.score(texts, solutions)
+    if cfg.temporal:
+        acc_s = G.score(decode_texts(tok, G.concat_rollouts(shuffled)), solutions)["accuracy"]
+        scores["reward"] = scores["reward"] + G.temporal_bonus(scores["accuracy"], acc_s, G_)
+    times["rollout"] = time.perf_counter() - t
+    advantages = G.group_advantages(scores["reward"], G_, cfg.noise_std, cfg.scale, generator=gen).to(device)
+    loss_mask = ro.mask.clone()
+    if cfg.skip_zero_variance:
+        loss_mask[G.zero_variance_groups(scores["reward"], G_).to(device)] = 0
+    exp = Experience(prompt_ids, features, ro, advantages, loss_mask, None, texts, scores, times)
+    if ref is not None and cfg.beta > 0:
         t = time.perf_counter()
-        ref_logp = None
-        if cfg.beta > 0:
-            with torch.no_grad(), autocast(device):
-                ref_logp = G.completion_logprobs(ref, ids, ref.connect(feats), ro.completion_ids, ro.mask, pmask, cfg.temperature)
-        times["reference"] += time.perf_counter() - t
-        rolls.append((ids, pmask, feats, ro, adv, mask, ref_logp, len(batch)))
-        texts_all.append((ro, texts, sc))
-    n_prompts = sum(r[-1] for r in rolls)
-    if not n_prompts:
-        return {"skipped_step": 1.0}
+        exp.ref_logp = torch.zeros_like(ro.logprobs)
+        with torch.no_grad(), autocast(device):
+            for ids, pmask, feats, comp, cmask, rows, T in exp.micro_batches(cfg.micro_batch, tok.pad_id):
+                exp.ref_logp[rows, :T] = G.completion_logprobs(ref, ids, ref.connect(feats), comp, cmask, pmask, cfg.temperature).float()
+        times["reference"] = time.perf_counter() - t
+    return exp
 
-    t = time.perf_counter()
+
+def update(model, exp, cfg, pad_id, apply_update):
+    """`cfg.updates_per_rollout` passes of the policy over the experience, gradients accumulated
+    over micro-batches of prompts and weighted so the loss is the mean over prompts, as if the whole
+    step were one batch. Between passes `apply_update()` takes an optimizer step (the caller takes
+    the last one). -> {"loss", "kl", "clip_ratio"} and "nan" if a loss was not finite."""
+    device = exp.features.device
     model.train()
     freeze_vision(model)
-    losses, kls, clips, nan = [], [], [], False
+    n_prompts = len(exp.prompt_ids)
+    losses, kls, clips = [], [], []
     for update in range(cfg.updates_per_rollout):
-        for ids, pmask, feats, ro, adv, mask, ref_logp, n in rolls:
+        for ids, pmask, feats, comp, cmask, rows, T in exp.micro_batches(cfg.micro_batch, pad_id):
             with autocast(device):
-                logp = G.completion_logprobs(model, ids, model.connect(feats), ro.completion_ids, ro.mask, pmask, cfg.temperature)
-                old = ro.logprobs if cfg.updates_per_rollout > 1 else None
-                loss, lm = G.grpo_loss(logp, old, ref_logp, adv, mask, beta=cfg.beta, loss_type=cfg.loss_type,
-                                       epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
-                                       truncated=ro.truncated if cfg.mask_truncated else None,
+                logp = G.completion_logprobs(model, ids, model.connect(feats), comp, cmask, pmask, cfg.temperature)
+                old = exp.rollout.logprobs[rows, :T] if cfg.updates_per_rollout > 1 else None
+                ref = None if exp.ref_logp is None else exp.ref_logp[rows, :T]
+                loss, lm = G.grpo_loss(logp, old, ref, exp.advantages[rows], exp.loss_mask[rows, :T], beta=cfg.beta,
+                                       loss_type=cfg.loss_type, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
+                                       truncated=exp.rollout.truncated[rows] if cfg.mask_truncated else None,
                                        max_completion_length=cfg.max_new_tokens)
             if not torch.isfinite(loss):
-                nan = True
-                break
-            (loss * n / n_prompts).backward()
+                return {"nan": 1.0}
+            (loss * len(ids) / n_prompts).backward()
             losses.append(lm["loss"]), kls.append(lm["kl"]), clips.append(lm["clip_ratio"])
-        if nan:
-            break
         if update + 1 < cfg.updates_per_rollout:
             apply_update()
-    times["policy"] = time.perf_counter() - t
+    return {"loss": float(np.mean(losses)), "kl": float(np.mean(kls)), "clip_ratio": float(np.mean(clips))}
 
-    ro = concat_rollouts([r for r, _, _ in texts_all])
-    texts = [x for _, tx, _ in texts_all for x in tx]
-    sc = {k: torch.cat([s[k] for _, _, s in texts_all]) for k in texts_all[0][2]}
+
+def optimizer_step(optimizer, params, sampler, max_grad_norm):
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sampler.refresh()  # the next rollout samples from the updated policy
+
+
+def grpo_step(model, sampler, ref, tok, samples, load, cfg, device, gen, apply_update):
+    """collect, then update. -> the step's metrics (the caller takes the last optimizer step)."""
+    t0 = time.perf_counter()
+    exp = collect(sampler, ref, tok, samples, load, cfg, device, gen)
+    if exp is None:
+        return {"skipped_step": 1.0}
+    t = time.perf_counter()
+    out = update(model, exp, cfg, tok.pad_id, apply_update)
+    times = {**exp.times, "policy": time.perf_counter() - t}
     times["step"] = time.perf_counter() - t0
-    metrics = G.step_metrics(ro, texts, sc, G_, kl=float(np.mean(kls)) if kls else None, times=times)
-    metrics.update(loss=float(np.mean(losses)) if losses else float("nan"), clip_ratio=float(np.mean(clips)) if clips else 0.0)
-    if nan:
+    metrics = G.step_metrics(exp.rollout, exp.texts, exp.scores, cfg.group_size, kl=out.get("kl"), times=times)
+    metrics.update(loss=out.get("loss", float("nan")), clip_ratio=out.get("clip_ratio", 0.0), example=exp.texts[0])
+    if out.get("nan"):
         metrics["nan"] = 1.0
-    metrics["example"] = texts[0]
     return metrics
-
-
-def concat_rollouts(rolls):
-    """Rollouts of several micro-batches as one (completions padded to the longest)."""
-    T = max(r.completion_ids.shape[1] for r in rolls)
-
-    def pad(x, value=0):
-        return F.pad(x, (0, T - x.shape[1]), value=value)
-
-    return G.Rollout(torch.cat([pad(r.completion_ids) for r in rolls]), torch.cat([pad(r.mask) for r in rolls]),
-                     torch.cat([pad(r.logprobs) for r in rolls]), torch.cat([r.truncated for r in rolls]), rolls[0].group_size)
 
 
 # ----------------------------------------------------------------------------- checkpoints, metrics, plot
@@ -470,7 +532,11 @@ def train(cfg):
         if device.type == "cuda":
             ref.connector.to(torch.bfloat16), ref.language_model.to(torch.bfloat16)
 
+    # On a GPU the rollouts sample from a bf16 copy of the policy; on a CPU from the policy itself.
+    sampler = G.Sampler(model, torch.bfloat16 if device.type == "cuda" else None, compile=cfg.compile and cfg.stage == "grpo")
     params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.stage == "grpo":
+        tqdm.write(memory_estimate(model, sampler, ref))
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     total = cfg.steps or max(1, int(cfg.epochs * max(1, len(samples) // cfg.prompts_per_step)))
     schedule = make_schedule(optimizer, cfg, total)
@@ -494,10 +560,7 @@ def train(cfg):
     records = read_jsonl(metrics_path)
 
     def apply_update():
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, params, sampler, cfg.max_grad_norm)
 
     def save(step):
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
@@ -513,7 +576,7 @@ def train(cfg):
         if cfg.stage == "sft":
             m = sft_step(model, tok, batch, load, cfg, device)
         else:
-            m = grpo_step(model, ref, tok, batch, load, cfg, device, gen, apply_update)
+            m = grpo_step(model, sampler, ref, tok, batch, load, cfg, device, gen, apply_update)
         if m.get("nan"):
             nan_steps += 1
             tqdm.write(f"step {step + 1}: non-finite loss, update skipped ({nan_steps} so far)")
@@ -521,6 +584,8 @@ def train(cfg):
         elif not m.get("skipped_step"):
             apply_update()
         schedule.step()
+        if device.type == "cuda":
+            m["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         record = {"step": step + 1, "lr": schedule.get_last_lr()[0], **m, "skipped_samples": len(load.skipped),
                   "skipped_rows": len(bad_rows), "nan_steps": nan_steps}
         append_jsonl(metrics_path, record)

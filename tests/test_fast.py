@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bench
+import grpo as G
 import model as M
 from grpo import rollout
 
@@ -88,9 +89,8 @@ def test_compiled_rollout_samples_what_the_eager_one_does():
         seen = set(probe.completion_ids[8].tolist())
         eos = next(int(t) for t in probe.completion_ids[0, 4:] if int(t) not in seen)
         eager = rollout(model, ids, video, eos_id=eos, pad_id=0, group_size=8, max_new_tokens=24, temperature=0)
-        model.compile_decode()
-        assert isinstance(model.language_model.decode_step, M.FastDecode)
-        fast = rollout(model, ids, video, eos_id=eos, pad_id=0, group_size=8, max_new_tokens=24, temperature=0)
+        fast = rollout(model, ids, video, eos_id=eos, pad_id=0, group_size=8, max_new_tokens=24, temperature=0,
+                       decode=G.FastDecode(model.language_model))
     assert eager.mask.sum(1).min() < 24 and eager.truncated.any()  # some rows stopped early, some did not
     assert torch.equal(fast.completion_ids, eager.completion_ids)
     assert torch.equal(fast.mask, eager.mask) and torch.equal(fast.truncated, eager.truncated)
@@ -102,15 +102,13 @@ def test_fast_step_keeps_the_cache_bounds_check():
     lm = model.language_model
     ids, video = prompt(model)
     embeds, mask = model.embed(ids, video)
-    model.compile_decode(compile=False)
+    fast = G.FastDecode(lm, compile=False)
     with torch.no_grad():
         cache = model.new_cache(1, embeds.shape[1] + 1)
         lm.model(embeds, mask, cache)
-        lm.decode_step(torch.zeros(1, dtype=torch.long), cache)
+        fast(torch.zeros(1, dtype=torch.long), cache)
         with pytest.raises(ValueError, match="KV cache full"):
-            lm.decode_step(torch.zeros(1, dtype=torch.long), cache)
-    del lm.decode_step  # back to the eager step
-    assert lm.decode_step.__func__ is M.Qwen2ForCausalLM.decode_step
+            fast(torch.zeros(1, dtype=torch.long), cache)
 
 
 def test_bench_decode_check_catches_a_wrong_fast_step():
@@ -132,21 +130,23 @@ def test_bench_decode_check_catches_a_wrong_fast_step():
 def test_bench_tiny_runs_end_to_end_and_writes_its_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = bench.main(["--tiny", "--new-tokens", "12", "--decode-steps", "3", "--check-steps", "8", "--repeats", "1",
-                     "--warmup", "0", "--no-compile", "--json", str(out)])
+                     "--warmup", "0", "--no-compile", "--prompts", "2", "--json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["check"]["ok"] and result["check"]["steps"] == 8 and result["check"]["token_mismatches"] == 0
     assert result["shapes"]["group"] == 8 and result["shapes"]["new_tokens"] == 12 and result["shapes"]["prompt_length"] == 12 + 16
     assert result["copy_bandwidth_gbps"] > 0 and result["matmul_tflops"] > 0 and result["peak_memory_gb"] is None
     rows = {r["name"]: r for r in result["rows"]}
-    for name in ("encode video (SigLIP + connector)", "prefill, 1 x 28 tokens", "decode step, G=8, fast (compile_decode)",
+    for name in ("encode video (SigLIP + connector)", "prefill, 1 x 28 tokens", "decode step, G=8, fast (compiled)",
                  "decode step, G=8, eager", "rollout 8 x 12 (prefill once + 12 steps)", "reference log-probs, 8 x 40 tokens",
-                 "policy forward + backward, 8 x 40 tokens (checkpointed)", "refresh the sampler's weights", "whole GRPO step, one prompt"):
+                 "policy forward + backward, 8 x 40 tokens (checkpointed)", "AdamW step + sampler refresh, 257,408 fp32 parameters",
+                 "GRPO step, 2 prompts, rollout batch 1", "GRPO step, 2 prompts, rollout batch 2"):
         assert rows[name]["ms"] > 0 and rows[name]["floor_ms"] > 0 and 0 < rows[name]["of_floor"], name
     assert result["hf"] == __import__("transformers").__version__  # the peers ran, on the same shapes
     peers = [r for r in result["rows"] if "HF generate" in r["name"]]
     assert len(peers) == 2 and all(r["ms"] > 0 for r in peers)
-    fast = rows["decode step, G=8, fast (compile_decode)"]
+    fast = rows["decode step, G=8, fast (compiled)"]
     assert fast["peer"].startswith("HF generate") and fast["speedup"] == pytest.approx(fast["peer_ms"] / fast["ms"])
     printed = capsys.readouterr().out
-    assert "whole GRPO step, one prompt" in printed and "speed-up" in printed and "check passed" in printed
+    assert "GRPO step, 2 prompts, rollout batch 2" in printed and "speed-up" in printed and "check passed" in printed
+    assert result["projected_nextqa_hours"] > 0
