@@ -20,6 +20,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections import Counter
 
 import cv2
@@ -51,6 +52,26 @@ def load(ckpt, device=None, dtype=None):
     return model, D.Tokenizer(ckpt)
 
 
+def fast_decode(model, compile=None):
+    """The decode step answers go through: compiled with a CUDA graph on a GPU (compile None: on a
+    GPU only; the first answers wait for it to compile), else the eager step."""
+    on = model.language_model.model.embed_tokens.weight.is_cuda if compile is None else compile
+    return G.FastDecode(model.language_model) if on else model.language_model.decode_step
+
+
+def default_batch_size(model, max_new_tokens, frames):
+    """Questions answered together: on a GPU as many as the free memory holds (each needs its KV
+    cache and its share of the video encoder's work), at most 256; 8 on a CPU."""
+    w = model.language_model.model.embed_tokens.weight
+    if not w.is_cuda:
+        return 8
+    c = model.config.text
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * w.element_size()  # bytes per token
+    per_item = kv * (model.config.connector.num_queries + 1024 + max_new_tokens) + 2 * frames * 729 * 1152 * w.element_size()
+    free, _ = torch.cuda.mem_get_info(w.device)
+    return max(1, min(256, int(0.6 * free // per_item)))
+
+
 def default_frames(model):
     """Frames per video: what the checkpoint was trained with when its config says, else the paper's 16."""
     return int(model.config.raw.get("num_frames", 16))
@@ -73,19 +94,23 @@ def parse_answer(text, num_options=26, mode="reason"):
 
 
 @torch.no_grad()
-def generate(model, tok, questions, pixels, max_new_tokens=512, temperature=0.0, top_k=50, top_p=1.0, generator=None):
+def generate(model, tok, questions, pixels, max_new_tokens=512, temperature=0.0, top_k=50, top_p=1.0, generator=None,
+             decode=None):
     """One answer per question: questions (B strings), pixels (B, T, 3, S, S) -> B strings.
-    The prompts are left-padded and decoded together with the KV cache."""
+    The prompts are left-padded and decoded together with the KV cache, through `decode` (a
+    grpo.FastDecode on a GPU, see `fast_decode`), finished answers leaving the batch."""
     device = next(model.parameters()).device
     ids, mask = D.collate_prompts([tok.prompt_ids(q) for q in questions], tok.pad_id)
-    embeds = model.encode_video(pixels.to(device, next(model.vision_tower.parameters()).dtype))
+    dtype = next(model.vision_tower.parameters()).dtype
+    embeds = torch.cat([model.encode_video(pixels[i:i + 8].to(device, dtype)) for i in range(0, len(pixels), 8)])
     ro = G.rollout(model, ids.to(device), embeds, tok.eos_id, tok.pad_id, mask.to(device), group_size=1,
-                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                   decode=decode)
     return [tok.decode(r[m > 0]) for r, m in zip(ro.completion_ids.cpu(), ro.mask.cpu())]
 
 
 @torch.no_grad()
-def stream(model, tok, question, pixels, max_new_tokens=512, temperature=0.0, top_k=50, top_p=1.0):
+def stream(model, tok, question, pixels, max_new_tokens=512, temperature=0.0, top_k=50, top_p=1.0, decode=None):
     """Yield the answer to one question piece by piece as it is generated (pixels (T, 3, S, S))."""
     device = next(model.parameters()).device
     ids = torch.tensor([tok.prompt_ids(question)], device=device)
@@ -103,7 +128,7 @@ def stream(model, tok, question, pixels, max_new_tokens=512, temperature=0.0, to
         if not text.endswith("\ufffd"):  # wait until a multi-byte character is complete
             yield text[len(shown):]
             shown = text
-        logits = lm.decode_step(token, cache)
+        logits = (decode or lm.decode_step)(token, cache)
 
 
 # ----------------------------------------------------------------------------- clips: start/end bounds and frame folders
@@ -192,7 +217,7 @@ def read_predictions(path):
 
 
 def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8, frames=None, max_new_tokens=512,
-             progress=True, desc="eval"):
+             progress=True, desc="eval", decode=None):
     """Answer every sample greedily and compare the letter with `sample.solution`.
 
     samples: data.Sample with `question` already holding the options and the mode's suffix. With a
@@ -205,7 +230,7 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
     done = read_predictions(predictions) if predictions else {}
     records = [done[k] for k in (sample_key(s) for s in samples) if k in done]
     todo = [s for s in samples if sample_key(s) not in done]
-    missing = []
+    missing, tokens, seconds = [], 0, 0.0
     out = open(predictions, "a") if predictions else None
     if out and out.tell() > 0:
         with open(predictions, "rb") as f:
@@ -226,7 +251,10 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
                     bar.update(1)
             if not batch:
                 continue
-            texts = generate(model, tok, [s.question for s in batch], torch.stack(pixels), max_new_tokens)
+            t = time.perf_counter()
+            texts = generate(model, tok, [s.question for s in batch], torch.stack(pixels), max_new_tokens, decode=decode)
+            seconds += time.perf_counter() - t
+            tokens += sum(len(tok.encode(x)) + 1 for x in texts)
             for s, text in zip(batch, texts):
                 num_options = len(s.meta.get("options") or []) or 26
                 pred = parse_answer(text, num_options, mode)
@@ -241,7 +269,7 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
                     out.flush()
             bar.update(len(batch))
             correct = sum(r["correct"] for r in records)
-            bar.set_postfix(acc=f"{correct / len(records):.3f}", missing=len(missing))
+            bar.set_postfix(acc=f"{correct / len(records):.3f}", missing=len(missing), tok_s=f"{tokens / seconds:.0f}")
         bar.close()
     finally:
         if out:
@@ -249,7 +277,7 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
     correct = sum(r["correct"] for r in records)
     return {"accuracy": correct / max(len(records), 1), "correct": correct, "total": len(records),
             "unparsed": sum(r["pred"] is None for r in records), "missing_videos": len(missing), "records": records,
-            "missing": missing}
+            "missing": missing, "tokens_per_s": tokens / seconds if seconds else None}
 
 
 def sample_key(s):
@@ -502,10 +530,10 @@ def format_table(title, summary, group):
     return "\n".join(lines)
 
 
-def run_benchmark(model, tok, samples, bench, mode, predictions, batch_size, frames, max_new_tokens):
+def run_benchmark(model, tok, samples, bench, mode, predictions, batch_size, frames, max_new_tokens, decode=None):
     """Answer (or resume) every item, print the table, write the summary beside the predictions."""
     _, group, average = BENCHMARKS[bench]
-    res = evaluate(model, tok, samples, mode, predictions, batch_size, frames, max_new_tokens, desc=bench)
+    res = evaluate(model, tok, samples, mode, predictions, batch_size, frames, max_new_tokens, desc=bench, decode=decode)
     order = list(dict.fromkeys(s.meta[group] for s in samples))
     if bench == "videomme":
         order = sorted(order, key=lambda d: VIDEOMME_DURATIONS.index(d) if d in VIDEOMME_DURATIONS else len(order))
@@ -542,7 +570,10 @@ def parse_args(argv=None):
                                   "are relative to (default: the file's)")
     p.add_argument("--predictions", help="per-item predictions (JSONL), resumed if present (default: beside --eval; "
                                          "CKPT/eval/BENCH.MODE.jsonl for --bench)")
-    p.add_argument("--batch-size", type=int, default=8, help="questions generated together in --eval and --bench")
+    p.add_argument("--batch-size", type=int, default=0, help="questions generated together in --eval and --bench "
+                   "(0: as many as the GPU's free memory holds; 8 on a CPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode through torch.compile and a CUDA graph (default: on a GPU)")
     p.add_argument("--frames", type=int, default=0, help="frames per video (0: the checkpoint's, else 16)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="longest answer")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
@@ -565,26 +596,29 @@ def main(argv=None):
             samples = BENCHMARKS[args.bench][0](args.root, args.mode)
         model, tok = load(args.ckpt, args.device)
         frames = args.frames or default_frames(model)
+        decode = fast_decode(model, args.compile)
+        batch_size = args.batch_size or default_batch_size(model, args.max_new_tokens, frames)
         if args.bench:
             preds = args.predictions or os.path.join(args.ckpt, "eval", f"{args.bench}.{args.mode}.jsonl")
             os.makedirs(os.path.dirname(os.path.abspath(preds)), exist_ok=True)
-            run_benchmark(model, tok, samples, args.bench, args.mode, preds, args.batch_size, frames,
-                          args.max_new_tokens)
+            run_benchmark(model, tok, samples, args.bench, args.mode, preds, batch_size, frames,
+                          args.max_new_tokens, decode)
             return 0
         if args.eval:
             if not os.path.exists(args.eval):
                 raise UsageError(f"--eval {args.eval}: no such file")
             samples = D.read_mc_jsonl(args.eval, args.root, mode=args.mode)
             preds = args.predictions or os.path.splitext(args.eval)[0] + f".{args.mode}.predictions.jsonl"
-            res = evaluate(model, tok, samples, args.mode, preds, args.batch_size, frames, args.max_new_tokens)
+            res = evaluate(model, tok, samples, args.mode, preds, batch_size, frames, args.max_new_tokens, decode=decode)
+            speed = f", {res['tokens_per_s']:.0f} tokens/s" if res["tokens_per_s"] else ""
             print(f"accuracy {res['accuracy']:.4f} ({res['correct']}/{res['total']}), unparsed {res['unparsed']}, "
-                  f"missing videos {res['missing_videos']}; predictions in {preds}")
+                  f"missing videos {res['missing_videos']}{speed}; predictions in {preds}")
             return 0
         if not os.path.exists(args.video):
             raise UsageError(f"--video {args.video}: no such file")
         pixels = D.load_video(args.video, num_frames=frames, size=model.config.vision.image_size)
         question = D.mc_question(args.question, args.options, args.mode) if args.options else args.question
-        for piece in stream(model, tok, question, pixels, args.max_new_tokens, args.temperature, args.top_k, args.top_p):
+        for piece in stream(model, tok, question, pixels, args.max_new_tokens, args.temperature, args.top_k, args.top_p, decode):
             print(piece, end="", flush=True)
         print()
         return 0

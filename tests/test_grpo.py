@@ -243,6 +243,46 @@ def test_sampled_logprobs_match_a_full_forward_and_masks_end_at_eos():
     assert completion_mask(torch.tensor([[3, 0, 0, 5], [1, 2, 3, 4]]), 0).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_rollouts_are_the_same_whatever_the_batch(temperature):
+    """A prompt's completions depend on its seed, not on which prompts decode beside it: 4 prompts
+    of different lengths (left-padded together) in one batch == each alone, greedy and sampled,
+    while finished rows leave the batch (eos is common here, so most rows finish early)."""
+    model = tiny_model(6)
+    ids = [prompts(1, L, seed=20 + L) for L in (5, 8, 6, 9)]
+    video = model.encode_video(torch.randn(4, 2, 3, 16, 16, generator=torch.Generator().manual_seed(8)))
+    batch = torch.cat([F.pad(x, (9 - x.shape[1], 0), value=1) for x in ids])
+    mask = torch.cat([F.pad(torch.ones_like(x), (9 - x.shape[1], 0)) for x in ids])
+    seeds = torch.tensor([11, 12, 13, 14])
+    probe = rollout(model, batch, video, eos_id=-1, attention_mask=mask, seeds=seeds, group_size=4, max_new_tokens=12,
+                    temperature=temperature, top_k=10)
+    eos = int(probe.completion_ids.mode().values.mode().values)  # a token most rows make early on
+    shapes = []
+    step = model.language_model.decode_step
+    decode = lambda tokens, cache: shapes.append(len(tokens)) or step(tokens, cache)
+    kw = dict(eos_id=eos, group_size=4, max_new_tokens=40, temperature=temperature, top_k=10, check_every=4)
+    together = rollout(model, batch, video, attention_mask=mask, seeds=seeds, decode=decode, **kw)
+    assert min(shapes) < 16 and shapes[0] == 16, "finished rows should have left the batch"
+    for p in range(4):
+        alone = rollout(model, ids[p], video[p:p + 1], seeds=seeds[p:p + 1], **kw)
+        rows = slice(4 * p, 4 * p + 4)
+        T = alone.completion_ids.shape[1]
+        assert torch.equal(together.completion_ids[rows, :T] * together.mask[rows, :T], alone.completion_ids * alone.mask)
+        assert torch.equal(together.mask[rows, :T], alone.mask) and together.mask[rows, T:].sum() == 0
+        assert torch.equal(together.truncated[rows], alone.truncated)
+        assert (together.logprobs[rows, :T] - alone.logprobs).abs().max() <= 1e-5
+    if temperature:
+        assert len({tuple(r.tolist()) for r in together.completion_ids}) > 4, "samples of a prompt should differ"
+
+
+def test_sampling_draws_from_the_distribution():
+    """The Gumbel-max draw with hashed noise: frequencies over 100,000 keys match the probabilities."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(100_000, 1)
+    tok, _ = sample_token(logits, 1.0, top_k=0, keys=torch.arange(100_000))
+    freq = torch.bincount(tok, minlength=4) / 100_000
+    assert (freq - torch.tensor([0.5, 0.3, 0.15, 0.05])).abs().max() < 0.006
+
+
 def test_sample_token_top_k_and_top_p_cut_the_tail():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
     g = torch.Generator().manual_seed(7)

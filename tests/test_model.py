@@ -88,6 +88,44 @@ def test_decoder_right_padding_matches_unpadded_rows():
         assert (padded[1, :13] - lm(b)[0]).abs().max() <= 1e-5
 
 
+def test_unmasked_causal_path_equals_the_masked_path_and_transformers():
+    """Without left padding the decoder calls SDPA with is_causal=True and no mask (the flash
+    kernel on a GPU); with left padding it builds the mask. Both against each other and against
+    transformers, with gradients, for no padding and for right padding (completions that end early)."""
+    ref = hf_qwen()
+    lm = ours_qwen(ref)
+    ids = torch.randint(0, 96, (2, 19), generator=torch.Generator().manual_seed(11))
+    x = lm.model.embed_tokens(ids).detach().requires_grad_(True)
+    right = torch.ones(2, 19, dtype=torch.bool)
+    right[1, 12:] = False
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    spy = lambda *a, **k: calls.append("mask" if k.get("attn_mask") is not None else "causal") or sdpa(*a, **k)
+    F.scaled_dot_product_attention = spy
+    try:
+        for mask in (None, right):
+            calls.clear()
+            fast = lm.model(x, mask)  # the causal path: no row has padding before a real token
+            assert set(calls) == {"causal"}
+            calls.clear()
+            slow = lm.model.run_layers(x, torch.ones_like(right) if mask is None else mask)  # the mask, forced
+            assert set(calls) == {"mask"}
+            real = right if mask is not None else torch.ones_like(right)
+            assert (fast - slow)[real].abs().max() <= 1e-5
+            g_fast, = torch.autograd.grad((fast[real] ** 2).sum(), x)
+            g_slow, = torch.autograd.grad((slow[real] ** 2).sum(), x)
+            assert (g_fast - g_slow).abs().max() <= 1e-4
+        calls.clear()
+        lm.model(x, right.flip(1))  # left padding: the mask is needed
+        assert set(calls) == {"mask"}
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    with torch.no_grad():
+        want = ref(ids, attention_mask=right.long()).logits
+        got = lm.logits(lm.model(x, right))
+    assert (got - want)[right].abs().max() <= 1e-4
+
+
 def test_prefill_then_cached_decoding_equals_full_forward():
     lm = ours_qwen(hf_qwen())
     ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(3))
