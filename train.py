@@ -496,6 +496,16 @@ def plot_curves(records, path, keys, size=(720, 360)):
 # ----------------------------------------------------------------------------- the training loop
 
 
+def run_budget(seconds, records, done, total):
+    """What the rest of the run will cost, from steps 2 and 3 of this process (step 1 compiles)."""
+    per = float(np.median(seconds[1:]))
+    phases = [k for k in ("time/rollout", "time/reference", "time/policy") if k in records[-1]]
+    split = ", ".join(f"{k[5:]} {np.median([r[k] for r in records[-2:]]):.2f} s" for k in phases)
+    hours = lambda s: f"{s / 3600:.2f} h" if s >= 3600 else f"{s / 60:.1f} min"
+    return (f"run budget: {per:.2f} s per step" + (f" ({split})" if split else "") +
+            f"; {total} steps ~{hours(per * total)} in all, ~{hours(per * (total - done))} to go")
+
+
 def train(cfg):
     """Run one stage as configured; returns the last step's metrics. Writes everything under cfg.out."""
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -571,7 +581,9 @@ def train(cfg):
     curve_keys = ["loss"] if cfg.stage == "sft" else ["reward", "accuracy", "format", "kl"]
     bar = tqdm(range(start, total), initial=start, total=total, desc=cfg.stage, dynamic_ncols=True)
     record = {}
+    seconds = []  # wall time of each step this process ran
     for step in bar:
+        t_step = time.perf_counter()
         batch = step_samples(samples, step, cfg)
         if cfg.stage == "sft":
             m = sft_step(model, tok, batch, load, cfg, device)
@@ -586,6 +598,9 @@ def train(cfg):
         schedule.step()
         if device.type == "cuda":
             m["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        seconds.append(time.perf_counter() - t_step)
+        if len(seconds) == 3 and step + 1 < total:
+            tqdm.write(run_budget(seconds, records + [m], step + 1, total))
         record = {"step": step + 1, "lr": schedule.get_last_lr()[0], **m, "skipped_samples": len(load.skipped),
                   "skipped_rows": len(bad_rows), "nan_steps": nan_steps}
         append_jsonl(metrics_path, record)

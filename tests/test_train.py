@@ -78,8 +78,12 @@ def test_sft_then_grpo_then_sample(task, tmp_path, capsys):
     assert len(sample.read_predictions(str(preds))) == 8  # 5 kept, 3 redone (the cut line among them)
 
 
-def test_resume_is_exact(task, tmp_path):
+def test_resume_is_exact(task, tmp_path, capsys):
     run(task, tmp_path / "straight", steps=4)
+    budget = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run budget:")]
+    assert len(budget) == 1 and "rollout" in budget[0] and "4 steps" in budget[0]  # printed once, after step 3
+    rows = [json.loads(line) for line in open(tmp_path / "straight" / "metrics.jsonl")]
+    assert all(r["time/rollout"] > 0 and r["time/policy"] > 0 and r["time/step"] > 0 for r in rows)
     run(task, tmp_path / "split", steps=4, stop_after=2)
     assert json.loads(open(tmp_path / "split" / "metrics.jsonl").read().splitlines()[-1])["step"] == 2
     run(task, tmp_path / "split", steps=4, resume=True)
