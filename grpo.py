@@ -73,6 +73,7 @@ rollouts and log-probs; the loss; metrics.
 
 import copy
 import re
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -396,7 +397,14 @@ class FastDecode:
     def __call__(self, tokens, cache):
         cache.reserve(1)  # host-side bounds check and count, outside any compiled or captured code
         if not (tokens.is_cuda if self.cuda_graph is None else self.cuda_graph):
-            return self.step(tokens, cache)
+            try:
+                return self.step(tokens, cache)
+            except Exception as e:  # e.g. no C++ compiler for inductor on this machine: decode eagerly
+                if self.step == self.lm.step_logits:
+                    raise
+                warnings.warn(f"torch.compile of the decode step failed, decoding eagerly: {str(e).splitlines()[0]}")
+                self.step = self.lm.step_logits
+                return self.step(tokens, cache)
         if self.graph is None or self.graph[0]() is not cache:
             self.graph = None  # free the old graph's memory before capturing the new one
             self.graph = (weakref.ref(cache), *self._capture(tokens, cache))

@@ -150,3 +150,26 @@ def test_bench_tiny_runs_end_to_end_and_writes_its_table(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "GRPO step, 2 prompts, rollout batch 2" in printed and "speed-up" in printed and "check passed" in printed
     assert result["projected_nextqa_hours"] > 0
+
+
+def test_fast_step_falls_back_to_eager_when_compiling_fails():
+    """A machine where torch.compile cannot build (no C++ compiler) still trains: a warning, then eager."""
+    model = tiny_model()
+    lm = model.language_model
+    ids, video = prompt(model)
+    embeds, mask = model.embed(ids, video)
+    fast = G.FastDecode(lm, compile=True)
+
+    def broken(tokens, cache):
+        raise RuntimeError("InductorError: no working C++ compiler found\ndetails")
+
+    fast.step = broken
+    with torch.no_grad():
+        caches = []
+        for _ in range(2):
+            cache = model.new_cache(1, embeds.shape[1] + 1)
+            lm.model(embeds, mask, cache)
+            caches.append(cache)
+        with pytest.warns(UserWarning, match="no working C\\+\\+ compiler"):
+            got = fast(torch.zeros(1, dtype=torch.long), caches[0])
+        assert torch.equal(got, lm.decode_step(torch.zeros(1, dtype=torch.long), caches[1]))
