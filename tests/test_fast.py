@@ -173,3 +173,27 @@ def test_fast_step_falls_back_to_eager_when_compiling_fails():
         with pytest.warns(UserWarning, match="no working C\\+\\+ compiler"):
             got = fast(torch.zeros(1, dtype=torch.long), caches[0])
         assert torch.equal(got, lm.decode_step(torch.zeros(1, dtype=torch.long), caches[1]))
+
+
+def test_bf16_sampler_shares_the_tower_and_refreshes_in_place():
+    """The GPU layout, run on the CPU: the sampler is a bf16 copy of connector + decoder (the vision
+    tower shared, not copied) with a bf16 cache, and refresh() copies the policy in without moving
+    a tensor (a captured CUDA graph keeps reading the same addresses)."""
+    policy = tiny_model()
+    sampler = G.Sampler(policy, torch.bfloat16)
+    assert sampler.model.vision_tower is policy.vision_tower
+    lm = sampler.model.language_model
+    assert lm.model.embed_tokens.weight.dtype == torch.bfloat16 and policy.language_model.model.embed_tokens.weight.dtype == torch.float32
+    addresses = [p.data_ptr() for p in sampler.model.parameters()]
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.01)
+    sampler.refresh()
+    assert [p.data_ptr() for p in sampler.model.parameters()] == addresses
+    for (name, mine), master in zip(sampler.model.named_parameters(), policy.parameters()):
+        assert torch.equal(mine, master.to(mine.dtype)), name
+    ids, pixels = bench.inputs(policy.config, bench.TINY, torch.device("cpu"), seed=1)
+    with torch.no_grad():
+        r = sampler.rollout(ids, policy.vision_features(pixels), eos_id=-1, group_size=4, max_new_tokens=5, temperature=0)
+    assert r.completion_ids.shape == (4, 5)
+    assert sampler.model.new_cache(1, 4).k[0].dtype == torch.bfloat16
