@@ -1,16 +1,11 @@
 """The paper's four benchmarks: readers, the two evaluation protocols, the averages and the table.
 
-MVBench, Video-MME, MLVU and MMVU are read from their folders exactly as published (MVBench's 20 task files
-with start/end bounds and frame folders, Video-MME's parquet, MLVU's 7 task files, MMVU's validation.json),
-turned into data.Samples, and averaged each its own way: MVBench over all items, MLVU over its tasks,
-Video-MME per duration, MMVU over all items. `sample.py --bench` runs them under one of two protocols:
-
-  clean (the default): the options rendered "A. text" as in training, greedy decoding, the first standalone
-      capital letter inside <answer> (which may span lines), an answer without one counted wrong, MVBench's
-      start/end bounds applied on all its bounded tasks, frames spread uniformly over the clip.
-  original: what the paper's evaluation scripts did, to reproduce its table: each benchmark's own prompt
-      body, sampled decoding (temperature 1, top-k 50, top-p 1, up to 1024 new tokens), their answer parser
-      with its random guess when it finds no letter, and their frame choice per benchmark and MVBench task.
+MVBench, Video-MME, MLVU and MMVU are read from their folders as published, turned into data.Samples, and
+averaged each its own way (MVBench over all items, MLVU over its tasks, Video-MME per duration, MMVU over all
+items). `sample.py --bench` answers them under one of two protocols: clean (the default: options "A. text" as
+in training, greedy, strict parsing, bounds applied) or original (what the paper's evaluation scripts did, to
+reproduce its table: each benchmark's own prompt, sampled answers, their parser with its random guess, their
+frames per benchmark and MVBench task).
 """
 
 import glob

@@ -1,6 +1,6 @@
 """Cold-start SFT and GRPO for TinyLLaVA-Video, on one GPU or a CPU.
 
-The paper's recipe in two stages (DESIGN.md section 3):
+The paper's recipe in two stages:
   1. cold start: supervised fine-tuning on a handful of reasoning answers (lr 1e-5, constant, 1 epoch,
      4 samples per optimizer step),
      so the model learns to think in <think> tags and answer in <answer> tags;
