@@ -174,7 +174,7 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
                 if original:
                     pred, guessed = E.parse_original(text, s.meta["choices"], random.Random(f"{seed}:{sample_key(s)}"))
                 else:
-                    pred, guessed = parse_answer(text, num_options, mode), None
+                    pred = parse_answer(text, num_options, mode)
                 # GRPO rows give the solution as "<answer>B</answer>", multiple-choice rows as "B"
                 answer = parse_answer(s.solution, 26, "reason" if "<answer>" in s.solution else "option")
                 r = {"key": sample_key(s), "video": s.video, "answer": answer, "pred": pred,
