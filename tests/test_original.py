@@ -11,7 +11,7 @@ import pytest
 import data as D
 import eval as E
 import sample
-from test_bench_eval import ckpt, dump, frame_ids, mlvu, mmvu, mvbench, run, videomme, write_video  # noqa: F401
+from test_bench_eval import ckpt, dump, frame_ids, mlvu, mmvu, mvbench, run, videomme  # noqa: F401 (ckpt: a fixture)
 
 SUFFIX = "Output the thinking process in <think> </think> and final answer (option) in <answer> </answer> tags."
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
