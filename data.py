@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import torch
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
 from model import IMAGE_TOKEN_INDEX
 
@@ -75,32 +75,34 @@ def sample_frames(path, num_frames=16, max_frames=None):
     """(T, H, W, 3) uint8 RGB frames of a video file, spread uniformly over all its frames.
 
     num_frames=None with max_frames: the "fps mode", one frame a second up to max_frames
-    (min(max_frames, max(1, int(duration_s)))). The container's frame count is trusted only if decoding
-    agrees; otherwise the real count is taken from a full sequential pass and the frames read again."""
-    cap = _open(path)
-    reported, fps = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), cap.get(cv2.CAP_PROP_FPS)
-    cap.release()
-
-    def count():
-        return _read(path)[1]
-
-    def how_many(n):
+    (min(max_frames, max(1, int(duration_s))))."""
+    def pick(n, fps):
         if num_frames is not None:
-            return num_frames
+            return frame_indices(n, num_frames)
         if not max_frames:
             raise ValueError("sample_frames: give num_frames, or num_frames=None with max_frames")
         duration = n / fps if fps and fps > 0 else n  # no frame rate: assume one frame a second
-        return min(max_frames, max(1, int(duration)))
+        return frame_indices(n, min(max_frames, max(1, int(duration))))
 
-    n = reported if reported > 0 else count()
+    return read_frames(path, pick)[0]
+
+
+def read_frames(path, pick):
+    """-> ((T, H, W, 3) uint8 RGB, indices): the frames pick(n, fps) -> indices chooses among the n frames
+    of a video file. The container's frame count is trusted only if the chosen frames decode; otherwise
+    the real count is taken from a full sequential pass and the frames read again."""
+    cap = _open(path)
+    reported, fps = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), cap.get(cv2.CAP_PROP_FPS)
+    cap.release()
+    n = reported if reported > 0 else _read(path)[1]
     for attempt in range(2):
         if n <= 0:
             break
-        idx = frame_indices(n, how_many(n))
+        idx = np.asarray(pick(n, fps))
         frames, _ = _read(path, set(idx.tolist()))
         if all(i in frames for i in idx):
-            return np.stack([frames[i] for i in idx])
-        n = count() if attempt == 0 else 0  # the reported count was wrong: count by decoding, try again
+            return np.stack([frames[i] for i in idx]), idx
+        n = _read(path)[1] if attempt == 0 else 0  # the reported count was wrong: count by decoding, try again
     raise VideoError(f"{path}: no decodable frame")
 
 
@@ -204,14 +206,55 @@ def mc_question(question, options, mode="reason"):
     return f"{question}\n{format_options(options)}" + (REASON_SUFFIX if mode == "reason" else OPTION_SUFFIX)
 
 
+# Qwen2's pre-tokenizer split (the same regex as in Qwen's tokenizer.json), then byte-level BPE.
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+               r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+# What the original code saves for a tokenizer (transformers' slow Qwen2Tokenizer), and the fast file.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "added_tokens.json",
+                   "special_tokens_map.json")
+
+
+def slow_tokenizer(folder):
+    """Qwen2's tokenizer built with `tokenizers` alone from vocab.json and merges.txt, the added tokens
+    (special or not) taken from tokenizer_config.json's added_tokens_decoder, else added_tokens.json."""
+    def read(name, default=None):
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            return default
+        with open(path, encoding="utf-8") as f:
+            try:
+                return json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+    vocab, merges = models.BPE.read_file(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
+    added = {int(i): t for i, t in (read("tokenizer_config.json", {}).get("added_tokens_decoder") or {}).items()}
+    for content, i in read("added_tokens.json", {}).items():
+        added.setdefault(int(i), {"content": content, "special": True})
+    vocab.update({t["content"]: i for i, t in added.items()})  # the ids the files give, not the next free ones
+    tok = HFTokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_tokens([AddedToken(t["content"], special=t.get("special", True), lstrip=t.get("lstrip", False),
+                               rstrip=t.get("rstrip", False), normalized=t.get("normalized", False),
+                               single_word=t.get("single_word", False)) for _, t in sorted(added.items())])
+    return tok
+
+
 class Tokenizer:
-    """A Hugging Face tokenizer.json read with `tokenizers`, with the prompt and label rules of the paper."""
+    """A Hugging Face tokenizer read with `tokenizers` (tokenizer.json, or Qwen2's slow-tokenizer files),
+    with the prompt and label rules of the paper."""
 
     def __init__(self, path):
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file}: no such tokenizer file")
-        self.tok = HFTokenizer.from_file(file)
+        if os.path.isfile(file):
+            self.tok = HFTokenizer.from_file(file)
+        elif os.path.isdir(path) and all(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "merges.txt")):
+            self.tok, file = slow_tokenizer(path), os.path.join(path, "vocab.json")
+        else:
+            raise FileNotFoundError(f"{file}: no such tokenizer file (nor vocab.json and merges.txt beside it)")
         self.eos_id = self.tok.token_to_id(EOS)
         if self.eos_id is None:
             raise ValueError(f"{file}: the vocabulary has no {EOS} token")

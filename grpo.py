@@ -478,7 +478,7 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.01, loss_type="grpo", epsilon_low=0.2,
-              epsilon_high=None, truncated=None, max_completion_length=None):
+              epsilon_high=None, truncated=None, max_completion_length=None, kl_clamp=100.0):
     """The GRPO loss of N completions of T tokens -> (loss scalar, {"loss", "kl", "clip_ratio"} floats).
 
     logp (N, T) policy log-probs with grad; old_logp (N, T) of the policy that sampled, or None for
@@ -487,7 +487,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.01, loss_type="
     valid tokens; truncated (N,) bool rows to mask out entirely, when given.
 
     Per token: -min(ratio * A, clip(ratio, 1 - epsilon_low, 1 + epsilon_high) * A) + beta * KL, KL
-    the k3 estimator exp(ref - logp) - (ref - logp) - 1 (>= 0, exactly 0 where ref == logp). Then:
+    the k3 estimator exp(ref - logp) - (ref - logp) - 1 (>= 0, exactly 0 where ref == logp), clamped to
+    [-kl_clamp, kl_clamp] as the original does (its gradient is then 0 there; None: not clamped). Then:
       "grpo"    mean over each completion's valid tokens, then over all N completions (the paper);
       "bnpo"    sum over valid tokens / number of valid tokens;
       "dr_grpo" sum over valid tokens / (N * max_completion_length), default T;
@@ -515,6 +516,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.01, loss_type="
     if ref_logp is not None:
         delta = ref_logp - logp
         kl = torch.exp(delta) - delta - 1
+        if kl_clamp is not None:
+            kl = kl.clamp(-kl_clamp, kl_clamp)
         if beta != 0:
             per_token = per_token + beta * kl
 

@@ -552,6 +552,9 @@ class TinyLLaVA(nn.Module):
         self.connector = build_connector(config.connector)
         self.language_model = Qwen2ForCausalLM(config.text)
         self.apply(_init_weights)
+        # Published tensors the model does not use (SigLIP's layers above the feature layer, post_layernorm,
+        # head), kept as read under their published keys so that save_pretrained writes them back.
+        self.unused_tensors = {}
 
     def vision_features(self, pixel_values):
         """(B, T, 3, H, W) -> (B, T*728, 1152): the frozen part, computed once per video in GRPO."""
@@ -620,7 +623,9 @@ class TinyLLaVA(nn.Module):
         config = TinyLLaVAConfig(
             vision=VisionConfig.from_dict(vcfg), text=text, torch_dtype=tcfg.get("torch_dtype", tcfg.get("dtype", "bfloat16")),
             connector=ConnectorConfig(connector_type=connector, hidden_size=text.hidden_size,
-                                      vision_hidden_size=vcfg.get("hidden_size", 1152), **connector_options))
+                                      vision_hidden_size=vcfg.get("hidden_size", 1152), **connector_options),
+            # the original code builds its decoder and vision tower from these (without them: Llama and CLIP)
+            raw={"llm_model_name_or_path": llm_path, "vision_model_name_or_path": vision_path})
         with torch.device("meta"):
             model = cls(config)
         # The connector is new: build it for real (meta tensors hold no values).
@@ -641,6 +646,7 @@ class TinyLLaVA(nn.Module):
             prefix = next(p for p in prefixes if ours.startswith(p))
             published[prefixes[prefix] + ours[len(prefix):]] = ours
         loaded, unexpected, mismatched, bad_shape = {}, [], [], set()
+        vision = prefixes["vision_tower."]
         for file in files:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for key in f.keys():
@@ -648,6 +654,10 @@ class TinyLLaVA(nn.Module):
                     if ours is None:
                         if not self._known_unused(key, prefixes):
                             unexpected.append(f"{key} (in {os.path.basename(file)})")
+                        elif key.startswith(vision) or prefixes == CHECKPOINT_PREFIXES:  # not a SigLIP text tower
+                            t = f.get_tensor(key)
+                            self.unused_tensors[CHECKPOINT_PREFIXES["vision_tower."] + key[len(vision):]
+                                                if key.startswith(vision) else key] = t.to(dtype=dtype or t.dtype)
                         continue
                     t = f.get_tensor(key)
                     if tuple(t.shape) != tuple(expected[ours].shape):
@@ -681,12 +691,12 @@ class TinyLLaVA(nn.Module):
         return key == prefixes["language_model."] + "lm_head.weight" and self.config.text.tie_word_embeddings
 
     def published_state_dict(self):
-        """Our tensors under their published keys."""
+        """Our tensors under their published keys, and the published ones we read but do not use."""
         out = {}
         for k, v in self.state_dict().items():
             prefix = next(p for p in CHECKPOINT_PREFIXES if k.startswith(p))
             out[CHECKPOINT_PREFIXES[prefix] + k[len(prefix):]] = v
-        return out
+        return {**out, **self.unused_tensors}
 
     def save_pretrained(self, path, max_shard_bytes=5 * 1024**3):
         """Write config.json and safetensors (sharded with an index above max_shard_bytes) in the

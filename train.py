@@ -1,11 +1,12 @@
 """Cold-start SFT and GRPO for TinyLLaVA-Video, on one GPU or a CPU.
 
-The paper's recipe in two stages (DESIGN.md section 3):
-  1. cold start: supervised fine-tuning on a handful of reasoning answers (lr 1e-5, constant, 1 epoch),
+The paper's recipe in two stages:
+  1. cold start: supervised fine-tuning on a handful of reasoning answers (lr 1e-5, constant, 1 epoch,
+     4 samples per optimizer step),
      so the model learns to think in <think> tags and answer in <answer> tags;
   2. GRPO: for each question sample G = 8 answers, reward them (accuracy, format, thinking length),
      and push the policy towards the better-than-average ones, with a KL leash to the frozen start
-     model (lr 1e-6, cosine with 3% warmup, 8 prompts per optimizer step).
+     model (per-token KL clamped to [-100, 100]; lr 1e-6, cosine with 3% warmup, 8 prompts per optimizer step).
 
 The vision tower is frozen in both stages: its features are computed once per video and shared by the
 rollout, the reference and the policy passes. The reference model is a frozen copy of the connector
@@ -63,7 +64,7 @@ class TrainConfig:
     epochs: float = 1.0
     steps: int = 0  # optimizer steps; 0: epochs x (samples / prompts_per_step)
     stop_after: int = 0  # stop (with a checkpoint) after this many steps, e.g. to time-box a run
-    prompts_per_step: int = 8  # prompts (grpo) or samples (sft) per optimizer step
+    prompts_per_step: int = 0  # prompts (grpo) or samples (sft) per optimizer step; 0: the paper's, 4 sft, 8 grpo
     micro_batch: int = 1  # prompts (or samples) per forward pass; gradients are accumulated
     group_size: int = 8
     max_new_tokens: int = 512
@@ -71,6 +72,7 @@ class TrainConfig:
     top_k: int = 50
     top_p: float = 1.0
     beta: float = 0.01
+    kl_clamp: bool = True  # clamp the per-token KL to [-100, 100], as the original does
     noise_std: float = 0.02
     scale: str = "group"  # advantage scaling: "group" (paper), "batch", "none"
     loss_type: str = "grpo"  # "grpo" (paper), "bnpo", "dr_grpo", "dapo"
@@ -94,6 +96,8 @@ class TrainConfig:
             raise ValueError(f"--stage must be sft or grpo, not {self.stage!r}")
         self.lr = self.lr or (1e-5 if self.stage == "sft" else 1e-6)
         self.schedule = self.schedule or ("constant" if self.stage == "sft" else "cosine")
+        # the original's cold start ran on 4 GPUs x 1 sample, without accumulation
+        self.prompts_per_step = self.prompts_per_step or (4 if self.stage == "sft" else 8)
 
 
 HELP = {
@@ -114,7 +118,7 @@ HELP = {
     "epochs": "passes over the data",
     "steps": "optimizer steps (0: from epochs)",
     "stop_after": "stop after this many steps, keeping the schedule of --steps (resume later)",
-    "prompts_per_step": "prompts (grpo) or samples (sft) per optimizer step; the paper uses 8",
+    "prompts_per_step": "prompts (grpo) or samples (sft) per optimizer step (0: the paper's, 4 sft, 8 grpo)",
     "micro_batch": "prompts or samples per forward pass (gradient accumulation up to --prompts-per-step)",
     "group_size": "completions sampled per prompt (G)",
     "max_new_tokens": "longest completion",
@@ -122,6 +126,7 @@ HELP = {
     "top_k": "sample from the k most likely tokens (0: all)",
     "top_p": "nucleus sampling threshold (1: off)",
     "beta": "weight of the KL to the reference model (0: no reference)",
+    "kl_clamp": "clamp the per-token KL to [-100, 100] as the original does",
     "noise_std": "std of the Gaussian noise added to advantages",
     "scale": "advantage scaling: group (paper), batch, none",
     "loss_type": "grpo (paper), bnpo, dr_grpo, dapo",
@@ -387,7 +392,7 @@ def update(model, exp, cfg, pad_id, apply_update):
                 loss, lm = G.grpo_loss(logp, old, ref, exp.advantages[rows], exp.loss_mask[rows, :T], beta=cfg.beta,
                                        loss_type=cfg.loss_type, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
                                        truncated=exp.rollout.truncated[rows] if cfg.mask_truncated else None,
-                                       max_completion_length=cfg.max_new_tokens)
+                                       max_completion_length=cfg.max_new_tokens, kl_clamp=100.0 if cfg.kl_clamp else None)
             if not torch.isfinite(loss):
                 return {"nan": 1.0}
             (loss * len(ids) / n_prompts).backward()
@@ -425,12 +430,13 @@ def grpo_step(model, sampler, ref, tok, samples, load, cfg, device, gen, apply_u
 # ----------------------------------------------------------------------------- checkpoints, metrics, plot
 
 
-def write_checkpoint(model, tokenizer_file, state, out):
+def write_checkpoint(model, tokenizer_files, state, out):
     """OUT/checkpoint, replaced atomically: written beside it, then renamed (a crash leaves the old one)."""
     final, tmp, old = (os.path.join(out, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    shutil.copy(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
+    for f in tokenizer_files:
+        shutil.copy(f, os.path.join(tmp, os.path.basename(f)))
     torch.save(state, os.path.join(tmp, "trainer_state.pt"))
     if os.path.exists(final):
         shutil.rmtree(old, ignore_errors=True)
@@ -448,10 +454,12 @@ def find_checkpoint(out):
 
 
 def tokenizer_file(directory):
-    path = os.path.join(directory, "tokenizer.json")
-    if not os.path.exists(path):
-        raise SystemExit(f"train.py: no tokenizer.json in {directory}")
-    return path
+    """The tokenizer files of a directory, copied into each checkpoint: tokenizer.json and/or the slow ones."""
+    paths = [os.path.join(directory, f) for f in D.TOKENIZER_FILES if os.path.exists(os.path.join(directory, f))]
+    names = {os.path.basename(p) for p in paths}
+    if "tokenizer.json" not in names and not {"vocab.json", "merges.txt"} <= names:
+        raise SystemExit(f"train.py: no tokenizer.json (nor vocab.json and merges.txt) in {directory}")
+    return paths
 
 
 def append_jsonl(path, record):
@@ -695,7 +703,7 @@ def parse_args(argv=None):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(defaults, f.name), help=HELP[f.name])
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            default = {"lr": 0.0, "schedule": ""}.get(f.name, getattr(defaults, f.name))
+            default = {"lr": 0.0, "schedule": "", "prompts_per_step": 0}.get(f.name, getattr(defaults, f.name))
             p.add_argument(flag, type=typ, default=default, help=HELP[f.name])
     return p.parse_args(argv)
 

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import data as D
+import eval as E
 import model as M
 import sample
 
@@ -45,9 +46,13 @@ def write_frames(folder, n=9, ext="png"):
     return folder
 
 
-def frame_ids(frames):
-    """(T, H, W, 3) uint8 -> the index of each frame, read from its gray level."""
-    return [int(round(f.mean() / STEP)) for f in frames]
+def frame_ids(clip):
+    """read_clip's ((T, H, W, 3) uint8, indices) -> the index of each frame, read from its gray level (and
+    checked against the indices it reports)."""
+    frames, idx = clip
+    ids = [int(round(f.mean() / STEP)) for f in frames]
+    assert ids == list(idx)
+    return ids
 
 
 def dump(path, obj):
@@ -121,7 +126,7 @@ def test_averages_by_hand():
     records = [record("X", True, "A"), record("X", False, "B"), record("X", False, None),
                record("Y", True, "C"), record("W", False, None, n=2)]
     missing = [{"task": "X"}, {"task": "Z"}]
-    micro = sample.summarize(records, "task", "micro", order=["Y", "X", "Z", "W"], missing=missing)
+    micro = E.summarize(records, "task", "micro", order=["Y", "X", "Z", "W"], missing=missing)
     assert list(micro["groups"]) == ["Y", "X", "Z", "W"]
     x = micro["groups"]["X"]
     assert (x["correct"], x["total"], x["unparsed"], x["missing"]) == (1, 3, 1, 1)
@@ -130,10 +135,10 @@ def test_averages_by_hand():
     assert (micro["correct"], micro["total"], micro["unparsed"], micro["missing"]) == (2, 5, 2, 2)
     assert micro["average"] == pytest.approx(2 / 5)  # over items; Z has none answered
     assert micro["average_guessed"] == pytest.approx((2 + 1 / 4 + 1 / 2) / 5)
-    macro = sample.summarize(records, "task", "macro", missing=missing)
+    macro = E.summarize(records, "task", "macro", missing=missing)
     assert macro["average"] == pytest.approx((1 / 3 + 1 + 0) / 3)  # mean over X, Y, W; Z is left out
     assert macro["average_guessed"] == pytest.approx(((1 + 1 / 4) / 3 + 1 + 1 / 2) / 3)
-    table = sample.format_table("t", macro, "task")
+    table = E.format_table("t", macro, "task")
     assert "average (macro)" in table and " 44.4 " in table  # (1/3 + 1 + 0) / 3 = 44.4 %
 
 
@@ -142,25 +147,25 @@ def test_averages_by_hand():
 
 def test_clips_bounds_frame_folders_and_gif(tmp_path):
     video = write_video(str(tmp_path / "v.mp4"), n=12, fps=4)
-    assert frame_ids(sample.read_clip(video, 4)) == [0, 3, 7, 11]  # linspace(0, 11, 4), as data.sample_frames
-    assert frame_ids(sample.read_clip(video, 5, bound=(1.0, 2.0))) == [4, 5, 6, 7, 8]  # seconds 1-2 at 4 fps
-    assert frame_ids(sample.read_clip(video, 3, bound=(2.5, 100.0))) == [10, 10, 11]  # clamped to the video
+    assert frame_ids(E.read_clip(video, 4)) == [0, 3, 7, 11]  # linspace(0, 11, 4), as data.sample_frames
+    assert frame_ids(E.read_clip(video, 5, bound=(1.0, 2.0))) == [4, 5, 6, 7, 8]  # seconds 1-2 at 4 fps
+    assert frame_ids(E.read_clip(video, 3, bound=(2.5, 100.0))) == [10, 10, 11]  # clamped to the video
     folder = write_frames(str(tmp_path / "frames"), n=9, ext="png")
-    assert frame_ids(sample.read_clip(folder, 4, bound=(1.0, 2.0), fps=3)) == [3, 4, 5, 6]
-    assert frame_ids(sample.read_clip(folder, 3)) == [0, 4, 8]
+    assert frame_ids(E.read_clip(folder, 4, bound=(1.0, 2.0), fps=3)) == [3, 4, 5, 6]
+    assert frame_ids(E.read_clip(folder, 3)) == [0, 4, 8]
     gif = write_gif(str(tmp_path / "g.gif"), n=6)
-    assert frame_ids(sample.read_clip(gif, 3)) == [0, 2, 5]
+    assert frame_ids(E.read_clip(gif, 3)) == [0, 2, 5]
     avi = write_video(str(tmp_path / "p.avi"), n=8, fps=10, fourcc="MJPG")
-    assert frame_ids(sample.read_clip(avi, 2, bound=(0.2, 0.5))) == [2, 5]
-    clip = sample.load_clip(D.Sample(folder, "q", "A", {"bound": [1.0, 2.0], "fps": 3}), 4, 16)
+    assert frame_ids(E.read_clip(avi, 2, bound=(0.2, 0.5))) == [2, 5]
+    clip, idx = E.load_clip(D.Sample(folder, "q", "A", {"bound": [1.0, 2.0], "fps": 3}), 4, 16)
     assert clip.shape == (4, 3, 16, 16) and clip.min() >= -1 and clip.max() <= 1
-    assert torch.allclose(sample.load_clip(D.Sample(video, "q", "A", {}), 4, 16), D.load_video(video, 4, size=16))
+    assert torch.allclose(E.load_clip(D.Sample(video, "q", "A", {}), 4, 16)[0], D.load_video(video, 4, size=16))
     with pytest.raises(D.DataError):  # seconds in a frame folder need its frame rate
-        sample.read_clip(folder, 4, bound=(1.0, 2.0))
+        E.read_clip(folder, 4, bound=(1.0, 2.0))
     os.makedirs(tmp_path / "empty")
     for bad in (str(tmp_path / "nope.mp4"), str(tmp_path / "empty")):
         with pytest.raises(D.VideoError):
-            sample.read_clip(bad, 4)
+            E.read_clip(bad, 4)
 
 
 # ----------------------------------------------------------------------------- MVBench
@@ -175,7 +180,7 @@ def mvbench(root):
     write_video(f"{v}/nturgbd/S001.avi", fourcc="MJPG")
     write_frames(f"{v}/tvqa/frames_fps3_hq/ep1", n=9, ext="jpg")
     items = {}
-    for task, (file, folder, bounded) in sample.MVBENCH_TASKS.items():
+    for task, (file, folder, bounded) in E.MVBENCH_TASKS.items():
         name = {"star/Charades_v1_480": "C1.mp4", "ssv2_video": "1.gif", "nturgbd": "S001.avi",
                 "tvqa/frames_fps3_hq": "ep1"}.get(folder, "clip.mp4")
         if task == "Object Shuffle":
@@ -195,7 +200,7 @@ def mvbench(root):
 def test_mvbench_reader(tmp_path):
     root = str(tmp_path / "MVBench")
     mvbench(root)
-    samples = sample.read_mvbench(root, "option")
+    samples = E.read_mvbench(root, "option")
     assert len(samples) == 21
     s = next(s for s in samples if s.meta["task"] == "Action Sequence")
     assert s.video == f"{root}/video/star/Charades_v1_480/C1.mp4"
@@ -206,7 +211,7 @@ def test_mvbench_reader(tmp_path):
     er = next(s for s in samples if s.meta["task"] == "Episodic Reasoning")
     assert os.path.isdir(er.video) and er.meta["fps"] == 3
     # frame indices inside [0.5 s, 2 s]: at 3 fps frames 2..6 of the folder, at 4 fps frames 2..8 of the mp4
-    assert frame_ids(sample.read_clip(er.video, 3, er.meta["bound"], er.meta["fps"])) == [2, 4, 6]
+    assert frame_ids(E.read_clip(er.video, 3, er.meta["bound"], er.meta["fps"])) == [2, 4, 6]
     assert [s.solution for s in samples if s.meta["task"] == "Action Count"] == ["B", "B"]
     assert len({sample.sample_key(s) for s in samples}) == 21
 
@@ -217,7 +222,7 @@ def test_mvbench_end_to_end(ckpt, tmp_path, capsys):
     code, out, err = run(["--ckpt", ckpt, "--bench", "mvbench", "--root", root, "--max-new-tokens", "3",
                           "--batch-size", "8", "--device", "cpu"], capsys)
     assert code == 0, err
-    assert all(task in out for task in sample.MVBENCH_TASKS) and "average (micro)" in out
+    assert all(task in out for task in E.MVBENCH_TASKS) and "average (micro)" in out
     assert "missing video" in err and "perception/videos/missing.mp4" in err
     preds = os.path.join(ckpt, "eval", "mvbench.reason.jsonl")
     rows = [json.loads(line) for line in open(preds)]
@@ -267,7 +272,7 @@ def videomme(root):
 def test_videomme_per_duration(ckpt, tmp_path, monkeypatch, capsys):
     root = str(tmp_path / "Video-MME")
     videomme(root)
-    s = sample.read_videomme(root, "reason")[0]
+    s = E.read_videomme(root, "reason")[0]
     assert s.question == D.mc_question("q0", ["one.", "two.", "three.", "four."], "reason") and s.solution == "A"
     # short: right, unparsed; medium: right; long: wrong (and one missing video)
     scripted(monkeypatch, {"q0": "<think>.</think><answer>A</answer>", "q1": "I cannot tell",
@@ -304,7 +309,7 @@ def test_videomme_parquet(tmp_path, monkeypatch, capsys, ckpt):
     pq = types.SimpleNamespace(read_table=lambda path: table)
     monkeypatch.setitem(sys.modules, "pyarrow", types.SimpleNamespace(parquet=pq))
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", pq)
-    samples = sample.read_videomme(root, "reason")
+    samples = E.read_videomme(root, "reason")
     assert [s.meta["duration"] for s in samples] == ["short", "short", "medium", "long", "long"]
     assert [s.solution for s in samples] == list("ABCDA")
 
@@ -314,7 +319,7 @@ def test_videomme_parquet(tmp_path, monkeypatch, capsys, ckpt):
 
 def mlvu(root):
     """The 7 task files; videos under video/<k>_<task>/ for the first four, video/<task>/ for the others."""
-    for k, name in enumerate(sample.MLVU_TASKS):
+    for k, name in enumerate(E.MLVU_TASKS):
         task = name.split("_", 1)[1]
         write_video(f"{root}/video/{name if k < 4 else task}/{task}.mp4", n=6)
         items = [{"video": f"{task}.mp4", "duration": 10, "question": f"{task} {j}", "candidates": ["yes", "no"],
@@ -325,7 +330,7 @@ def mlvu(root):
 def test_mlvu_macro_average(ckpt, tmp_path, monkeypatch, capsys):
     root = str(tmp_path / "MLVU")
     mlvu(root)
-    samples = sample.read_mlvu(root, "reason")
+    samples = E.read_mlvu(root, "reason")
     assert [s.meta["task"] for s in samples] == ["plotQA", "plotQA", "needle", "ego", "count", "order",
                                                  "anomaly_reco", "topic_reasoning"]
     assert samples[0].video == f"{root}/video/1_plotQA/plotQA.mp4"
@@ -345,7 +350,7 @@ def test_mlvu_macro_average(ckpt, tmp_path, monkeypatch, capsys):
 def test_mlvu_resumes_a_partial_run(ckpt, tmp_path, monkeypatch, capsys):
     root = str(tmp_path / "MLVU")
     mlvu(root)
-    answers = {s.meta["task"]: "<answer>A</answer>" for s in sample.read_mlvu(root, "reason")}
+    answers = {s.meta["task"]: "<answer>A</answer>" for s in E.read_mlvu(root, "reason")}
     calls = []
     scripted(monkeypatch, answers, calls)
     preds = str(tmp_path / "mlvu.jsonl")
@@ -387,7 +392,7 @@ def mmvu(root, where="validation.json"):
 def test_mmvu_end_to_end(ckpt, tmp_path, capsys):
     root = str(tmp_path / "MMVU")
     mmvu(root)
-    samples = sample.read_mmvu(root, "reason")
+    samples = E.read_mmvu(root, "reason")
     assert [s.meta["line"] for s in samples] == ["validation_1", "validation_2", "validation_3"]  # multiple choice only
     assert samples[0].video == f"{root}/videos/Chemistry/0.mp4" and samples[1].video == f"{root}/videos/Art/0.mp4"
     assert [s.solution for s in samples] == ["A", "E", "C"] and samples[0].meta["subject"] == "Chemistry"
@@ -403,4 +408,4 @@ def test_mmvu_end_to_end(ckpt, tmp_path, capsys):
     assert "Chemistry" in out and "Art/9.mp4" in err
     other = str(tmp_path / "MMVU-github")  # the GitHub repository keeps the file in data/
     mmvu(other, "data/validation.json")
-    assert len(sample.read_mmvu(other, "option")) == 3
+    assert len(E.read_mmvu(other, "option")) == 3

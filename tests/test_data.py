@@ -155,6 +155,43 @@ def test_prompt_ids_around_the_placeholder(tok):
     assert tok.eos_id == tok.pad_id == tok.tok.token_to_id("<|endoftext|>")
 
 
+def test_slow_tokenizer_files_load_with_tokenizers_alone(tmp_path):
+    """A checkpoint as the original code saves it: vocab.json, merges.txt, added_tokens.json,
+    tokenizer_config.json, special_tokens_map.json, no tokenizer.json. A small byte-level BPE vocabulary is
+    trained here with Qwen2's pre-tokenizer; transformers' Qwen2Tokenizer on the same files is the reference."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    transformers = pytest.importorskip("transformers")
+    texts = [D.build_prompt(D.mc_question("What does the café owner do (at 12:45)?", ["sit down", "run"])),
+             "<think>I'll count: 1, 22, 333 ... it's 3!</think>\n\n<answer>B</answer>", "naïve  \t tabs\r\nend"] * 4
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(D.QWEN2_SPLIT), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=350, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.model.save(str(tmp_path))  # vocab.json, merges.txt
+    n = bpe.get_vocab_size()
+    specials = {"<|endoftext|>": n, "<|im_start|>": n + 1, "<|im_end|>": n + 2}
+    (tmp_path / "added_tokens.json").write_text(json.dumps(specials))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "bos_token": None, "model_max_length": 3072, "added_tokens_decoder": {str(i): {
+            "content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
+            for t, i in specials.items()}}))
+    ours = D.Tokenizer(str(tmp_path))
+    ref = transformers.Qwen2Tokenizer.from_pretrained(str(tmp_path))
+    assert ours.eos_id == ours.pad_id == ref.eos_token_id == n and ours.vocab_size == n + 3
+    for text in texts + ["<|im_start|>user\nhi<|im_end|>x<|endoftext|>", "cafe\u0301 it'S (C) \u2603 \u65e5\u672c  "]:
+        ids = ours.encode(text)
+        assert ids == ref.encode(text, add_special_tokens=False), text
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True)
+    question = D.mc_question("Which (A) way?", ["left", "right"])
+    before, after = D.build_prompt(question).split("<image>")
+    assert ours.prompt_ids(question) == ref.encode(before) + [IMAGE_TOKEN_INDEX] + ref.encode(after)
+    assert ours.sft_ids(question, "<answer>A</answer>")[0][-1] == n
+
+
 def test_sft_labels_mask_the_prompt(tok):
     ids, labels = tok.sft_ids("Why?", "<answer>A</answer>")
     n = len(tok.prompt_ids("Why?"))

@@ -393,6 +393,20 @@ def test_clipping_with_an_old_policy():
     assert metrics["clip_ratio"] == 0.25 and loss.item() == pytest.approx(((-1.5 - 0.5) / 2 + (1.5 + 0.8) / 2) / 2, abs=1e-6)
 
 
+def test_per_token_kl_is_clamped_as_the_original():
+    # ref - logp = 10, -200, 0.5: k3 = e^10 - 11 (~22015) and e^-200 + 199 (~199) are clamped to 100, with no
+    # gradient; the third, e^0.5 - 1.5, is not. A = 0 leaves only the KL term.
+    logp = torch.zeros(1, 3, requires_grad=True)
+    ref, adv, mask = torch.tensor([[10.0, -200.0, 0.5]]), torch.zeros(1), torch.ones(1, 3)
+    k = math.exp(0.5) - 1.5
+    loss, metrics = grpo_loss(logp, None, ref, adv, mask, beta=0.1)
+    assert metrics["kl"] == pytest.approx((200 + k) / 3, rel=1e-6) and loss.item() == pytest.approx(0.1 * (200 + k) / 3, rel=1e-6)
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[0.0, 0.0, 0.1 * (1 - math.exp(0.5)) / 3]]), atol=1e-7)
+    _, metrics = grpo_loss(logp, None, ref, adv, mask, beta=0.1, kl_clamp=None)
+    assert metrics["kl"] == pytest.approx((math.exp(10) - 11 + math.exp(-200) + 199 + k) / 3, rel=1e-5)
+
+
 def test_kl_is_exactly_zero_when_the_reference_is_the_policy():
     model = tiny_model(3)
     ref_model = copy.deepcopy(model).requires_grad_(False)

@@ -405,6 +405,24 @@ def test_save_load_round_trip_is_bit_identical_and_sharded(tmp_path, refs):
     assert M.TinyLLaVA.from_pretrained(str(tmp_path / "out")).config.text.hidden_size == 64
 
 
+def test_load_then_save_writes_every_tensor_it_read(tmp_path, refs):
+    """SigLIP's unused last layer, post_layernorm and head (and a tied lm_head) go back out as read, so the
+    original code finds what it expects; config fields it needs are kept."""
+    lm_head = {"language_model.lm_head.weight": torch.randn(96, 64)}
+    state = write_published(tmp_path / "ckpt", refs, dtype=torch.bfloat16, extra=lm_head)
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    paths = {"llm_model_name_or_path": "Qwen/Qwen2.5-3B", "vision_model_name_or_path": "google/siglip-so400m-patch14-384"}
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**cfg, **paths}))
+    model = M.TinyLLaVA.from_pretrained(str(tmp_path / "ckpt"))
+    unused = [k for k in state if "post_layernorm" in k or ".head." in k or "encoder.layers.2." in k]
+    assert unused and sorted(model.unused_tensors) == sorted(unused + list(lm_head))
+    model.save_pretrained(str(tmp_path / "out"))
+    saved = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(saved) == set(state)
+    assert all(saved[k].dtype == torch.bfloat16 and torch.equal(saved[k], state[k]) for k in state)
+    assert json.loads((tmp_path / "out" / "config.json").read_text()).items() >= paths.items()
+
+
 def test_missing_config_fields_take_defaults():
     with pytest.warns(UserWarning, match="no vision_config"):
         cfg = M.TinyLLaVAConfig.from_dict({"text_config": {"hidden_size": 64, "rope_parameters": {"rope_theta": 5.0}}, "unknown": 1})
@@ -494,3 +512,10 @@ def test_from_parts_siglip_dual_encoder_and_qwen2(tmp_path, refs):
     model.save_pretrained(str(tmp_path / "joined"))
     back = M.TinyLLaVA.from_pretrained(str(tmp_path / "joined"))
     assert torch.equal(back.connector.latents, model.connector.latents)
+    # the original code rebuilds its configs from the source paths, and holds all of SigLIP (not its text tower)
+    cfg = json.loads((tmp_path / "joined" / "config.json").read_text())
+    assert (cfg["llm_model_name_or_path"], cfg["vision_model_name_or_path"]) == (str(ldir), str(vdir))
+    saved = load_file(str(tmp_path / "joined" / "model.safetensors"))
+    assert {"vision_tower._vision_tower." + k for k in vstate if k.startswith("vision_model.")} <= set(saved)
+    assert not [k for k in saved if "text_model" in k or "logit_scale" in k or "lm_head" in k]
+    assert set(M.TinyLLaVA.from_pretrained(str(tmp_path / "joined")).published_state_dict()) == set(saved)

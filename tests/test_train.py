@@ -121,6 +121,30 @@ def test_nan_loss_skips_the_step(task, tmp_path, monkeypatch):
     assert rows[0]["nan_steps"] == 1 and rows[1]["nan_steps"] == 1
 
 
+def test_paper_defaults_per_stage_kl_clamp_flag_and_slow_tokenizer_files(task, tmp_path, monkeypatch):
+    """Cold start: 4 samples per step (4 GPUs x 1 in the original), GRPO: 8 prompts; --no-kl-clamp reaches
+    the loss; a directory with only the slow tokenizer's files is copied into checkpoints."""
+    assert [train.TrainConfig(stage=s).prompts_per_step for s in ("sft", "grpo")] == [4, 8]
+    assert train.TrainConfig(stage="sft", prompts_per_step=2).prompts_per_step == 2
+    cfg = train.TrainConfig(**vars(train.parse_args(["--stage", "sft", "--data", "x"])))
+    assert cfg.prompts_per_step == 4 and cfg.kl_clamp
+    cfg = train.TrainConfig(**vars(train.parse_args(["--data", "x", "--no-kl-clamp"])))
+    assert cfg.prompts_per_step == 8 and not cfg.kl_clamp
+    seen, real = [], train.G.grpo_loss
+    monkeypatch.setattr(train.G, "grpo_loss", lambda *a, **k: seen.append(k["kl_clamp"]) or real(*a, **k))
+    run(task, tmp_path / "clamped", steps=1)
+    assert set(seen) == {100.0}
+    run(task, tmp_path / "free", steps=1, kl_clamp=False)
+    assert seen[-1] is None
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    with pytest.raises(SystemExit, match="no tokenizer.json"):
+        train.tokenizer_file(str(slow))
+    for name in ("vocab.json", "merges.txt", "added_tokens.json"):
+        (slow / name).write_text("{}")
+    assert [os.path.basename(p) for p in train.tokenizer_file(str(slow))] == ["vocab.json", "merges.txt", "added_tokens.json"]
+
+
 def test_sample_errors_are_one_line(task, tmp_path, capsys):
     assert sample.main(["--ckpt", str(tmp_path / "nope"), "--video", "x.mp4", "--question", "q"]) == 2
     assert sample.main(["--ckpt", task["init"], "--video", str(tmp_path / "nope.mp4"), "--question", "q"]) == 2
