@@ -236,7 +236,9 @@ def sample_token(logits, temperature=1.0, top_k=50, top_p=1.0, generator=None):
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p
         cut = cut.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    tok = torch.multinomial(cut.softmax(-1), 1, generator=generator)[:, 0]
+    probs = cut.softmax(-1)  # non-finite rows (a diverged model) become uniform: multinomial must not crash,
+    probs = torch.where(probs.isfinite(), probs, 1.0)  # the NaN log-probs tell `rollout` without a host sync here
+    tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
     return tok, logp.gather(1, tok[:, None])[:, 0]
 
 
@@ -272,6 +274,8 @@ def rollout(model, input_ids, video_embeds, eos_id, pad_id=None, attention_mask=
             break
         last = lm.decode_step(ids[:, t], cache)  # (N, V)
     ids, logprobs = ids[:, :t + 1], logprobs[:, :t + 1]
+    if not logprobs.isfinite().all():  # one host sync per rollout
+        raise FloatingPointError("rollout: non-finite logits (NaN/inf): the model has diverged")
     mask = completion_mask(ids, eos_id)
     return Rollout(ids, mask, logprobs * mask, ~(ids == eos_id).any(1), G)
 

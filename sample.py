@@ -16,6 +16,7 @@ tasks, Video-MME per duration, MMVU over all items.
 
 import argparse
 import glob
+import hashlib
 import json
 import os
 import re
@@ -48,7 +49,16 @@ def load(ckpt, device=None, dtype=None):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = M.TinyLLaVA.from_pretrained(ckpt, device=device, dtype=dtype).eval()
-    return model, D.Tokenizer(ckpt)
+    return model, D.Tokenizer(ckpt, model.config.text.vocab_size)
+
+
+def checkpoint_id(ckpt):
+    """What tells one checkpoint's weights from another's, cheaply: its path, and a hash of config.json and
+    of each weights file's name, size and modification time (every save writes new files)."""
+    h = hashlib.sha256(open(os.path.join(ckpt, "config.json"), "rb").read())
+    for f in sorted(glob.glob(os.path.join(ckpt, "model*.safetensors"))):
+        h.update(f"{os.path.basename(f)} {os.stat(f).st_size} {os.stat(f).st_mtime_ns}".encode())
+    return f"{os.path.abspath(ckpt)} {h.hexdigest()[:16]}"
 
 
 def default_frames(model):
@@ -177,8 +187,10 @@ def load_clip(sample, num_frames, size):
 # ----------------------------------------------------------------------------- scoring a multiple-choice set
 
 
-def read_predictions(path):
-    """Predictions already written by an interrupted run: {item key: record}."""
+def read_predictions(path, run=None):
+    """Predictions already written by an interrupted run: {item key: record}. With `run` (the checkpoint
+    and settings each record carries), a file holding any other run's answers is moved aside to
+    PATH.stale and nothing is resumed: answers are only ever reused for the model and settings that made them."""
     done = {}
     if os.path.exists(path):
         with open(path) as f:
@@ -186,23 +198,28 @@ def read_predictions(path):
                 try:
                     r = json.loads(line)
                     done[r["key"]] = r
-                except (json.JSONDecodeError, KeyError):
+                except (json.JSONDecodeError, KeyError, TypeError):
                     pass  # a line cut short by the interruption: that item is redone
+        if run is not None and any(r.get("run") != run for r in done.values()):
+            os.replace(path, path + ".stale")
+            print(f"sample.py: {path} holds answers of another checkpoint or other settings: moved to "
+                  f"{path}.stale, starting afresh", file=sys.stderr)
+            return {}
     return done
 
 
 def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8, frames=None, max_new_tokens=512,
-             progress=True, desc="eval"):
+             progress=True, desc="eval", run=None):
     """Answer every sample greedily and compare the letter with `sample.solution`.
 
     samples: data.Sample with `question` already holding the options and the mode's suffix. With a
     `predictions` path, each answer is appended as a JSON line as soon as it exists, and the items found
-    there are not asked again. A video that cannot be read is reported, skipped and counted (it is asked
+    there are not asked again if they carry the same `run` (see read_predictions). A video that cannot be read is reported, skipped and counted (it is asked
     again on the next run). -> {"accuracy", "correct", "total", "unparsed", "missing_videos"} plus the
     records (one per answer, with the sample's meta but its options) and the skipped samples ("missing")."""
     frames = frames or default_frames(model)
     size = model.config.vision.image_size
-    done = read_predictions(predictions) if predictions else {}
+    done = read_predictions(predictions, run) if predictions else {}
     records = [done[k] for k in (sample_key(s) for s in samples) if k in done]
     todo = [s for s in samples if sample_key(s) not in done]
     missing = []
@@ -234,7 +251,7 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
                 answer = parse_answer(s.solution, 26, "reason" if "<answer>" in s.solution else "option")
                 r = {"key": sample_key(s), "video": s.video, "answer": answer, "pred": pred,
                      "correct": pred is not None and pred == answer, "output": text, "num_options": num_options,
-                     **{k: v for k, v in s.meta.items() if k != "options"}}
+                     **{k: v for k, v in s.meta.items() if k != "options"}, "run": run}
                 records.append(r)
                 if out:
                     out.write(json.dumps(r) + "\n")
@@ -502,10 +519,10 @@ def format_table(title, summary, group):
     return "\n".join(lines)
 
 
-def run_benchmark(model, tok, samples, bench, mode, predictions, batch_size, frames, max_new_tokens):
+def run_benchmark(model, tok, samples, bench, mode, predictions, batch_size, frames, max_new_tokens, run=None):
     """Answer (or resume) every item, print the table, write the summary beside the predictions."""
     _, group, average = BENCHMARKS[bench]
-    res = evaluate(model, tok, samples, mode, predictions, batch_size, frames, max_new_tokens, desc=bench)
+    res = evaluate(model, tok, samples, mode, predictions, batch_size, frames, max_new_tokens, desc=bench, run=run)
     order = list(dict.fromkeys(s.meta[group] for s in samples))
     if bench == "videomme":
         order = sorted(order, key=lambda d: VIDEOMME_DURATIONS.index(d) if d in VIDEOMME_DURATIONS else len(order))
@@ -518,7 +535,7 @@ def run_benchmark(model, tok, samples, bench, mode, predictions, batch_size, fra
               f"benchmark's full score")
     path = os.path.splitext(predictions)[0] + ".summary.json"
     with open(path, "w") as f:
-        json.dump({"benchmark": bench, "mode": mode, **summary}, f, indent=1)
+        json.dump({"benchmark": bench, "mode": mode, "run": run, **summary}, f, indent=1)
     print(f"predictions in {predictions}, summary in {path}")
     return summary
 
@@ -530,6 +547,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Answer a question about a video, or score a multiple-choice set or "
                                             "one of the paper's benchmarks.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = lambda msg: (print(f"sample.py: {msg} (see --help)", file=sys.stderr), sys.exit(2))
     p.add_argument("--ckpt", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.json)")
     p.add_argument("--video", help="video file to ask about")
     p.add_argument("--question", help="the question")
@@ -559,24 +577,31 @@ def main(argv=None):
             raise UsageError("give --video and --question, --eval FILE.jsonl, or --bench NAME --root DIR")
         if args.bench and args.eval:
             raise UsageError("give --bench or --eval, not both")
+        for ok, msg in [(args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"), (args.frames >= 0, "--frames must be >= 0"),
+                        (args.batch_size >= 1, "--batch-size must be >= 1"), (args.temperature >= 0, "--temperature must be >= 0"),
+                        (args.top_k >= 0, "--top-k must be >= 0"), (0 < args.top_p <= 1, "--top-p must be in (0, 1]")]:
+            if not ok:
+                raise UsageError(msg)
         if args.bench:  # read the benchmark first: a layout error should not wait for the model to load
             if not args.root or not os.path.isdir(args.root):
                 raise UsageError(f"--bench {args.bench} needs --root DIR, the benchmark's folder (got {args.root})")
             samples = BENCHMARKS[args.bench][0](args.root, args.mode)
         model, tok = load(args.ckpt, args.device)
         frames = args.frames or default_frames(model)
+        run = {"checkpoint": checkpoint_id(args.ckpt), "mode": args.mode, "frames": frames,
+               "max_new_tokens": args.max_new_tokens, "dtype": str(next(model.parameters()).dtype)}
         if args.bench:
             preds = args.predictions or os.path.join(args.ckpt, "eval", f"{args.bench}.{args.mode}.jsonl")
             os.makedirs(os.path.dirname(os.path.abspath(preds)), exist_ok=True)
             run_benchmark(model, tok, samples, args.bench, args.mode, preds, args.batch_size, frames,
-                          args.max_new_tokens)
+                          args.max_new_tokens, run)
             return 0
         if args.eval:
             if not os.path.exists(args.eval):
                 raise UsageError(f"--eval {args.eval}: no such file")
             samples = D.read_mc_jsonl(args.eval, args.root, mode=args.mode)
             preds = args.predictions or os.path.splitext(args.eval)[0] + f".{args.mode}.predictions.jsonl"
-            res = evaluate(model, tok, samples, args.mode, preds, args.batch_size, frames, args.max_new_tokens)
+            res = evaluate(model, tok, samples, args.mode, preds, args.batch_size, frames, args.max_new_tokens, run=run)
             print(f"accuracy {res['accuracy']:.4f} ({res['correct']}/{res['total']}), unparsed {res['unparsed']}, "
                   f"missing videos {res['missing_videos']}; predictions in {preds}")
             return 0
@@ -588,7 +613,7 @@ def main(argv=None):
             print(piece, end="", flush=True)
         print()
         return 0
-    except (UsageError, D.VideoError, D.DataError, M.CheckpointError) as e:
+    except (UsageError, D.VideoError, D.DataError, M.CheckpointError, FloatingPointError) as e:
         print(f"sample.py: {e}", file=sys.stderr)
         return 2
 

@@ -98,7 +98,7 @@ def test_bad_samples_are_skipped_and_counted(task, tmp_path):
     os.symlink(os.path.join(os.path.dirname(task["grpo"]), "videos"), tmp_path / "videos")
     m = run(task, tmp_path / "run", data=str(bad), steps=2)
     assert m["skipped_samples"] >= 1
-    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    state = train.load_state(str(tmp_path / "run" / "checkpoint"))
     assert all("missing.mp4" in s for s in state["skipped"])
 
 
@@ -145,7 +145,7 @@ def test_default_run_shortened(tmp_path, monkeypatch, capsys):
                  sft=dict(lr=1e-3, steps=2, prompts_per_step=4, micro_batch=4),
                  grpo=dict(lr=1e-4, steps=2, prompts_per_step=4, micro_batch=4, group_size=4, max_new_tokens=8, beta=0.01))
     monkeypatch.setattr(train, "DEMO", small)
-    train.main(["--out", str(tmp_path), "--seed", "3"])
+    assert train.main(["--demo", "--out", str(tmp_path), "--seed", "3"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(summary) >= {"sft_accuracy", "grpo_accuracy", "seconds"}
     assert 0 <= summary["sft_accuracy"] <= 1 and 0 <= summary["grpo_accuracy"] <= 1 and summary["n_test"] == 8
