@@ -171,7 +171,8 @@ def check_config(cfg):
         (c.temperature > 0 or (c.stage == "sft" and c.temperature == 0), f"{v('temperature')}: must be > 0 (GRPO samples)"),
         (0 < c.top_p <= 1, f"{v('top_p')}: must be in (0, 1]"), (c.lr > 0, f"{v('lr')}: must be > 0"),
         (0 <= c.warmup <= 1, f"{v('warmup')}: must be in [0, 1]"), (c.epochs > 0, f"{v('epochs')}: must be > 0"),
-        (not (c.resume and c.overwrite), "give --resume or --overwrite, not both")] if not ok]
+        (not (c.resume and c.overwrite), "give --resume or --overwrite, not both"),
+        (not c.root or os.path.isdir(c.root), f"{v('root')}: no such directory")] if not ok]
     if bad:
         raise RunError("; ".join(bad))
 
