@@ -172,7 +172,9 @@ def check_config(cfg):
         (0 < c.top_p <= 1, f"{v('top_p')}: must be in (0, 1]"), (c.lr > 0, f"{v('lr')}: must be > 0"),
         (0 <= c.warmup <= 1, f"{v('warmup')}: must be in [0, 1]"), (c.epochs > 0, f"{v('epochs')}: must be > 0"),
         (not (c.resume and c.overwrite), "give --resume or --overwrite, not both"),
-        (not c.root or os.path.isdir(c.root), f"{v('root')}: no such directory")] if not ok]
+        (not c.root or os.path.isdir(c.root), f"{v('root')}: no such directory"),
+        (not os.path.abspath(c.init or "-").startswith(os.path.abspath(os.path.join(c.out, "checkpoint"))),
+         f"{v('init')}: inside the checkpoint this run replaces (start from a copy)")] if not ok]
     if bad:
         raise RunError("; ".join(bad))
 

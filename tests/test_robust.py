@@ -338,10 +338,11 @@ TRAIN_BASE = ["--data", "DATA", "--init", "INIT"]
     (["--temperature", "-1"], "--temperature"), (["--top-p", "0"], "--top-p"), (["--scale", "x"], "--scale"),
     (["--loss-type", "x"], "--loss-type"), (["--lr", "-1"], "--lr"), (["--epochs", "0"], "--epochs"),
     (["--stage", "rl"], "--stage"), (["--connector", "x"], "--connector"), (["--warmup", "2"], "--warmup"),
-    (["--root", "/no/such/dir"], "--root"), (["--steps", "x"], "--steps"),
+    (["--root", "/no/such/dir"], "--root"), (["--steps", "x"], "--steps"), (["--init", "o/checkpoint"], "--init"),
 ])
 def test_train_flags_are_checked_first(task, tmp_path, capsys, flags, word):
     argv = [task["grpo"] if a == "DATA" else task["init"] if a == "INIT" else a for a in TRAIN_BASE]
+    flags = [str(tmp_path / f) if f.startswith("o/") else f for f in flags]
     try:
         code = train.main([*argv, "--out", str(tmp_path / "o"), *flags])
     except SystemExit as e:  # argparse's own checks (a type) exit from inside, with code 2
