@@ -247,19 +247,25 @@ class Tokenizer:
     """A Hugging Face tokenizer read with `tokenizers` (tokenizer.json, or Qwen2's slow-tokenizer files),
     with the prompt and label rules of the paper."""
 
-    def __init__(self, path):
+    def __init__(self, path, max_vocab=None):
+        """max_vocab: the model's embedding rows; a larger vocabulary belongs to another model."""
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if os.path.isfile(file):
-            self.tok = HFTokenizer.from_file(file)
+            try:
+                self.tok = HFTokenizer.from_file(file)
+            except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+                raise DataError(f"{file}: not a readable tokenizer ({e})") from None
         elif os.path.isdir(path) and all(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "merges.txt")):
             self.tok, file = slow_tokenizer(path), os.path.join(path, "vocab.json")
         else:
             raise FileNotFoundError(f"{file}: no such tokenizer file (nor vocab.json and merges.txt beside it)")
         self.eos_id = self.tok.token_to_id(EOS)
         if self.eos_id is None:
-            raise ValueError(f"{file}: the vocabulary has no {EOS} token")
+            raise DataError(f"{file}: the vocabulary has no {EOS} token")
         self.pad_id = self.eos_id
         self.vocab_size = self.tok.get_vocab_size()
+        if max_vocab is not None and self.vocab_size > max_vocab:
+            raise DataError(f"{file}: {self.vocab_size} tokens, more than the model's {max_vocab} embeddings")
 
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -317,22 +323,24 @@ def _rows(path):
     """(line number, parsed object) for a .jsonl file or the items of a .json list."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    with open(path) as f:
+    with open(path, "rb") as f:  # bytes: one bad byte costs one row, not the file; utf-8-sig drops a leading BOM
         if path.endswith(".json"):
             try:
-                items = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: not valid JSON ({e})")
+                items = json.loads(f.read().decode("utf-8-sig"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise DataError(f"{path}: not valid UTF-8 JSON ({e})") from None
             if not isinstance(items, list):
                 raise DataError(f"{path}: expected a JSON list")
             return [(i + 1, item) for i, item in enumerate(items)]
         out = []
         for i, line in enumerate(f):
-            if line.strip():
-                try:
+            try:
+                line = line.decode("utf-8-sig")
+                if line.strip():
                     out.append((i + 1, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    out.append((i + 1, DataError(f"{path}:{i + 1}: not valid JSON ({e.msg})")))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                what = "UTF-8" if isinstance(e, UnicodeDecodeError) else "JSON"
+                out.append((i + 1, DataError(f"{path}:{i + 1}: not valid {what} ({getattr(e, 'msg', e)})")))
         return out
 
 
@@ -382,6 +390,9 @@ def read_samples(path, root=None, errors="raise", mode="reason"):
                 samples.append(_mc_sample(row, path, line, root, mode))
             else:
                 raise DataError(f"{path}:{line}: not a known row format (needs 'conversations', 'problem' or 'options')")
+            if "<image>" in samples[-1].question:  # the prompt template puts the video first, alone
+                samples.pop()
+                raise DataError(f"{path}:{line}: the question contains <image> (the video goes before the question)")
         except DataError as e:
             if errors == "raise":
                 raise

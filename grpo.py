@@ -316,6 +316,8 @@ def rollout(model, input_ids, video_embeds, eos_id, pad_id=None, attention_mask=
                 live, cache, tok = live[keep], cache.select_rows(keep), tok[keep]
         last = decode(torch.where(done[live], pad_id, tok), cache)  # (rows in the batch, V)
     ids, logprobs = ids[:, :t + 1], logprobs[:, :t + 1]
+    if not logprobs.isfinite().all():  # one host sync per rollout
+        raise FloatingPointError("rollout: non-finite logits (NaN/inf): the model has diverged")
     mask = completion_mask(ids, eos_id)
     return Rollout(ids, mask, logprobs * mask, ~(ids == eos_id).any(1), G)
 

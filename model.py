@@ -605,9 +605,12 @@ class TinyLLaVA(nn.Module):
     def from_pretrained(cls, path, device=None, dtype=None):
         """Load a published TinyLLaVA-Video(-R1) directory: config.json plus model.safetensors or
         shards with model.safetensors.index.json. dtype None keeps the checkpoint's dtype."""
-        config = TinyLLaVAConfig.from_dict(_read_json(os.path.join(path, "config.json")))
-        with torch.device("meta"):
-            model = cls(config)
+        file = os.path.join(path, "config.json")
+        try:
+            with torch.device("meta"):
+                model = cls(TinyLLaVAConfig.from_dict(_read_json(file)))
+        except (TypeError, ValueError, AttributeError, KeyError, ZeroDivisionError, RuntimeError) as e:
+            raise CheckpointError(f"{file}: not a TinyLLaVA config ({type(e).__name__}: {e})") from None
         files = _checkpoint_files(path)
         model._load(files, {ours: pub for ours, pub in CHECKPOINT_PREFIXES.items()}, device, dtype)
         return model.eval()
@@ -638,7 +641,7 @@ class TinyLLaVA(nn.Module):
     def _load(self, files, prefixes, device, dtype, skip=()):
         """Read every tensor once, straight into place (the meta model holds no memory, so a 7 GB
         checkpoint is never held twice). One error lists every problem, naming the files."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         expected = {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
         published = {}  # published key -> our key
@@ -648,23 +651,29 @@ class TinyLLaVA(nn.Module):
         loaded, unexpected, mismatched, bad_shape = {}, [], [], set()
         vision = prefixes["vision_tower."]
         for file in files:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    ours = published.get(key)
-                    if ours is None:
-                        if not self._known_unused(key, prefixes):
-                            unexpected.append(f"{key} (in {os.path.basename(file)})")
-                        elif key.startswith(vision) or prefixes == CHECKPOINT_PREFIXES:  # not a SigLIP text tower
-                            t = f.get_tensor(key)
-                            self.unused_tensors[CHECKPOINT_PREFIXES["vision_tower."] + key[len(vision):]
-                                                if key.startswith(vision) else key] = t.to(dtype=dtype or t.dtype)
-                        continue
-                    t = f.get_tensor(key)
-                    if tuple(t.shape) != tuple(expected[ours].shape):
-                        mismatched.append(f"{key}: {tuple(t.shape)} in {os.path.basename(file)}, model expects {tuple(expected[ours].shape)}")
-                        bad_shape.add(ours)
-                        continue
-                    loaded[ours] = t.to(device=device or "cpu", dtype=dtype or t.dtype)
+            try:
+                with safe_open(file, framework="pt", device="cpu") as f:
+                    for key in f.keys():
+                        ours = published.get(key)
+                        if ours is None:
+                            if not self._known_unused(key, prefixes):
+                                unexpected.append(f"{key} (in {os.path.basename(file)})")
+                            elif key.startswith(vision) or prefixes == CHECKPOINT_PREFIXES:  # not a SigLIP text tower
+                                t = f.get_tensor(key)
+                                self.unused_tensors[CHECKPOINT_PREFIXES["vision_tower."] + key[len(vision):]
+                                                    if key.startswith(vision) else key] = t.to(dtype=dtype or t.dtype)
+                            continue
+                        t = f.get_tensor(key)
+                        if tuple(t.shape) != tuple(expected[ours].shape):
+                            mismatched.append(f"{key}: {tuple(t.shape)} in {os.path.basename(file)}, model expects {tuple(expected[ours].shape)}")
+                            bad_shape.add(ours)
+                            continue
+                        loaded[ours] = t.to(device=device or "cpu", dtype=dtype or t.dtype)
+            except (SafetensorError, OSError) as e:  # a truncated or garbage file
+                raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+        bad = [k for k, t in loaded.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:  # a diverged run's weights would only give empty or garbage answers
+            raise CheckpointError(f"{files[0]}: non-finite values (NaN/inf) in {len(bad)} tensors, e.g. {bad[0]}")
         missing = [k for k, ours in published.items() if ours not in loaded and ours not in bad_shape]
         if missing or unexpected or mismatched:
             lines = [f"cannot load {', '.join(files)}:"]

@@ -15,6 +15,8 @@ answered, resumably, with the same code as --eval.
 """
 
 import argparse
+import glob
+import hashlib
 import json
 import os
 import random
@@ -46,7 +48,16 @@ def load(ckpt, device=None, dtype=None):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = M.TinyLLaVA.from_pretrained(ckpt, device=device, dtype=dtype).eval()
-    return model, D.Tokenizer(ckpt)
+    return model, D.Tokenizer(ckpt, model.config.text.vocab_size)
+
+
+def checkpoint_id(ckpt):
+    """What tells one checkpoint's weights from another's, cheaply: its path, and a hash of config.json and
+    of each weights file's name, size and modification time (every save writes new files)."""
+    h = hashlib.sha256(open(os.path.join(ckpt, "config.json"), "rb").read())
+    for f in sorted(glob.glob(os.path.join(ckpt, "model*.safetensors"))):
+        h.update(f"{os.path.basename(f)} {os.stat(f).st_size} {os.stat(f).st_mtime_ns}".encode())
+    return f"{os.path.abspath(ckpt)} {h.hexdigest()[:16]}"
 
 
 def fast_decode(model, compile=None):
@@ -131,8 +142,10 @@ def stream(model, tok, question, pixels, max_new_tokens=512, temperature=0.0, to
 # ----------------------------------------------------------------------------- scoring a multiple-choice set
 
 
-def read_predictions(path):
-    """Predictions already written by an interrupted run: {item key: record}."""
+def read_predictions(path, run=None):
+    """Predictions already written by an interrupted run: {item key: record}. With `run` (the checkpoint
+    and settings each record carries), a file holding any other run's answers is moved aside to
+    PATH.stale and nothing is resumed: answers are only ever reused for the model and settings that made them."""
     done = {}
     if os.path.exists(path):
         with open(path) as f:
@@ -140,13 +153,18 @@ def read_predictions(path):
                 try:
                     r = json.loads(line)
                     done[r["key"]] = r
-                except (json.JSONDecodeError, KeyError):
+                except (json.JSONDecodeError, KeyError, TypeError):
                     pass  # a line cut short by the interruption: that item is redone
+        if run is not None and any(r.get("run") != run for r in done.values()):
+            os.replace(path, path + ".stale")
+            print(f"sample.py: {path} holds answers of another checkpoint or other settings: moved to "
+                  f"{path}.stale, starting afresh", file=sys.stderr)
+            return {}
     return done
 
 
 def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8, frames=None, max_new_tokens=512,
-             progress=True, desc="eval", protocol="clean", seed=0, decode=None):
+             progress=True, desc="eval", protocol="clean", seed=0, decode=None, run=None):
     """Answer every sample and compare the letter with `sample.solution`.
 
     samples: data.Sample with `question` already holding the options and the mode's suffix. protocol "clean":
@@ -154,7 +172,7 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
     1, top-k 50, top-p 1) from a generator seeded with `seed`, and eval.parse_original, its random guesses
     seeded with `seed` and the item (so the same command gives the same answers). With a `predictions` path,
     each answer is appended as a JSON line as soon as it exists, and the items found there are not asked
-    again. A video that cannot be read is reported, skipped and counted (it is asked again on the next run).
+    again if they carry the same `run` (checkpoint and settings, see read_predictions). A video that cannot be read is reported, skipped and counted (it is asked again on the next run).
     -> {"accuracy", "correct", "total", "unparsed", "missing_videos"} plus the records (one per answer, with
     the exact prompt text, the frame indices used and the sample's meta but its options) and the skipped
     samples ("missing")."""
@@ -163,7 +181,7 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
     sampling = dict(temperature=1.0, top_k=50, top_p=1.0, generator=torch.Generator(device).manual_seed(seed)) if original else {}
     frames = frames or default_frames(model)
     size = model.config.vision.image_size
-    done = read_predictions(predictions) if predictions else {}
+    done = read_predictions(predictions, run) if predictions else {}
     records = [done[k] for k in (sample_key(s) for s in samples) if k in done]
     todo = [s for s in samples if sample_key(s) not in done]
     missing, tokens, seconds = [], 0, 0.0
@@ -209,7 +227,7 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
                      "correct": pred is not None and pred == answer, "output": text, "num_options": num_options,
                      "prompt": D.build_prompt(s.question), "frames": idx,
                      **({"guessed": guessed, "seed": seed} if original else {}),
-                     **{k: v for k, v in s.meta.items() if k != "options"}}
+                     **{k: v for k, v in s.meta.items() if k != "options"}, "run": run}
                 records.append(r)
                 if out:
                     out.write(json.dumps(r) + "\n")
@@ -232,11 +250,11 @@ def sample_key(s):
 
 
 def run_benchmark(model, tok, samples, bench, mode, predictions, batch_size, frames, max_new_tokens,
-                  protocol="clean", seed=0, decode=None):
+                  protocol="clean", seed=0, decode=None, run=None):
     """Answer (or resume) every item, print the table, write the summary beside the predictions."""
     _, group, average = E.BENCHMARKS[bench]
     res = evaluate(model, tok, samples, mode, predictions, batch_size, frames, max_new_tokens, desc=bench,
-                   protocol=protocol, seed=seed, decode=decode)
+                   protocol=protocol, seed=seed, decode=decode, run=run)
     order = list(dict.fromkeys(s.meta[group] for s in samples))
     if bench == "videomme":
         order = sorted(order, key=lambda d: E.VIDEOMME_DURATIONS.index(d) if d in E.VIDEOMME_DURATIONS else len(order))
@@ -250,7 +268,7 @@ def run_benchmark(model, tok, samples, bench, mode, predictions, batch_size, fra
               f"benchmark's full score")
     path = os.path.splitext(predictions)[0] + ".summary.json"
     with open(path, "w") as f:
-        json.dump({"benchmark": bench, "mode": mode, "protocol": protocol, "seed": seed, **summary}, f, indent=1)
+        json.dump({"benchmark": bench, "mode": mode, "protocol": protocol, "seed": seed, "run": run, **summary}, f, indent=1)
     print(f"predictions in {predictions}, summary in {path}")
     return summary
 
@@ -262,6 +280,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Answer a question about a video, or score a multiple-choice set or "
                                             "one of the paper's benchmarks.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = lambda msg: (print(f"sample.py: {msg} (see --help)", file=sys.stderr), sys.exit(2))
     p.add_argument("--ckpt", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.json)")
     p.add_argument("--video", help="video file to ask about")
     p.add_argument("--question", help="the question")
@@ -301,6 +320,11 @@ def main(argv=None):
             raise UsageError("give --video and --question, --eval FILE.jsonl, or --bench NAME --root DIR")
         if args.bench and args.eval:
             raise UsageError("give --bench or --eval, not both")
+        for ok, msg in [(args.max_new_tokens is None or args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"), (args.frames >= 0, "--frames must be >= 0"),
+                        (args.batch_size >= 0, "--batch-size must be >= 0 (0: as many as fit)"), (args.temperature >= 0, "--temperature must be >= 0"),
+                        (args.top_k >= 0, "--top-k must be >= 0"), (0 < args.top_p <= 1, "--top-p must be in (0, 1]")]:
+            if not ok:
+                raise UsageError(msg)
         original = args.protocol == "original"
         if original and (not args.bench or args.mode != "reason"):
             raise UsageError("--protocol original is for --bench, in reason mode (the original asked for reasons)")
@@ -315,6 +339,8 @@ def main(argv=None):
         frames = args.frames or default_frames(model)
         decode = fast_decode(model, args.compile)
         batch_size = args.batch_size or default_batch_size(model, max_new_tokens, frames)
+        run = {"checkpoint": checkpoint_id(args.ckpt), "mode": args.mode, "frames": frames, "max_new_tokens": max_new_tokens,
+               "dtype": str(next(model.parameters()).dtype), "protocol": args.protocol}
         if args.bench:
             preds = args.predictions or os.path.join(args.ckpt, "eval", f"{args.bench}.{args.protocol if original else args.mode}.jsonl")
             os.makedirs(os.path.dirname(os.path.abspath(preds)), exist_ok=True)
@@ -322,7 +348,8 @@ def main(argv=None):
             for seed in range(args.seed, args.seed + args.samples):
                 path = f"{os.path.splitext(preds)[0]}.seed{seed}.jsonl" if original else preds
                 runs.append(run_benchmark(model, tok, samples, args.bench, args.mode, path, batch_size, frames,
-                                          max_new_tokens, args.protocol, seed, decode))
+                                          max_new_tokens, args.protocol, seed, decode,
+                                          {**run, "seed": seed} if original else run))
             if len(runs) > 1:  # one sampled run is noisy: the spread over seeds says how much
                 averages = [r["average"] for r in runs]
                 mean, std = float(np.mean(averages)), float(np.std(averages, ddof=1))
@@ -337,7 +364,7 @@ def main(argv=None):
                 raise UsageError(f"--eval {args.eval}: no such file")
             samples = D.read_mc_jsonl(args.eval, args.root, mode=args.mode)
             preds = args.predictions or os.path.splitext(args.eval)[0] + f".{args.mode}.predictions.jsonl"
-            res = evaluate(model, tok, samples, args.mode, preds, batch_size, frames, max_new_tokens, decode=decode)
+            res = evaluate(model, tok, samples, args.mode, preds, batch_size, frames, max_new_tokens, decode=decode, run=run)
             speed = f", {res['tokens_per_s']:.0f} tokens/s" if res["tokens_per_s"] else ""
             print(f"accuracy {res['accuracy']:.4f} ({res['correct']}/{res['total']}), unparsed {res['unparsed']}, "
                   f"missing videos {res['missing_videos']}{speed}; predictions in {preds}")
@@ -350,7 +377,7 @@ def main(argv=None):
             print(piece, end="", flush=True)
         print()
         return 0
-    except (UsageError, D.VideoError, D.DataError, M.CheckpointError) as e:
+    except (UsageError, D.VideoError, D.DataError, M.CheckpointError, FloatingPointError) as e:
         print(f"sample.py: {e}", file=sys.stderr)
         return 2
 

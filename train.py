@@ -18,16 +18,20 @@ bf16 on a GPU.
     python train.py --stage grpo --init runs/sft/checkpoint --data nextqa_0-30s.jsonl --root videos --out runs/grpo
 
 Every step appends its metrics to OUT/metrics.jsonl and redraws OUT/curves.png; OUT/checkpoint holds
-the latest weights (loadable by sample.py) with the optimizer, scheduler, RNG and data position, so
-`--resume` continues the run exactly.
+the latest weights (loadable by sample.py) with the optimizer, scheduler, RNG and data position (JSON and
+safetensors: loading them runs no code), so `--resume` continues the run exactly, even after a kill -9 at
+any moment. A run folder is never overwritten (--overwrite) nor resumed with other settings, and a run
+whose loss or sampled logits stay non-finite stops, keeping the last finite checkpoint.
 """
 
 import argparse
 import copy
+import glob
 import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -35,6 +39,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import data as D
@@ -90,10 +95,9 @@ class TrainConfig:
     grad_checkpointing: bool = True  # ignored on CPU
     save_every: int = 50
     resume: bool = False
+    overwrite: bool = False  # start over in an OUT that holds a run
 
     def __post_init__(self):
-        if self.stage not in ("sft", "grpo"):
-            raise ValueError(f"--stage must be sft or grpo, not {self.stage!r}")
         self.lr = self.lr or (1e-5 if self.stage == "sft" else 1e-6)
         self.schedule = self.schedule or ("constant" if self.stage == "sft" else "cosine")
         # the original's cold start ran on 4 GPUs x 1 sample, without accumulation
@@ -144,8 +148,45 @@ HELP = {
     "device": "cuda, cpu, ... (default: cuda if available)",
     "grad_checkpointing": "recompute decoder layers in backward to save memory (GPU)",
     "save_every": "write the checkpoint every N steps (and at the end)",
-    "resume": "continue from OUT/checkpoint",
+    "resume": "continue from OUT/checkpoint (with the same settings but --steps, --stop-after, --save-every ...)",
+    "overwrite": "start over in an OUT that already holds a run (its metrics and checkpoint are deleted)",
 }
+MAY_CHANGE_ON_RESUME = {"steps", "epochs", "stop_after", "save_every", "micro_batch", "device", "grad_checkpointing",
+                        "root", "out", "resume", "overwrite"}
+MAX_NONFINITE_IN_A_ROW = 5
+
+
+class RunError(Exception):
+    """Bad flags, data, checkpoint or run folder: reported in one line (exit code 2) before any work."""
+
+
+class Diverged(RuntimeError):
+    """The loss or the sampled logits stayed non-finite: the run stops (exit code 1)."""
+
+
+def check_config(cfg):
+    """Every flag value that cannot work, named in one line, before any work starts."""
+    c, v = cfg, lambda name: f"--{name.replace('_', '-')} {getattr(cfg, name)!r}"
+    bad = [f"{v(n)}: must be >= 1" for n in ("prompts_per_step", "micro_batch", "max_new_tokens", "frames", "save_every",
+                                            "max_len", "updates_per_rollout") if getattr(c, n) < 1]
+    bad += [f"{v(n)}: must be >= 0" for n in ("steps", "stop_after", "rollout_batch", "top_k", "weight_decay", "max_grad_norm", "beta",
+                                             "noise_std", "epsilon_low", "epsilon_high") if getattr(c, n) < 0]
+    choices = {"stage": ("sft", "grpo"), "schedule": ("constant", "cosine"), "scale": ("group", "batch", "none"),
+               "loss_type": G.LOSS_TYPES, "connector": ("groupresampler", "naiveresampler", "mlp2x_gelu")}
+    bad += [f"{v(n)}: must be one of {', '.join(ok)}" for n, ok in choices.items() if getattr(c, n) not in ok]
+    bad += [msg for ok, msg in [
+        (not (c.init and (c.vision or c.llm)), "give --init, or --vision and --llm, not both"),
+        (c.init or (c.vision and c.llm), "give --init DIR, or --vision DIR and --llm DIR"),
+        (c.group_size >= 2 or c.stage == "sft", f"{v('group_size')}: must be >= 2 (a group compares its answers)"),
+        (c.temperature > 0 or (c.stage == "sft" and c.temperature == 0), f"{v('temperature')}: must be > 0 (GRPO samples)"),
+        (0 < c.top_p <= 1, f"{v('top_p')}: must be in (0, 1]"), (c.lr > 0, f"{v('lr')}: must be > 0"),
+        (0 <= c.warmup <= 1, f"{v('warmup')}: must be in [0, 1]"), (c.epochs > 0, f"{v('epochs')}: must be > 0"),
+        (not (c.resume and c.overwrite), "give --resume or --overwrite, not both"),
+        (not c.root or os.path.isdir(c.root), f"{v('root')}: no such directory"),
+        (not os.path.abspath(c.init or "-").startswith(os.path.abspath(os.path.join(c.out, "checkpoint"))),
+         f"{v('init')}: inside the checkpoint this run replaces (start from a copy)")] if not ok]
+    if bad:
+        raise RunError("; ".join(bad))
 
 
 # ----------------------------------------------------------------------------- model, data, optimizer
@@ -155,13 +196,9 @@ def load_model(cfg, device):
     """The policy and its tokenizer, from a checkpoint or from parts, with fp32 master weights."""
     if cfg.init:
         model = M.TinyLLaVA.from_pretrained(cfg.init, device=device, dtype=torch.float32)
-        tok = D.Tokenizer(cfg.init)
-    elif cfg.vision and cfg.llm:
-        model = M.TinyLLaVA.from_parts(cfg.vision, cfg.llm, connector=cfg.connector, device=device, dtype=torch.float32)
-        tok = D.Tokenizer(cfg.llm)
     else:
-        raise SystemExit("train.py: give --init DIR, or --vision DIR and --llm DIR (or no flags at all for the demo)")
-    return model, tok
+        model = M.TinyLLaVA.from_parts(cfg.vision, cfg.llm, connector=cfg.connector, device=device, dtype=torch.float32)
+    return model, D.Tokenizer(cfg.init or cfg.llm, model.config.text.vocab_size)
 
 
 def freeze_vision(model):
@@ -403,11 +440,14 @@ def update(model, exp, cfg, pad_id, apply_update):
 
 
 def optimizer_step(optimizer, params, sampler, max_grad_norm):
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    """Clip, step, and refresh the sampler. -> False, and no update, when the gradient is not finite."""
+    if max_grad_norm and not torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return False
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     sampler.refresh()  # the next rollout samples from the updated policy
+    return True
 
 
 def grpo_step(model, sampler, ref, tok, samples, load, cfg, device, gen, apply_update):
@@ -430,27 +470,93 @@ def grpo_step(model, sampler, ref, tok, samples, load, cfg, device, gen, apply_u
 # ----------------------------------------------------------------------------- checkpoints, metrics, plot
 
 
+def save_state(state, directory):
+    """The trainer state as trainer_state.safetensors (its tensors) and trainer_state.json (the rest; dicts as
+    [key, value] pairs, keeping the optimizer's integer keys), the JSON last: it marks a complete checkpoint."""
+    tensors, path = {}, os.path.join(directory, "trainer_state")
+
+    def pack(x):
+        if isinstance(x, torch.Tensor):
+            tensors[str(len(tensors))] = x.detach().cpu().contiguous()
+            return {"tensor": str(len(tensors) - 1)}
+        return {"dict": [[k, pack(v)] for k, v in x.items()]} if isinstance(x, dict) else [pack(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+    packed = pack(state)
+    save_file(tensors, path + ".safetensors")
+    with open(path + ".json.part", "w") as f:
+        json.dump(packed, f)
+    os.replace(path + ".json.part", path + ".json")
+
+
+def load_state(directory, tensors=True):
+    path = os.path.join(directory, "trainer_state")
+    tensors = load_file(path + ".safetensors") if tensors else {}
+
+    def unpack(x):
+        if isinstance(x, dict):
+            return tensors.get(x["tensor"]) if "tensor" in x else {k: unpack(v) for k, v in x["dict"]}
+        return [unpack(v) for v in x] if isinstance(x, list) else x
+
+    with open(path + ".json") as f:
+        return unpack(json.load(f))
+
+
 def write_checkpoint(model, tokenizer_files, state, out):
-    """OUT/checkpoint, replaced atomically: written beside it, then renamed (a crash leaves the old one)."""
-    final, tmp, old = (os.path.join(out, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
+    """OUT/checkpoint, written beside it as checkpoint.tmp, then swapped in by `find_checkpoint`."""
+    tmp = os.path.join(out, "checkpoint.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     for f in tokenizer_files:
         shutil.copy(f, os.path.join(tmp, os.path.basename(f)))
-    torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-    if os.path.exists(final):
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    save_state(state, tmp)
+    find_checkpoint(out)
 
 
 def find_checkpoint(out):
-    for name in ("checkpoint", "checkpoint.old"):  # .old survives a crash between the two renames
-        path = os.path.join(out, name)
-        if os.path.exists(os.path.join(path, "trainer_state.pt")):
-            return path
-    return None
+    """OUT/checkpoint or None, once any save a kill cut short is finished: a complete checkpoint.tmp is the newest
+    and is swapped in (with eval/ and the like from beside the old weights); .old stands in for a missing
+    checkpoint; partial copies (.tmp-save-* of a weights save, an unfinished .tmp) are removed."""
+    final, tmp, old = (os.path.join(out, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
+
+    def complete(d):
+        return os.path.exists(os.path.join(d, "trainer_state.json"))
+
+    for partial in glob.glob(os.path.join(out, ".tmp-save-*")):
+        shutil.rmtree(partial, ignore_errors=True)
+    if complete(tmp):
+        if os.path.exists(final):
+            for name in set(os.listdir(final)) - set(os.listdir(tmp)):
+                if not name.startswith(("model", "trainer_state")):
+                    os.rename(os.path.join(final, name), os.path.join(tmp, name))
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(tmp, final)
+    elif not complete(final) and complete(old):
+        os.rename(old, final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return final if complete(final) else None
+
+
+def prepare_out(cfg):
+    """-> the checkpoint to resume from, or None for a new run. Refuses to overwrite a run without
+    --overwrite, to resume without a checkpoint, and to resume with other settings (naming them)."""
+    ckpt = find_checkpoint(cfg.out)
+    held = [n for n in ("metrics.jsonl", "checkpoint") if os.path.exists(os.path.join(cfg.out, n))]
+    if not cfg.resume:
+        if held and not cfg.overwrite:
+            raise RunError(f"{cfg.out} holds a run ({', '.join(held)}): --resume to continue it, --overwrite to start over")
+        shutil.rmtree(os.path.join(cfg.out, "checkpoint"), ignore_errors=True)
+        return None
+    if not ckpt:
+        raise RunError(f"--resume: no checkpoint in {cfg.out} (a new run needs no --resume)")
+    saved = load_state(ckpt, tensors=False)["config"]
+    diff = [f"--{k.replace('_', '-')} {saved[k]} (now {v})" for k, v in asdict(cfg).items()
+            if k in saved and k not in MAY_CHANGE_ON_RESUME and saved[k] != v]
+    if diff:
+        raise RunError(f"{ckpt} was trained with other settings: {', '.join(diff)}; resume with the same ones, "
+                       "or start over with --overwrite")
+    return ckpt
 
 
 def tokenizer_file(directory):
@@ -458,7 +564,7 @@ def tokenizer_file(directory):
     paths = [os.path.join(directory, f) for f in D.TOKENIZER_FILES if os.path.exists(os.path.join(directory, f))]
     names = {os.path.basename(p) for p in paths}
     if "tokenizer.json" not in names and not {"vocab.json", "merges.txt"} <= names:
-        raise SystemExit(f"train.py: no tokenizer.json (nor vocab.json and merges.txt) in {directory}")
+        raise RunError(f"no tokenizer.json (nor vocab.json and merges.txt) in {directory}")
     return paths
 
 
@@ -470,8 +576,8 @@ def append_jsonl(path, record):
 def read_jsonl(path, upto=None):
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    with open(path) as f:  # a line a kill cut short has no newline (json.dumps writes none inside a record)
+        rows = [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
     return [r for r in rows if upto is None or r["step"] <= upto]
 
 
@@ -515,25 +621,27 @@ def run_budget(seconds, records, done, total):
 
 
 def train(cfg):
-    """Run one stage as configured; returns the last step's metrics. Writes everything under cfg.out."""
+    """Run one stage as configured; returns the last step's metrics. Writes everything under cfg.out.
+    Raises RunError (or data.DataError, model.CheckpointError) on bad input before any work, Diverged
+    after MAX_NONFINITE_IN_A_ROW non-finite steps in a row."""
+    check_config(cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
-    os.makedirs(cfg.out, exist_ok=True)
-    if not cfg.data:
-        raise SystemExit("train.py: --data is required (or give no flags at all for the demo)")
     samples, bad_rows = D.read_samples(cfg.data, cfg.root or None, errors="skip")
     for msg in bad_rows:
         tqdm.write(f"skipping row: {msg}")
     if not samples:
-        raise SystemExit(f"train.py: no usable samples in {cfg.data}")
+        raise RunError(f"no usable samples in {cfg.data}")
 
-    resume_from = find_checkpoint(cfg.out) if cfg.resume else None
+    resume_from = prepare_out(cfg)
     if resume_from:
         model = M.TinyLLaVA.from_pretrained(resume_from, device=device, dtype=torch.float32)
-        tok, tok_file = D.Tokenizer(resume_from), tokenizer_file(resume_from)
+        tok_file = tokenizer_file(resume_from)
+        tok = D.Tokenizer(resume_from, model.config.text.vocab_size)
     else:
         model, tok = load_model(cfg, device)
         tok_file = tokenizer_file(cfg.init or cfg.llm)
+    os.makedirs(cfg.out, exist_ok=True)
     freeze_vision(model)
     model.language_model.model.gradient_checkpointing = cfg.grad_checkpointing and device.type == "cuda"
 
@@ -560,30 +668,33 @@ def train(cfg):
     schedule = make_schedule(optimizer, cfg, total)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     load = VideoLoader(cfg.frames, model.config.vision.image_size)
-    start, nan_steps = 0, 0
+    start, nan_steps, nan_run = 0, 0, 0  # nan_run: non-finite steps in a row
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if resume_from:
-        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
+        state = load_state(resume_from)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
-        start, nan_steps, load.skipped = state["step"], state["nan_steps"], state["skipped"]
+        start, nan_steps, nan_run, load.skipped = state["step"], state["nan_steps"], state["nan_run"], state["skipped"]
         records = read_jsonl(metrics_path, upto=start)  # drop what was logged after the checkpoint
         with open(metrics_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         tqdm.write(f"resuming {cfg.out} at step {start} of {total}")
-    elif os.path.exists(metrics_path):
+    elif os.path.exists(metrics_path):  # --overwrite
         os.remove(metrics_path)
     records = read_jsonl(metrics_path)
 
     def apply_update():
-        optimizer_step(optimizer, params, sampler, cfg.max_grad_norm)
+        return optimizer_step(optimizer, params, sampler, cfg.max_grad_norm)
 
     def save(step):
+        if not torch.stack([p.isfinite().all() for p in params]).all():  # never over the last good checkpoint
+            raise Diverged(f"step {step}: the weights are non-finite, the run has diverged; {cfg.out}/checkpoint "
+                           "keeps the last finite ones (start over with a lower --lr, --overwrite)")
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
                  "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "nan_steps": nan_steps,
-                 "skipped": load.skipped, "config": asdict(cfg)}
+                 "nan_run": nan_run, "skipped": load.skipped, "config": asdict(cfg)}
         write_checkpoint(model, tok_file, state, cfg.out)
 
     curve_keys = ["loss"] if cfg.stage == "sft" else ["reward", "accuracy", "format", "kl"]
@@ -593,16 +704,19 @@ def train(cfg):
     for step in bar:
         t_step = time.perf_counter()
         batch = step_samples(samples, step, cfg)
-        if cfg.stage == "sft":
-            m = sft_step(model, tok, batch, load, cfg, device)
-        else:
-            m = grpo_step(model, sampler, ref, tok, batch, load, cfg, device, gen, apply_update)
+        try:
+            if cfg.stage == "sft":
+                m = sft_step(model, tok, batch, load, cfg, device)
+            else:
+                m = grpo_step(model, sampler, ref, tok, batch, load, cfg, device, gen, apply_update)
+        except FloatingPointError:  # non-finite logits in a rollout
+            m = {"nan": 1.0}
+        if not m.get("nan") and not m.get("skipped_step") and not apply_update():
+            m["nan"] = 1.0  # a non-finite gradient
+        nan_steps, nan_run = nan_steps + bool(m.get("nan")), (nan_run + 1) * bool(m.get("nan"))
         if m.get("nan"):
-            nan_steps += 1
-            tqdm.write(f"step {step + 1}: non-finite loss, update skipped ({nan_steps} so far)")
+            tqdm.write(f"step {step + 1}: non-finite loss, logits or gradient, update skipped ({nan_steps} so far)")
             optimizer.zero_grad(set_to_none=True)
-        elif not m.get("skipped_step"):
-            apply_update()
         schedule.step()
         if device.type == "cuda":
             m["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
@@ -616,6 +730,9 @@ def train(cfg):
         plot_curves(records, os.path.join(cfg.out, "curves.png"), curve_keys)
         shown = ("loss",) if cfg.stage == "sft" else ("reward", "accuracy", "kl", "completion_length")
         bar.set_postfix({k: f"{m[k]:.3g}" for k in shown if isinstance(m.get(k), float)})
+        if nan_run >= MAX_NONFINITE_IN_A_ROW:
+            raise Diverged(f"{nan_run} non-finite steps in a row (to step {step + 1}): the run has diverged; "
+                           f"{cfg.out}/checkpoint keeps the last finite weights (start over with a lower --lr, --overwrite)")
         last = step + 1 == total or (cfg.stop_after and step + 1 >= cfg.stop_after)
         if last or (step + 1) % cfg.save_every == 0:
             save(step + 1)
@@ -660,7 +777,7 @@ def demo(out, seed, device=""):
     model = M.TinyLLaVA(demo_config(tok.vocab_size))
     model.save_pretrained(init)
     shutil.copy(tok_path, os.path.join(init, "tokenizer.json"))
-    common = dict(seed=seed, frames=DEMO["frames"], device=device, save_every=10**9)
+    common = dict(seed=seed, frames=DEMO["frames"], device=device, save_every=10**9, overwrite=True)
     # The published chain starts from a base model that already sees; here a short supervised stage on
     # plain descriptions of separate videos plays that part (on the GRPO videos themselves it would
     # memorise their answers). Then the paper's two stages.
@@ -693,9 +810,11 @@ def demo(out, seed, device=""):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Cold-start SFT and GRPO for TinyLLaVA-Video. With no --data: the CPU demo "
-                                "(synthetic videos, a small model, SFT then GRPO, then both evaluated).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Cold-start SFT and GRPO for TinyLLaVA-Video. With no flags (or --demo "
+                                "[--out --seed --device]): the CPU demo (synthetic videos, a small model, SFT then "
+                                "GRPO, then both evaluated).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = lambda msg: (print(f"train.py: {msg} (see --help)", file=sys.stderr), sys.exit(2))
+    p.add_argument("--demo", action="store_true", help="run the CPU demo (only --out, --seed, --device apply)")
     defaults = TrainConfig()
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -705,19 +824,32 @@ def parse_args(argv=None):
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
             default = {"lr": 0.0, "schedule": "", "prompts_per_step": 0}.get(f.name, getattr(defaults, f.name))
             p.add_argument(flag, type=typ, default=default, help=HELP[f.name])
-    return p.parse_args(argv)
+    return p.parse_args(argv), p
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if not args.data:
-        return demo(args.out, args.seed, args.device)
+    """-> exit code: 0 done, 1 diverged, 2 bad flags, data, checkpoint or run folder (one line each)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args, parser = parse_args(argv)
+    given = sorted(k for k, v in vars(args).items() if v != parser.get_default(k))
     try:
-        cfg = TrainConfig(**vars(args))
-    except ValueError as e:
-        raise SystemExit(f"train.py: {e}")
-    train(cfg)
+        if args.demo or not argv:
+            extra = [k for k in given if k not in ("demo", "out", "seed", "device")]
+            if extra:
+                raise RunError(f"--demo takes only --out, --seed and --device, not --{extra[0].replace('_', '-')}")
+            demo(args.out, args.seed, args.device)
+            return 0
+        if not args.data:
+            raise RunError("--data is required (the CPU demo runs with no flags at all, or with --demo)")
+        train(TrainConfig(**{k: v for k, v in vars(args).items() if k != "demo"}))
+        return 0
+    except (RunError, D.DataError, D.VideoError, M.CheckpointError) as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        return 2
+    except Diverged as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

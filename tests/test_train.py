@@ -102,7 +102,7 @@ def test_bad_samples_are_skipped_and_counted(task, tmp_path):
     os.symlink(os.path.join(os.path.dirname(task["grpo"]), "videos"), tmp_path / "videos")
     m = run(task, tmp_path / "run", data=str(bad), steps=2)
     assert m["skipped_samples"] >= 1
-    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    state = train.load_state(str(tmp_path / "run" / "checkpoint"))
     assert all("missing.mp4" in s for s in state["skipped"])
 
 
@@ -126,9 +126,10 @@ def test_paper_defaults_per_stage_kl_clamp_flag_and_slow_tokenizer_files(task, t
     the loss; a directory with only the slow tokenizer's files is copied into checkpoints."""
     assert [train.TrainConfig(stage=s).prompts_per_step for s in ("sft", "grpo")] == [4, 8]
     assert train.TrainConfig(stage="sft", prompts_per_step=2).prompts_per_step == 2
-    cfg = train.TrainConfig(**vars(train.parse_args(["--stage", "sft", "--data", "x"])))
+    flags = lambda argv: {k: v for k, v in vars(train.parse_args(argv)[0]).items() if k != "demo"}
+    cfg = train.TrainConfig(**flags(["--stage", "sft", "--data", "x"]))
     assert cfg.prompts_per_step == 4 and cfg.kl_clamp
-    cfg = train.TrainConfig(**vars(train.parse_args(["--data", "x", "--no-kl-clamp"])))
+    cfg = train.TrainConfig(**flags(["--data", "x", "--no-kl-clamp"]))
     assert cfg.prompts_per_step == 8 and not cfg.kl_clamp
     seen, real = [], train.G.grpo_loss
     monkeypatch.setattr(train.G, "grpo_loss", lambda *a, **k: seen.append(k["kl_clamp"]) or real(*a, **k))
@@ -138,7 +139,7 @@ def test_paper_defaults_per_stage_kl_clamp_flag_and_slow_tokenizer_files(task, t
     assert seen[-1] is None
     slow = tmp_path / "slow"
     slow.mkdir()
-    with pytest.raises(SystemExit, match="no tokenizer.json"):
+    with pytest.raises(train.RunError, match="no tokenizer.json"):
         train.tokenizer_file(str(slow))
     for name in ("vocab.json", "merges.txt", "added_tokens.json"):
         (slow / name).write_text("{}")
@@ -173,7 +174,7 @@ def test_default_run_shortened(tmp_path, monkeypatch, capsys):
                  sft=dict(lr=1e-3, steps=2, prompts_per_step=4, micro_batch=4),
                  grpo=dict(lr=1e-4, steps=2, prompts_per_step=4, micro_batch=4, group_size=4, max_new_tokens=8, beta=0.01))
     monkeypatch.setattr(train, "DEMO", small)
-    train.main(["--out", str(tmp_path), "--seed", "3"])
+    assert train.main(["--demo", "--out", str(tmp_path), "--seed", "3"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(summary) >= {"sft_accuracy", "grpo_accuracy", "seconds"}
     assert 0 <= summary["sft_accuracy"] <= 1 and 0 <= summary["grpo_accuracy"] <= 1 and summary["n_test"] == 8
