@@ -4,7 +4,7 @@
                                  # 512 video tokens, G = 8 completions of 512 new tokens
     python bench.py --tiny       # tiny shapes: the same code end to end on a CPU, in seconds
 
-A GRPO step for one prompt (DESIGN.md section 3) is: encode the video once; sample G completions
+A GRPO step for one prompt is: encode the video once; sample G completions
 (the rollout: prefill the prompt once, then one decode step of the whole group per token); the
 log-probs of the completions under the frozen reference model; the policy's forward and backward
 (fp32 master weights, bf16 compute, gradient checkpointing, vision tower frozen); an AdamW step;

@@ -554,7 +554,7 @@ def step_metrics(rollout, completions, scores, group_size, kl=None, times=None):
     with no eos), zero_std_groups (share of groups whose rewards are all equal), reflection (share
     of completions saying "wait", "re-check"/"recheck" or "let me reconsider", any case), kl when
     given; with `times` {phase: seconds}, time/<phase> and tokens_per_s (decoded positions of all
-    rows, N x steps, per second of the "rollout" phase: the way DESIGN.md counts decode speed)."""
+    rows, N x steps, per second of the "rollout" phase: every row counts at every step)."""
     N = rollout.completion_ids.shape[0]
     if len(completions) != N or scores["reward"].shape[0] != N:
         raise ValueError(f"step_metrics: rollout has {N} rows, completions {len(completions)}, scores {scores['reward'].shape[0]}")

@@ -19,7 +19,7 @@ from grpo import (Rollout, accuracy_reward, combined_reward, completion_logprobs
 DOG = "I see a dog."  # 12 characters of thinking: format 0.5 + 12/2400 = 0.505
 LINES = "First, the man walks.\nThen he sits."  # 21 + 1 + 13 = 35 characters
 
-# (completion, solution, accuracy, format), each worked out by hand from DESIGN.md section 3.
+# (completion, solution, accuracy, format), each worked out by hand from the paper's reward rules.
 CASES = [
     (f"<think>{DOG}</think><answer>B</answer>", "B", 1, 0.505),
     (f"<think>{DOG}</think> <answer>B</answer>", "<answer>B</answer>", 1, 0.505),

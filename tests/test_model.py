@@ -1,5 +1,5 @@
 """model.py against numerical references: transformers' Qwen2 and SigLIP, and a resampler written
-here from DESIGN.md's description. Tiny random models, built in the tests; nothing is downloaded."""
+here from the published checkpoints' description (perceiver layers per group of frames). Tiny random models, built in the tests; nothing is downloaded."""
 
 import json
 import math
@@ -196,7 +196,7 @@ def test_vision_encoder_matches_transformers_siglip_layer_minus_2():
 
 
 def reference_group_resampler(x, sd, group, heads=8, dim_head=64):
-    """Written from DESIGN.md's description with explicit einsums, independent of model.py."""
+    """Written from the description of TinyLLaVA's resampler with explicit einsums, independent of model.py."""
     def ln(t, name):
         return F.layer_norm(t, t.shape[-1:], sd[name + ".weight"], sd[name + ".bias"], 1e-5)
 
