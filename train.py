@@ -15,6 +15,7 @@ bf16 on a GPU.
     python train.py                                   # the CPU demo: synthetic videos, SFT, then GRPO
     python train.py --stage sft --init BASE_DIR --data nextqa-coldstart-16.json --out runs/sft
     python train.py --stage grpo --init runs/sft/checkpoint --data nextqa_0-30s.jsonl --root videos --out runs/grpo
+    torchrun --nproc_per_node 8 train.py --stage grpo ...     # 8 GPUs: data parallel (+ --fsdp: sharded)
 
 Every step appends its metrics to OUT/metrics.jsonl and redraws OUT/curves.png; OUT/checkpoint holds
 the latest weights (loadable by sample.py) with the optimizer, scheduler, RNG and data position, so
@@ -33,7 +34,11 @@ from dataclasses import asdict, dataclass, fields
 import cv2
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from tqdm import tqdm
 
 import data as D
@@ -88,6 +93,7 @@ class TrainConfig:
     grad_checkpointing: bool = True  # ignored on CPU
     save_every: int = 50
     resume: bool = False
+    fsdp: bool = False  # under torchrun: shard weights, gradients and AdamW state over the ranks
 
     def __post_init__(self):
         if self.stage not in ("sft", "grpo"):
@@ -140,6 +146,7 @@ HELP = {
     "grad_checkpointing": "recompute decoder layers in backward to save memory (GPU)",
     "save_every": "write the checkpoint every N steps (and at the end)",
     "resume": "continue from OUT/checkpoint",
+    "fsdp": "under torchrun: shard the trainable model, its gradients and AdamW state over the ranks (FSDP2)",
 }
 
 
@@ -173,9 +180,10 @@ def make_reference(model):
     return ref.requires_grad_(False).eval()
 
 
-def memory_estimate(model, sampler, ref):
-    """What a GRPO run holds on the device before activations and KV caches, from the parameters."""
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+def memory_estimate(model, sampler, ref, shards=1):
+    """What a GRPO run holds on the device before activations and KV caches, from the parameters
+    (policy, gradients and AdamW state split over `shards` ranks with --fsdp)."""
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad) / shards
     size = lambda *modules: sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
     copies = [m for m in (sampler.model, ref) if m is not None and m is not model]  # bf16 on a GPU
     parts = {"policy": 4 * n, "gradients": 4 * n, "AdamW": 8 * n, "vision tower": size(model.vision_tower),
@@ -425,11 +433,12 @@ def grpo_step(model, sampler, ref, tok, samples, load, cfg, device, gen, apply_u
 # ----------------------------------------------------------------------------- checkpoints, metrics, plot
 
 
-def write_checkpoint(model, tokenizer_file, state, out):
-    """OUT/checkpoint, replaced atomically: written beside it, then renamed (a crash leaves the old one)."""
+def write_checkpoint(model, tokenizer_file, state, out, weights=None):
+    """OUT/checkpoint, replaced atomically: written beside it, then renamed (a crash leaves the old one).
+    weights: the model's tensors gathered whole (FSDP), else the model's own."""
     final, tmp, old = (os.path.join(out, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=weights)
     shutil.copy(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
     torch.save(state, os.path.join(tmp, "trainer_state.pt"))
     if os.path.exists(final):
@@ -493,13 +502,104 @@ def plot_curves(records, path, keys, size=(720, 360)):
     cv2.imwrite(path, img)
 
 
+# ----------------------------------------------------------------------------- several processes (torchrun)
+# `torchrun --nproc_per_node N train.py ...` runs N ranks, one per GPU. Each takes its N-th of every
+# step's prompts (whole groups), rolls them out with its own generator and computes its loss, the
+# mean over its own prompts; the gradients are then averaged over the ranks (an all-reduce before
+# the optimizer step, or FSDP2's reduce-scatter in backward with --fsdp). The ranks hold equal
+# shares, so the average is the mean over all the step's prompts: the single-process update.
+# Rank 0 alone writes metrics, curves and checkpoints. Every rank must run the same number of
+# forward passes under --fsdp (each layer gathers its shards collectively).
+
+
+def setup_distributed(cfg):
+    """-> (rank, world, device). Under torchrun (it sets WORLD_SIZE, RANK, LOCAL_RANK) join the
+    process group: nccl with one GPU per rank, gloo on CPUs. Without torchrun: (0, 1, device)."""
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if "WORLD_SIZE" not in os.environ:
+        if cfg.fsdp:
+            raise SystemExit("train.py: --fsdp needs torchrun: torchrun --nproc_per_node N train.py --fsdp ...")
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def teardown_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(model, device):
+    """--fsdp: each decoder layer is one FSDP2 unit, the rest of the trainable model (connector,
+    embeddings, final norm) the root unit; the frozen vision tower stays whole on every rank. On a
+    GPU the gathered weights compute in bf16 and gradients are reduced in fp32."""
+    mp = MixedPrecisionPolicy(torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    for layer in model.language_model.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp, ignored_params=set(model.vision_tower.parameters()))
+    register_fsdp_forward_method(model, "connect")  # the policy's passes enter through connect(), not forward()
+
+
+def average_gradients(params, world):
+    """Data parallel: every gradient summed over the ranks, / world (what DDP does during backward;
+    here once per optimizer step, after all micro-batches). A rank that had no gradient adds zeros."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for work in [dist.all_reduce(p.grad, async_op=True) for p in params]:
+        work.wait()
+    torch._foreach_div_([p.grad for p in params], world)
+
+
+def gather(obj, world):
+    """A small Python object from every rank -> the list of them, on every rank."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def reduce_metrics(m, world):
+    """One step's metrics of every rank -> the step's (the same on every rank): sums for counts and
+    throughput, min/max for extremes, the slowest rank's times, rank 0's example, means otherwise
+    (the ranks hold equal shares). A non-finite loss on any rank skips the update on all."""
+    if world == 1:
+        return m
+    ms = gather(m, world)
+    out = {}
+    for k in dict.fromkeys(k for r in ms for k in r):
+        vs = [r[k] for r in ms if k in r]
+        if k == "skipped_step":  # only if every rank had nothing to learn from
+            if len(vs) == world:
+                out[k] = 1.0
+        elif not isinstance(vs[0], (int, float)):
+            out[k] = vs[0]
+        elif k in ("tokens", "samples", "tokens_per_s", "skipped_samples"):
+            out[k] = float(sum(vs))
+        elif k.endswith("_min"):
+            out[k] = min(vs)
+        elif k.endswith("_max") or k.startswith("time/") or k == "nan":
+            out[k] = max(vs)
+        else:
+            out[k] = float(np.mean(vs))
+    return out
+
+
 # ----------------------------------------------------------------------------- the training loop
 
 
 def train(cfg):
     """Run one stage as configured; returns the last step's metrics. Writes everything under cfg.out."""
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(cfg.seed)
+    rank, world, device = setup_distributed(cfg)
+    if cfg.prompts_per_step % world:
+        raise SystemExit(f"train.py: --prompts-per-step {cfg.prompts_per_step} does not split evenly over {world} processes")
+    share = cfg.prompts_per_step // world
+    torch.manual_seed(cfg.seed)  # the same on every rank: a fresh connector starts the same everywhere
     os.makedirs(cfg.out, exist_ok=True)
     if not cfg.data:
         raise SystemExit("train.py: --data is required (or give no flags at all for the demo)")
@@ -510,6 +610,11 @@ def train(cfg):
         raise SystemExit(f"train.py: no usable samples in {cfg.data}")
 
     resume_from = find_checkpoint(cfg.out) if cfg.resume else None
+    state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False) if resume_from else None
+    if state and (state.get("world_size", 1), state.get("fsdp", False)) != (world, cfg.fsdp):
+        was = f"{state.get('world_size', 1)} process(es){' with --fsdp' if state.get('fsdp') else ''}"
+        raise SystemExit(f"train.py: {resume_from} was written by {was}; resume it the same way "
+                         f"(this run: {world}{' with --fsdp' if cfg.fsdp else ''})")
     if resume_from:
         model = M.TinyLLaVA.from_pretrained(resume_from, device=device, dtype=torch.float32)
         tok, tok_file = D.Tokenizer(resume_from), tokenizer_file(resume_from)
@@ -527,56 +632,74 @@ def train(cfg):
             ref.requires_grad_(False).eval()
         else:
             ref = make_reference(model)
-            if not cfg.init:  # a fresh connector: keep the reference to resume against it
+            if not cfg.init and rank == 0:  # a fresh connector: keep the reference to resume against it
                 ref.save_pretrained(os.path.join(cfg.out, "reference"))
         if device.type == "cuda":
             ref.connector.to(torch.bfloat16), ref.language_model.to(torch.bfloat16)
 
     # On a GPU the rollouts sample from a bf16 copy of the policy; on a CPU from the policy itself.
-    sampler = G.Sampler(model, torch.bfloat16 if device.type == "cuda" else None, compile=cfg.compile and cfg.stage == "grpo")
+    # Under --fsdp the policy is sharded, so the rollouts always sample from a whole copy.
+    sampler = G.Sampler(model, torch.bfloat16 if device.type == "cuda" else None, compile=cfg.compile and cfg.stage == "grpo",
+                        own_copy=cfg.fsdp and cfg.stage == "grpo")
+    if cfg.stage == "grpo" and rank == 0:
+        tqdm.write(memory_estimate(model, sampler, ref, world if cfg.fsdp else 1))
+    if cfg.fsdp:
+        shard(model, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.stage == "grpo":
-        tqdm.write(memory_estimate(model, sampler, ref))
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda" and not cfg.fsdp)
     total = cfg.steps or max(1, int(cfg.epochs * max(1, len(samples) // cfg.prompts_per_step)))
     schedule = make_schedule(optimizer, cfg, total)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 7919 * rank)  # each rank samples its own
     load = VideoLoader(cfg.frames, model.config.vision.image_size)
     start, nan_steps = 0, 0
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if resume_from:
-        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        if cfg.fsdp:  # saved whole (keyed by parameter name); each rank keeps its shard
+            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        start, nan_steps, load.skipped = state["step"], state["nan_steps"], state["skipped"]
-        records = read_jsonl(metrics_path, upto=start)  # drop what was logged after the checkpoint
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        tqdm.write(f"resuming {cfg.out} at step {start} of {total}")
-    elif os.path.exists(metrics_path):
+        mine = state["ranks"][rank] if world > 1 else state
+        gen.set_state(mine["generator"])
+        torch.set_rng_state(mine["torch_rng"])
+        start, nan_steps, load.skipped = state["step"], state["nan_steps"], mine["skipped"]
+        if rank == 0:
+            records = read_jsonl(metrics_path, upto=start)  # drop what was logged after the checkpoint
+            with open(metrics_path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+            tqdm.write(f"resuming {cfg.out} at step {start} of {total}")
+    elif os.path.exists(metrics_path) and rank == 0:
         os.remove(metrics_path)
-    records = read_jsonl(metrics_path)
+    records = read_jsonl(metrics_path) if rank == 0 else []
 
     def apply_update():
+        if world > 1 and not cfg.fsdp:
+            average_gradients(params, world)
         optimizer_step(optimizer, params, sampler, cfg.max_grad_norm)
 
-    def save(step):
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
-                 "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "nan_steps": nan_steps,
-                 "skipped": load.skipped, "config": asdict(cfg)}
-        write_checkpoint(model, tok_file, state, cfg.out)
+    def save(step):  # every rank takes part: its RNG state, and its shards under --fsdp
+        ranks = gather({"generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "skipped": load.skipped}, world)
+        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(model, options=whole) if cfg.fsdp else None
+        optim = get_optimizer_state_dict(model, optimizer, options=whole) if cfg.fsdp else optimizer.state_dict()
+        if rank == 0:
+            state = {"step": step, "optimizer": optim, "scheduler": schedule.state_dict(), **ranks[0],
+                     "skipped": [s for r in ranks for s in r["skipped"]], "nan_steps": nan_steps, "config": asdict(cfg),
+                     "world_size": world, "fsdp": cfg.fsdp, **({"ranks": ranks} if world > 1 else {})}
+            write_checkpoint(model, tok_file, state, cfg.out, weights)
+        if world > 1:
+            dist.barrier()  # no rank runs ahead of a checkpoint being written
 
     curve_keys = ["loss"] if cfg.stage == "sft" else ["reward", "accuracy", "format", "kl"]
-    bar = tqdm(range(start, total), initial=start, total=total, desc=cfg.stage, dynamic_ncols=True)
+    bar = tqdm(range(start, total), initial=start, total=total, desc=cfg.stage, dynamic_ncols=True, disable=rank > 0)
     record = {}
     for step in bar:
-        batch = step_samples(samples, step, cfg)
+        batch = step_samples(samples, step, cfg)[rank * share:(rank + 1) * share]
         if cfg.stage == "sft":
             m = sft_step(model, tok, batch, load, cfg, device)
         else:
             m = grpo_step(model, sampler, ref, tok, batch, load, cfg, device, gen, apply_update)
+        m = reduce_metrics({**m, "skipped_samples": len(load.skipped)}, world)
         if m.get("nan"):
             nan_steps += 1
             tqdm.write(f"step {step + 1}: non-finite loss, update skipped ({nan_steps} so far)")
@@ -586,11 +709,11 @@ def train(cfg):
         schedule.step()
         if device.type == "cuda":
             m["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-        record = {"step": step + 1, "lr": schedule.get_last_lr()[0], **m, "skipped_samples": len(load.skipped),
-                  "skipped_rows": len(bad_rows), "nan_steps": nan_steps}
-        append_jsonl(metrics_path, record)
-        records.append(record)
-        plot_curves(records, os.path.join(cfg.out, "curves.png"), curve_keys)
+        record = {"step": step + 1, "lr": schedule.get_last_lr()[0], **m, "skipped_rows": len(bad_rows), "nan_steps": nan_steps}
+        if rank == 0:
+            append_jsonl(metrics_path, record)
+            records.append(record)
+            plot_curves(records, os.path.join(cfg.out, "curves.png"), curve_keys)
         shown = ("loss",) if cfg.stage == "sft" else ("reward", "accuracy", "kl", "completion_length")
         bar.set_postfix({k: f"{m[k]:.3g}" for k in shown if isinstance(m.get(k), float)})
         last = step + 1 == total or (cfg.stop_after and step + 1 >= cfg.stop_after)
@@ -688,12 +811,17 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if not args.data:
+        if "WORLD_SIZE" in os.environ:
+            raise SystemExit("train.py: the demo runs in one process; under torchrun give --data (e.g. the demo's OUT/data files)")
         return demo(args.out, args.seed, args.device)
     try:
         cfg = TrainConfig(**vars(args))
     except ValueError as e:
         raise SystemExit(f"train.py: {e}")
-    train(cfg)
+    try:
+        train(cfg)
+    finally:
+        teardown_distributed()
 
 
 if __name__ == "__main__":
