@@ -104,6 +104,8 @@ def every_case(task, root):
     for fsdp in (False, True):
         sft(task, os.path.join(root, f"sft-{fsdp}"), fsdp=fsdp)
         grpo_gradient(task, os.path.join(root, f"grpo-{fsdp}"), fsdp=fsdp)
+        for name, kw in (("straight", {}), ("split", dict(stop_after=1)), ("split", dict(resume=True))):
+            train.train(config(task, os.path.join(root, f"resume-{fsdp}-{name}"), "grpo", fsdp=fsdp, **kw))
     try:
         sft(task, os.path.join(root, "uneven"), prompts_per_step=3)
     except SystemExit as e:
@@ -134,6 +136,14 @@ def test_grpo_gradient_on_two_ranks_equals_one_process(runs, fsdp):
     scale = max(float(g.abs().max()) for g in one)
     assert scale > 1e-4  # the injected rewards do give a gradient
     assert max_diff(one, two) <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_two_ranks_resume_exactly(runs, fsdp):  # each rank's generator, and under FSDP the gathered AdamW state
+    straight, split = (runs / f"resume-{fsdp}-{name}" for name in ("straight", "split"))
+    assert max_diff(weights(straight / "checkpoint"), weights(split / "checkpoint")) == 0
+    rows = [json.loads(line) for line in open(split / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2]
 
 
 def test_prompts_must_split_evenly(runs):
