@@ -545,14 +545,16 @@ def shard(model, device):
 
 
 def average_gradients(params, world):
-    """Data parallel: every gradient summed over the ranks, / world (what DDP does during backward;
-    here once per optimizer step, after all micro-batches). A rank that had no gradient adds zeros."""
+    """Data parallel: every gradient summed over the ranks and divided by `world`, once per optimizer
+    step after all micro-batches (DDP does this during backward, but only for passes through the
+    model's forward(), which the policy's passes do not use). A rank with no gradient adds zeros."""
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    for work in [dist.all_reduce(p.grad, async_op=True) for p in params]:
+    works = [dist.all_reduce(p.grad, async_op=True) for p in params]
+    for p, work in zip(params, works):
         work.wait()
-    torch._foreach_div_([p.grad for p in params], world)
+        p.grad.div_(world)
 
 
 def gather(obj, world):
@@ -567,26 +569,18 @@ def gather(obj, world):
 def reduce_metrics(m, world):
     """One step's metrics of every rank -> the step's (the same on every rank): sums for counts and
     throughput, min/max for extremes, the slowest rank's times, rank 0's example, means otherwise
-    (the ranks hold equal shares). A non-finite loss on any rank skips the update on all."""
+    (the ranks hold equal shares). A non-finite loss on any rank skips the update on all; the step
+    is skipped only if no rank had a readable video."""
     if world == 1:
         return m
-    ms = gather(m, world)
-    out = {}
+    ms, out = gather(m, world), {}
     for k in dict.fromkeys(k for r in ms for k in r):
         vs = [r[k] for r in ms if k in r]
-        if k == "skipped_step":  # only if every rank had nothing to learn from
-            if len(vs) == world:
-                out[k] = 1.0
-        elif not isinstance(vs[0], (int, float)):
-            out[k] = vs[0]
-        elif k in ("tokens", "samples", "tokens_per_s", "skipped_samples"):
-            out[k] = float(sum(vs))
-        elif k.endswith("_min"):
-            out[k] = min(vs)
-        elif k.endswith("_max") or k.startswith("time/") or k == "nan":
-            out[k] = max(vs)
-        else:
-            out[k] = float(np.mean(vs))
+        how = (sum if k in ("tokens", "samples", "tokens_per_s", "skipped_samples") else min if k.endswith("_min")
+               else max if k.endswith("_max") or k.startswith("time/") or k == "nan" else np.mean)
+        out[k] = vs[0] if isinstance(vs[0], str) else float(how(vs))
+    if sum("skipped_step" in r for r in ms) < world:
+        out.pop("skipped_step", None)
     return out
 
 
@@ -610,7 +604,8 @@ def train(cfg):
         raise SystemExit(f"train.py: no usable samples in {cfg.data}")
 
     resume_from = find_checkpoint(cfg.out) if cfg.resume else None
-    state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False) if resume_from else None
+    # Memory-mapped on several ranks: they share one copy of the optimizer state in the page cache.
+    state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False, mmap=world > 1) if resume_from else None
     if state and (state.get("world_size", 1), state.get("fsdp", False)) != (world, cfg.fsdp):
         was = f"{state.get('world_size', 1)} process(es){' with --fsdp' if state.get('fsdp') else ''}"
         raise SystemExit(f"train.py: {resume_from} was written by {was}; resume it the same way "
