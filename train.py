@@ -1,4 +1,4 @@
-"""Cold-start SFT and GRPO for TinyLLaVA-Video, on one GPU or a CPU.
+"""Cold-start SFT and GRPO for TinyLLaVA-Video, on a CPU, one GPU or several (torchrun).
 
 The paper's recipe in two stages (DESIGN.md section 3):
   1. cold start: supervised fine-tuning on a handful of reasoning answers (lr 1e-5, constant, 1 epoch),
