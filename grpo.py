@@ -442,11 +442,12 @@ class Sampler:
     master weights under autocast. The frozen vision tower is shared, never copied. `refresh()`
     copies the policy's weights in after every optimizer step, in place, so the copy keeps its
     addresses and a compiled step stays valid. With dtype None (the CPU) the policy samples itself.
-    compile: decode through a FastDecode (torch.compile, plus a CUDA graph on CUDA)."""
+    compile: decode through a FastDecode (torch.compile, plus a CUDA graph on CUDA). own_copy: a copy
+    even in the policy's dtype (a policy sharded with FSDP cannot decode rank by rank)."""
 
-    def __init__(self, policy, dtype=None, compile=False):
+    def __init__(self, policy, dtype=None, compile=False, own_copy=False):
         self.policy, self.model = policy, policy
-        if dtype is not None and dtype != policy.language_model.model.embed_tokens.weight.dtype:
+        if own_copy or (dtype is not None and dtype != policy.language_model.model.embed_tokens.weight.dtype):
             tower, policy.vision_tower = policy.vision_tower, None  # shared, not copied
             try:
                 self.model = copy.deepcopy(policy).to(dtype).requires_grad_(False).eval()
@@ -459,8 +460,8 @@ class Sampler:
     def refresh(self):
         if self.model is not self.policy:
             for mine, master in zip(self.model.parameters(), self.policy.parameters()):
-                if master.requires_grad:
-                    mine.copy_(master)
+                if master.requires_grad:  # a DTensor shard (FSDP) is gathered whole first
+                    mine.copy_(master.full_tensor() if hasattr(master, "full_tensor") else master)
 
     def rollout(self, input_ids, video_features, eos_id, **kw):
         """`rollout` from frozen vision features (P, T*728, 1152) through this model's connector."""

@@ -699,21 +699,23 @@ class TinyLLaVA(nn.Module):
             return True
         return key == prefixes["language_model."] + "lm_head.weight" and self.config.text.tie_word_embeddings
 
-    def published_state_dict(self):
-        """Our tensors under their published keys, and the published ones we read but do not use."""
+    def published_state_dict(self, state_dict=None):
+        """Our tensors (or those of `state_dict`, keyed as ours) under their published keys, and the
+        published ones we read but do not use."""
         out = {}
-        for k, v in self.state_dict().items():
+        for k, v in (state_dict or self.state_dict()).items():
             prefix = next(p for p in CHECKPOINT_PREFIXES if k.startswith(p))
             out[CHECKPOINT_PREFIXES[prefix] + k[len(prefix):]] = v
         return {**out, **self.unused_tensors}
 
-    def save_pretrained(self, path, max_shard_bytes=5 * 1024**3):
+    def save_pretrained(self, path, max_shard_bytes=5 * 1024**3, state_dict=None):
         """Write config.json and safetensors (sharded with an index above max_shard_bytes) in the
         published layout. Written to a temporary directory first, then renamed into place, so an
-        interrupted save never leaves a half-written checkpoint at `path`."""
+        interrupted save never leaves a half-written checkpoint at `path`. state_dict: the tensors
+        to write, keyed as ours (e.g. gathered whole from FSDP shards); default this model's."""
         from safetensors.torch import save_file
 
-        state = {k: v.detach().contiguous().cpu() for k, v in self.published_state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in self.published_state_dict(state_dict).items()}
         shards, size = [[]], 0
         for k, v in state.items():
             nbytes = v.numel() * v.element_size()

@@ -1,4 +1,4 @@
-"""Cold-start SFT and GRPO for TinyLLaVA-Video, on one GPU or a CPU.
+"""Cold-start SFT and GRPO for TinyLLaVA-Video, on a CPU, one GPU or several (torchrun).
 
 The paper's recipe in two stages:
   1. cold start: supervised fine-tuning on a handful of reasoning answers (lr 1e-5, constant, 1 epoch,
@@ -16,6 +16,7 @@ bf16 on a GPU.
     python train.py                                   # the CPU demo: synthetic videos, SFT, then GRPO
     python train.py --stage sft --init BASE_DIR --data nextqa-coldstart-16.json --out runs/sft
     python train.py --stage grpo --init runs/sft/checkpoint --data nextqa_0-30s.jsonl --root videos --out runs/grpo
+    torchrun --nproc_per_node 8 train.py --stage grpo ...     # 8 GPUs: data parallel (+ --fsdp: sharded)
 
 Every step appends its metrics to OUT/metrics.jsonl and redraws OUT/curves.png; OUT/checkpoint holds
 the latest weights (loadable by sample.py) with the optimizer, scheduler, RNG and data position (JSON and
@@ -38,8 +39,12 @@ from dataclasses import asdict, dataclass, fields
 import cv2
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from tqdm import tqdm
 
 import data as D
@@ -96,6 +101,7 @@ class TrainConfig:
     save_every: int = 50
     resume: bool = False
     overwrite: bool = False  # start over in an OUT that holds a run
+    fsdp: bool = False  # under torchrun: shard weights, gradients and AdamW state over the ranks
 
     def __post_init__(self):
         self.lr = self.lr or (1e-5 if self.stage == "sft" else 1e-6)
@@ -150,6 +156,7 @@ HELP = {
     "save_every": "write the checkpoint every N steps (and at the end)",
     "resume": "continue from OUT/checkpoint (with the same settings but --steps, --stop-after, --save-every ...)",
     "overwrite": "start over in an OUT that already holds a run (its metrics and checkpoint are deleted)",
+    "fsdp": "under torchrun: shard the trainable model, its gradients and AdamW state over the ranks (FSDP2)",
 }
 MAY_CHANGE_ON_RESUME = {"steps", "epochs", "stop_after", "save_every", "micro_batch", "device", "grad_checkpointing",
                         "root", "out", "resume", "overwrite"}
@@ -215,9 +222,10 @@ def make_reference(model):
     return ref.requires_grad_(False).eval()
 
 
-def memory_estimate(model, sampler, ref):
-    """What a GRPO run holds on the device before activations and KV caches, from the parameters."""
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+def memory_estimate(model, sampler, ref, shards=1):
+    """What a GRPO run holds on the device before activations and KV caches, from the parameters
+    (policy, gradients and AdamW state split over `shards` ranks with --fsdp)."""
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad) / shards
     size = lambda *modules: sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
     copies = [m for m in (sampler.model, ref) if m is not None and m is not model]  # bf16 on a GPU
     parts = {"policy": 4 * n, "gradients": 4 * n, "AdamW": 8 * n, "vision tower": size(model.vision_tower),
@@ -473,12 +481,13 @@ def grpo_step(model, sampler, ref, tok, samples, load, cfg, device, gen, apply_u
 def save_state(state, directory):
     """The trainer state as trainer_state.safetensors (its tensors) and trainer_state.json (the rest; dicts as
     [key, value] pairs, keeping the optimizer's integer keys), the JSON last: it marks a complete checkpoint."""
-    tensors, path = {}, os.path.join(directory, "trainer_state")
+    tensors, seen, path = {}, {}, os.path.join(directory, "trainer_state")
 
     def pack(x):
-        if isinstance(x, torch.Tensor):
-            tensors[str(len(tensors))] = x.detach().cpu().contiguous()
-            return {"tensor": str(len(tensors) - 1)}
+        if isinstance(x, torch.Tensor):  # a tensor met twice (rank 0's RNG state, say) is stored once
+            key = seen.setdefault(id(x), str(len(seen)))
+            tensors[key] = x.detach().cpu().contiguous()
+            return {"tensor": key}
         return {"dict": [[k, pack(v)] for k, v in x.items()]} if isinstance(x, dict) else [pack(v) for v in x] if isinstance(x, (list, tuple)) else x
 
     packed = pack(state)
@@ -501,11 +510,12 @@ def load_state(directory, tensors=True):
         return unpack(json.load(f))
 
 
-def write_checkpoint(model, tokenizer_files, state, out):
-    """OUT/checkpoint, written beside it as checkpoint.tmp, then swapped in by `find_checkpoint`."""
+def write_checkpoint(model, tokenizer_files, state, out, weights=None):
+    """OUT/checkpoint, written beside it as checkpoint.tmp, then swapped in by `find_checkpoint`.
+    weights: the model's tensors gathered whole (FSDP), else the model's own."""
     tmp = os.path.join(out, "checkpoint.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=weights)
     for f in tokenizer_files:
         shutil.copy(f, os.path.join(tmp, os.path.basename(f)))
     save_state(state, tmp)
@@ -607,6 +617,88 @@ def plot_curves(records, path, keys, size=(720, 360)):
     cv2.imwrite(path, img)
 
 
+# ----------------------------------------------------------------------------- several processes (torchrun)
+# `torchrun --nproc_per_node N train.py ...` runs N ranks, one per GPU. Each takes its N-th of every
+# step's prompts (whole groups), rolls them out with its own generator and computes its loss, the
+# mean over its own prompts; the gradients are then averaged over the ranks (an all-reduce before
+# the optimizer step, or FSDP2's reduce-scatter in backward with --fsdp). The ranks hold equal
+# shares, so the average is the mean over all the step's prompts: the single-process update.
+# Rank 0 alone writes metrics, curves and checkpoints. Every rank must run the same number of
+# forward passes under --fsdp (each layer gathers its shards collectively).
+
+
+def setup_distributed(cfg):
+    """-> (rank, world, device). Under torchrun (it sets WORLD_SIZE, RANK, LOCAL_RANK) join the
+    process group: nccl with one GPU per rank, gloo on CPUs. Without torchrun: (0, 1, device)."""
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if "WORLD_SIZE" not in os.environ:
+        if cfg.fsdp:
+            raise RunError("--fsdp needs torchrun: torchrun --nproc_per_node N train.py --fsdp ...")
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def teardown_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(model, device):
+    """--fsdp: each decoder layer is one FSDP2 unit, the rest of the trainable model (connector,
+    embeddings, final norm) the root unit; the frozen vision tower stays whole on every rank. On a
+    GPU the gathered weights compute in bf16 and gradients are reduced in fp32."""
+    mp = MixedPrecisionPolicy(torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    for layer in model.language_model.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp, ignored_params=set(model.vision_tower.parameters()))
+    register_fsdp_forward_method(model, "connect")  # the policy's passes enter through connect(), not forward()
+
+
+def average_gradients(params, world):
+    """Data parallel: every gradient summed over the ranks and divided by `world`, once per optimizer
+    step after all micro-batches (DDP does this during backward, but only for passes through the
+    model's forward(), which the policy's passes do not use). A rank with no gradient adds zeros."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    works = [dist.all_reduce(p.grad, async_op=True) for p in params]
+    for p, work in zip(params, works):
+        work.wait()
+        p.grad.div_(world)
+
+
+def gather(obj, world):
+    """A small Python object from every rank -> the list of them, on every rank."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def reduce_metrics(m, world):
+    """One step's metrics of every rank -> the step's (the same on every rank): sums for counts and
+    throughput, min/max for extremes, the slowest rank's times, rank 0's example, means otherwise
+    (the ranks hold equal shares). A non-finite loss on any rank skips the update on all; the step
+    is skipped only if no rank had a readable video."""
+    if world == 1:
+        return m
+    ms, out = gather(m, world), {}
+    for k in dict.fromkeys(k for r in ms for k in r):
+        vs = [r[k] for r in ms if k in r]
+        how = (sum if k in ("tokens", "samples", "tokens_per_s", "skipped_samples") else min if k.endswith("_min")
+               else max if k.endswith("_max") or k.startswith("time/") or k == "nan" else np.mean)
+        out[k] = vs[0] if isinstance(vs[0], str) else float(how(vs))
+    if sum("skipped_step" in r for r in ms) < world:
+        out.pop("skipped_step", None)
+    return out
+
+
 # ----------------------------------------------------------------------------- the training loop
 
 
@@ -625,15 +717,23 @@ def train(cfg):
     Raises RunError (or data.DataError, model.CheckpointError) on bad input before any work, Diverged
     after MAX_NONFINITE_IN_A_ROW non-finite steps in a row."""
     check_config(cfg)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(cfg.seed)
+    rank, world, device = setup_distributed(cfg)
+    if cfg.prompts_per_step % world:
+        raise RunError(f"--prompts-per-step {cfg.prompts_per_step} does not split evenly over {world} processes")
+    share = cfg.prompts_per_step // world
+    torch.manual_seed(cfg.seed)  # the same on every rank: a fresh connector starts the same everywhere
     samples, bad_rows = D.read_samples(cfg.data, cfg.root or None, errors="skip")
-    for msg in bad_rows:
+    for msg in bad_rows if rank == 0 else ():
         tqdm.write(f"skipping row: {msg}")
     if not samples:
         raise RunError(f"no usable samples in {cfg.data}")
 
-    resume_from = prepare_out(cfg)
+    resume_from = gather(prepare_out(cfg) if rank == 0 else None, world)[0]  # rank 0 tidies the run folder
+    state = load_state(resume_from) if resume_from else None
+    if state and (state.get("world_size", 1), state.get("fsdp", False)) != (world, cfg.fsdp):
+        was = f"{state.get('world_size', 1)} process(es){' with --fsdp' if state.get('fsdp') else ''}"
+        raise RunError(f"{resume_from} was written by {was}; resume it the same way "
+                       f"(this run: {world}{' with --fsdp' if cfg.fsdp else ''})")
     if resume_from:
         model = M.TinyLLaVA.from_pretrained(resume_from, device=device, dtype=torch.float32)
         tok_file = tokenizer_file(resume_from)
@@ -653,57 +753,75 @@ def train(cfg):
             ref.requires_grad_(False).eval()
         else:
             ref = make_reference(model)
-            if not cfg.init:  # a fresh connector: keep the reference to resume against it
+            if not cfg.init and rank == 0:  # a fresh connector: keep the reference to resume against it
                 ref.save_pretrained(os.path.join(cfg.out, "reference"))
         if device.type == "cuda":
             ref.connector.to(torch.bfloat16), ref.language_model.to(torch.bfloat16)
 
     # On a GPU the rollouts sample from a bf16 copy of the policy; on a CPU from the policy itself.
-    sampler = G.Sampler(model, torch.bfloat16 if device.type == "cuda" else None, compile=cfg.compile and cfg.stage == "grpo")
+    # Under --fsdp the policy is sharded, so the rollouts always sample from a whole copy.
+    sampler = G.Sampler(model, torch.bfloat16 if device.type == "cuda" else None, compile=cfg.compile and cfg.stage == "grpo",
+                        own_copy=cfg.fsdp and cfg.stage == "grpo")
+    if cfg.stage == "grpo" and rank == 0:
+        tqdm.write(memory_estimate(model, sampler, ref, world if cfg.fsdp else 1))
+    if cfg.fsdp:
+        shard(model, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.stage == "grpo":
-        tqdm.write(memory_estimate(model, sampler, ref))
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda" and not cfg.fsdp)
     total = cfg.steps or max(1, int(cfg.epochs * max(1, len(samples) // cfg.prompts_per_step)))
     schedule = make_schedule(optimizer, cfg, total)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 7919 * rank)  # each rank samples its own
     load = VideoLoader(cfg.frames, model.config.vision.image_size)
     start, nan_steps, nan_run = 0, 0, 0  # nan_run: non-finite steps in a row
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    records = []
     if resume_from:
-        state = load_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+        if cfg.fsdp:  # saved whole (keyed by parameter name); each rank keeps its shard
+            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        start, nan_steps, nan_run, load.skipped = state["step"], state["nan_steps"], state["nan_run"], state["skipped"]
-        records = read_jsonl(metrics_path, upto=start)  # drop what was logged after the checkpoint
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        tqdm.write(f"resuming {cfg.out} at step {start} of {total}")
-    elif os.path.exists(metrics_path):  # --overwrite
+        mine = state["ranks"][rank] if world > 1 else state
+        gen.set_state(mine["generator"])
+        torch.set_rng_state(mine["torch_rng"])
+        start, nan_steps, nan_run, load.skipped = state["step"], state["nan_steps"], state["nan_run"], mine["skipped"]
+        if rank == 0:
+            records = read_jsonl(metrics_path, upto=start)  # drop what was logged after the checkpoint
+            with open(metrics_path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+            tqdm.write(f"resuming {cfg.out} at step {start} of {total}")
+    elif os.path.exists(metrics_path) and rank == 0:  # --overwrite
         os.remove(metrics_path)
-    records = read_jsonl(metrics_path)
 
     def apply_update():
+        if world > 1 and not cfg.fsdp:
+            average_gradients(params, world)
         return optimizer_step(optimizer, params, sampler, cfg.max_grad_norm)
 
-    def save(step):
-        if not torch.stack([p.isfinite().all() for p in params]).all():  # never over the last good checkpoint
+    def save(step):  # every rank takes part: its RNG state, and its shards under --fsdp
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+        if not gather(bool(torch.stack([p.isfinite().all() for p in local]).all()), world) == [True] * world:
             raise Diverged(f"step {step}: the weights are non-finite, the run has diverged; {cfg.out}/checkpoint "
                            "keeps the last finite ones (start over with a lower --lr, --overwrite)")
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
-                 "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "nan_steps": nan_steps,
-                 "nan_run": nan_run, "skipped": load.skipped, "config": asdict(cfg)}
-        write_checkpoint(model, tok_file, state, cfg.out)
+        ranks = gather({"generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "skipped": load.skipped}, world)
+        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(model, options=whole) if cfg.fsdp else None
+        optim = get_optimizer_state_dict(model, optimizer, options=whole) if cfg.fsdp else optimizer.state_dict()
+        if rank == 0:
+            state = {"step": step, "optimizer": optim, "scheduler": schedule.state_dict(), **ranks[0],
+                     "skipped": [s for r in ranks for s in r["skipped"]], "nan_steps": nan_steps, "nan_run": nan_run,
+                     "config": asdict(cfg), "world_size": world, "fsdp": cfg.fsdp, **({"ranks": ranks} if world > 1 else {})}
+            write_checkpoint(model, tok_file, state, cfg.out, weights)
+        if world > 1:
+            dist.barrier()  # no rank runs ahead of a checkpoint being written
 
     curve_keys = ["loss"] if cfg.stage == "sft" else ["reward", "accuracy", "format", "kl"]
-    bar = tqdm(range(start, total), initial=start, total=total, desc=cfg.stage, dynamic_ncols=True)
+    bar = tqdm(range(start, total), initial=start, total=total, desc=cfg.stage, dynamic_ncols=True, disable=rank > 0)
     record = {}
     seconds = []  # wall time of each step this process ran
     for step in bar:
         t_step = time.perf_counter()
-        batch = step_samples(samples, step, cfg)
+        batch = step_samples(samples, step, cfg)[rank * share:(rank + 1) * share]
         try:
             if cfg.stage == "sft":
                 m = sft_step(model, tok, batch, load, cfg, device)
@@ -711,23 +829,25 @@ def train(cfg):
                 m = grpo_step(model, sampler, ref, tok, batch, load, cfg, device, gen, apply_update)
         except FloatingPointError:  # non-finite logits in a rollout
             m = {"nan": 1.0}
+        m = reduce_metrics({**m, "skipped_samples": len(load.skipped)}, world)  # the same on every rank
         if not m.get("nan") and not m.get("skipped_step") and not apply_update():
             m["nan"] = 1.0  # a non-finite gradient
         nan_steps, nan_run = nan_steps + bool(m.get("nan")), (nan_run + 1) * bool(m.get("nan"))
         if m.get("nan"):
-            tqdm.write(f"step {step + 1}: non-finite loss, logits or gradient, update skipped ({nan_steps} so far)")
+            if rank == 0:
+                tqdm.write(f"step {step + 1}: non-finite loss, logits or gradient, update skipped ({nan_steps} so far)")
             optimizer.zero_grad(set_to_none=True)
         schedule.step()
         if device.type == "cuda":
             m["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         seconds.append(time.perf_counter() - t_step)
-        if len(seconds) == 3 and step + 1 < total:
+        if len(seconds) == 3 and step + 1 < total and rank == 0:
             tqdm.write(run_budget(seconds, records + [m], step + 1, total))
-        record = {"step": step + 1, "lr": schedule.get_last_lr()[0], **m, "skipped_samples": len(load.skipped),
-                  "skipped_rows": len(bad_rows), "nan_steps": nan_steps}
-        append_jsonl(metrics_path, record)
-        records.append(record)
-        plot_curves(records, os.path.join(cfg.out, "curves.png"), curve_keys)
+        record = {"step": step + 1, "lr": schedule.get_last_lr()[0], **m, "skipped_rows": len(bad_rows), "nan_steps": nan_steps}
+        if rank == 0:
+            append_jsonl(metrics_path, record)
+            records.append(record)
+            plot_curves(records, os.path.join(cfg.out, "curves.png"), curve_keys)
         shown = ("loss",) if cfg.stage == "sft" else ("reward", "accuracy", "kl", "completion_length")
         bar.set_postfix({k: f"{m[k]:.3g}" for k in shown if isinstance(m.get(k), float)})
         if nan_run >= MAX_NONFINITE_IN_A_ROW:
@@ -738,7 +858,7 @@ def train(cfg):
             save(step + 1)
         if last:
             break
-    if load.skipped:
+    if load.skipped and rank == 0:
         tqdm.write(f"{len(load.skipped)} samples skipped: unreadable videos (see metrics.jsonl 'skipped_samples')")
     return record
 
@@ -833,6 +953,8 @@ def main(argv=None):
     args, parser = parse_args(argv)
     given = sorted(k for k, v in vars(args).items() if v != parser.get_default(k))
     try:
+        if (args.demo or not argv) and "WORLD_SIZE" in os.environ:
+            raise RunError("the demo runs in one process; under torchrun give --data (e.g. the demo's OUT/data files)")
         if args.demo or not argv:
             extra = [k for k in given if k not in ("demo", "out", "seed", "device")]
             if extra:
@@ -849,6 +971,8 @@ def main(argv=None):
     except Diverged as e:
         print(f"train.py: {e}", file=sys.stderr)
         return 1
+    finally:
+        teardown_distributed()
 
 
 if __name__ == "__main__":
