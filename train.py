@@ -27,21 +27,19 @@ whose loss or sampled logits stay non-finite stops, keeping the last finite chec
 
 import argparse
 import copy
-import glob
 import json
 import math
 import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -50,58 +48,67 @@ from tqdm import tqdm
 import data as D
 import grpo as G
 import model as M
+from runs import RunError, append_jsonl, load_state, prepare_out, read_jsonl, tokenizer_file, write_checkpoint
 
 
 # ----------------------------------------------------------------------------- configuration
 
 
+def option(default, help, choices=None):
+    """A TrainConfig field with its --help text (and allowed values) beside it."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class TrainConfig:
-    stage: str = "grpo"  # "sft" (cold start) or "grpo"
-    init: str = ""  # a TinyLLaVA checkpoint directory to start from
-    vision: str = ""  # or a SigLIP directory ...
-    llm: str = ""  # ... and a Qwen2 directory, with a fresh connector
-    connector: str = "groupresampler"  # connector type when starting from parts
-    data: str = ""  # NextQA GRPO .jsonl or cold-start .json
-    root: str = ""  # directory the video paths are relative to (default: the data file's)
-    out: str = "runs/demo"
-    seed: int = 0
-    lr: float = 0.0  # 0: the paper's, 1e-5 for sft and 1e-6 for grpo
-    schedule: str = ""  # "constant" or "cosine"; empty: constant for sft, cosine for grpo
-    warmup: float = 0.03  # fraction of steps with linear warmup (cosine only)
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    epochs: float = 1.0
-    steps: int = 0  # optimizer steps; 0: epochs x (samples / prompts_per_step)
-    stop_after: int = 0  # stop (with a checkpoint) after this many steps, e.g. to time-box a run
-    prompts_per_step: int = 0  # prompts (grpo) or samples (sft) per optimizer step; 0: the paper's, 4 sft, 8 grpo
-    micro_batch: int = 1  # prompts (or samples) per forward pass; gradients are accumulated
-    group_size: int = 8
-    max_new_tokens: int = 512
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    beta: float = 0.01
-    kl_clamp: bool = True  # clamp the per-token KL to [-100, 100], as the original does
-    noise_std: float = 0.02
-    scale: str = "group"  # advantage scaling: "group" (paper), "batch", "none"
-    loss_type: str = "grpo"  # "grpo" (paper), "bnpo", "dr_grpo", "dapo"
-    updates_per_rollout: int = 1  # >1: clipped ratio against the sampling policy
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.2
-    mask_truncated: bool = False
-    skip_zero_variance: bool = False
-    temporal: bool = False  # Video-R1's T-GRPO bonus from rollouts on shuffled frames
-    rollout_batch: int = 0  # prompts whose rollouts decode together; 0: all prompts of the step
-    compile: bool = True  # decode rollouts through torch.compile (+ a CUDA graph on a GPU)
-    frames: int = 16
-    max_len: int = 3072
-    device: str = ""  # default: cuda if available
-    grad_checkpointing: bool = True  # ignored on CPU
-    save_every: int = 50
-    resume: bool = False
-    overwrite: bool = False  # start over in an OUT that holds a run
-    fsdp: bool = False  # under torchrun: shard weights, gradients and AdamW state over the ranks
+    """Every flag of train.py; the defaults are the paper's. Empty / 0 defaults are resolved per stage below."""
+    stage: str = option("grpo", "sft (cold start on reasoning answers) or grpo", ("sft", "grpo"))
+    init: str = option("", "TinyLLaVA checkpoint directory to start from (config.json, safetensors, tokenizer)")
+    vision: str = option("", "or a SigLIP checkpoint directory (with --llm: start from parts, a fresh connector)")
+    llm: str = option("", "... and a Qwen2 checkpoint directory (its tokenizer is used)")
+    connector: str = option("groupresampler", "connector type when starting from parts",
+                            ("groupresampler", "naiveresampler", "mlp2x_gelu"))
+    data: str = option("", "training data: NextQA GRPO .jsonl or cold-start .json")
+    root: str = option("", "directory the video paths are relative to (default: the data file's)")
+    out: str = option("runs/demo", "run directory: metrics.jsonl, curves.png, checkpoint/")
+    seed: int = option(0, "seed of the data order, the sampling and the advantage noise")
+    lr: float = option(0.0, "peak learning rate (0: the paper's, 1e-5 sft, 1e-6 grpo)")
+    schedule: str = option("", "learning-rate schedule (default: constant for sft, cosine for grpo)", ("constant", "cosine"))
+    warmup: float = option(0.03, "fraction of the steps spent in linear warmup (cosine)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0: off)")
+    epochs: float = option(1.0, "passes over the data")
+    steps: int = option(0, "optimizer steps (0: from --epochs)")
+    stop_after: int = option(0, "stop after this many steps, keeping the schedule of --steps (resume later)")
+    prompts_per_step: int = option(0, "prompts (grpo) or samples (sft) per optimizer step (0: the paper's, 4 sft, 8 grpo)")
+    micro_batch: int = option(1, "prompts or samples per forward pass (gradients accumulate up to --prompts-per-step)")
+    group_size: int = option(8, "completions sampled per prompt (G)")
+    max_new_tokens: int = option(512, "longest completion")
+    temperature: float = option(1.0, "sampling temperature")
+    top_k: int = option(50, "sample from the k most likely tokens (0: all)")
+    top_p: float = option(1.0, "nucleus sampling threshold (1: off)")
+    beta: float = option(0.01, "weight of the KL to the reference model (0: no reference)")
+    kl_clamp: bool = option(True, "clamp the per-token KL to [-100, 100], as the original code does")
+    noise_std: float = option(0.02, "std of the Gaussian noise added to the advantages")
+    scale: str = option("group", "advantage scaling: group (paper), batch, none", ("group", "batch", "none"))
+    loss_type: str = option("grpo", "grpo (paper), bnpo, dr_grpo, dapo (TRL's names)", G.LOSS_TYPES)
+    updates_per_rollout: int = option(1, "optimizer steps per batch of rollouts (>1 uses the clipped ratio)")
+    epsilon_low: float = option(0.2, "lower clip range of the ratio")
+    epsilon_high: float = option(0.2, "upper clip range of the ratio (0.28 in DAPO)")
+    mask_truncated: bool = option(False, "leave completions that hit --max-new-tokens out of the loss")
+    skip_zero_variance: bool = option(False, "leave groups whose rewards are all equal out of the loss")
+    temporal: bool = option(False, "T-GRPO: +0.3 to correct answers when ordered frames beat shuffled ones")
+    rollout_batch: int = option(0, "prompts whose G rollouts decode as one batch (0: all prompts of the step); "
+                                   "a decode step reads the weights once for all its rows")
+    compile: bool = option(True, "decode rollouts through torch.compile, and a CUDA graph on a GPU")
+    frames: int = option(16, "frames sampled uniformly per video")
+    max_len: int = option(3072, "truncate sequences (prompt + answer) to this many token ids")
+    device: str = option("", "cuda, cpu, ... (default: cuda if available)")
+    grad_checkpointing: bool = option(True, "recompute decoder layers in backward to save memory (GPU)")
+    save_every: int = option(50, "write the checkpoint every N steps (and at the end)")
+    resume: bool = option(False, "continue from OUT/checkpoint (same settings; --steps, --stop-after ... may change)")
+    overwrite: bool = option(False, "start over in an OUT that already holds a run (its metrics and checkpoint go)")
+    fsdp: bool = option(False, "under torchrun: shard the trainable model, its gradients and AdamW state (FSDP2)")
 
     def __post_init__(self):
         self.lr = self.lr or (1e-5 if self.stage == "sft" else 1e-6)
@@ -110,61 +117,9 @@ class TrainConfig:
         self.prompts_per_step = self.prompts_per_step or (4 if self.stage == "sft" else 8)
 
 
-HELP = {
-    "stage": "sft (cold start on reasoning answers) or grpo",
-    "init": "TinyLLaVA checkpoint directory to start from (config.json + safetensors + tokenizer.json)",
-    "vision": "SigLIP checkpoint directory (with --llm: start from parts with a fresh connector)",
-    "llm": "Qwen2 checkpoint directory (its tokenizer.json is used)",
-    "connector": "connector type when starting from parts: groupresampler, naiveresampler, mlp2x_gelu",
-    "data": "training data: NextQA GRPO .jsonl or cold-start .json",
-    "root": "directory video paths are relative to (default: the data file's directory)",
-    "out": "run directory: metrics.jsonl, curves.png, checkpoint/",
-    "seed": "seed for data order, sampling and advantage noise",
-    "lr": "peak learning rate (0: the paper's, 1e-5 sft, 1e-6 grpo)",
-    "schedule": "constant or cosine (default: constant for sft, cosine for grpo)",
-    "warmup": "fraction of the steps spent in linear warmup (cosine)",
-    "weight_decay": "AdamW weight decay",
-    "max_grad_norm": "gradient clipping norm (0: off)",
-    "epochs": "passes over the data",
-    "steps": "optimizer steps (0: from epochs)",
-    "stop_after": "stop after this many steps, keeping the schedule of --steps (resume later)",
-    "prompts_per_step": "prompts (grpo) or samples (sft) per optimizer step (0: the paper's, 4 sft, 8 grpo)",
-    "micro_batch": "prompts or samples per forward pass (gradient accumulation up to --prompts-per-step)",
-    "group_size": "completions sampled per prompt (G)",
-    "max_new_tokens": "longest completion",
-    "temperature": "sampling temperature",
-    "top_k": "sample from the k most likely tokens (0: all)",
-    "top_p": "nucleus sampling threshold (1: off)",
-    "beta": "weight of the KL to the reference model (0: no reference)",
-    "kl_clamp": "clamp the per-token KL to [-100, 100] as the original does",
-    "noise_std": "std of the Gaussian noise added to advantages",
-    "scale": "advantage scaling: group (paper), batch, none",
-    "loss_type": "grpo (paper), bnpo, dr_grpo, dapo",
-    "updates_per_rollout": "optimizer steps per batch of rollouts (>1 uses the clipped ratio)",
-    "epsilon_low": "lower clip range of the ratio",
-    "epsilon_high": "upper clip range of the ratio (0.28 in DAPO)",
-    "mask_truncated": "leave completions that hit --max-new-tokens out of the loss",
-    "skip_zero_variance": "leave groups whose rewards are all equal out of the loss",
-    "temporal": "T-GRPO: +0.3 to correct answers when ordered frames beat shuffled ones",
-    "rollout_batch": "prompts whose G rollouts decode as one batch (0: all prompts of the step); "
-                     "a decode step reads the weights once for all its rows",
-    "compile": "decode rollouts through torch.compile, and a CUDA graph on a GPU (the first steps compile)",
-    "frames": "frames sampled uniformly per video",
-    "max_len": "truncate sequences (prompt + answer) to this many token ids",
-    "device": "cuda, cpu, ... (default: cuda if available)",
-    "grad_checkpointing": "recompute decoder layers in backward to save memory (GPU)",
-    "save_every": "write the checkpoint every N steps (and at the end)",
-    "resume": "continue from OUT/checkpoint (with the same settings but --steps, --stop-after, --save-every ...)",
-    "overwrite": "start over in an OUT that already holds a run (its metrics and checkpoint are deleted)",
-    "fsdp": "under torchrun: shard the trainable model, its gradients and AdamW state over the ranks (FSDP2)",
-}
 MAY_CHANGE_ON_RESUME = {"steps", "epochs", "stop_after", "save_every", "micro_batch", "device", "grad_checkpointing",
                         "root", "out", "resume", "overwrite"}
 MAX_NONFINITE_IN_A_ROW = 5
-
-
-class RunError(Exception):
-    """Bad flags, data, checkpoint or run folder: reported in one line (exit code 2) before any work."""
 
 
 class Diverged(RuntimeError):
@@ -178,9 +133,8 @@ def check_config(cfg):
                                             "max_len", "updates_per_rollout") if getattr(c, n) < 1]
     bad += [f"{v(n)}: must be >= 0" for n in ("steps", "stop_after", "rollout_batch", "top_k", "weight_decay", "max_grad_norm", "beta",
                                              "noise_std", "epsilon_low", "epsilon_high") if getattr(c, n) < 0]
-    choices = {"stage": ("sft", "grpo"), "schedule": ("constant", "cosine"), "scale": ("group", "batch", "none"),
-               "loss_type": G.LOSS_TYPES, "connector": ("groupresampler", "naiveresampler", "mlp2x_gelu")}
-    bad += [f"{v(n)}: must be one of {', '.join(ok)}" for n, ok in choices.items() if getattr(c, n) not in ok]
+    bad += [f"{v(f.name)}: must be one of {', '.join(f.metadata['choices'])}" for f in fields(c)
+            if f.metadata["choices"] and getattr(c, f.name) not in f.metadata["choices"]]
     bad += [msg for ok, msg in [
         (not (c.init and (c.vision or c.llm)), "give --init, or --vision and --llm, not both"),
         (c.init or (c.vision and c.llm), "give --init DIR, or --vision DIR and --llm DIR"),
@@ -475,120 +429,7 @@ def grpo_step(model, sampler, ref, tok, samples, load, cfg, device, gen, apply_u
     return metrics
 
 
-# ----------------------------------------------------------------------------- checkpoints, metrics, plot
-
-
-def save_state(state, directory):
-    """The trainer state as trainer_state.safetensors (its tensors) and trainer_state.json (the rest; dicts as
-    [key, value] pairs, keeping the optimizer's integer keys), the JSON last: it marks a complete checkpoint."""
-    tensors, seen, path = {}, {}, os.path.join(directory, "trainer_state")
-
-    def pack(x):
-        if isinstance(x, torch.Tensor):  # a tensor met twice (rank 0's RNG state, say) is stored once
-            key = seen.setdefault(id(x), str(len(seen)))
-            tensors[key] = x.detach().cpu().contiguous()
-            return {"tensor": key}
-        return {"dict": [[k, pack(v)] for k, v in x.items()]} if isinstance(x, dict) else [pack(v) for v in x] if isinstance(x, (list, tuple)) else x
-
-    packed = pack(state)
-    save_file(tensors, path + ".safetensors")
-    with open(path + ".json.part", "w") as f:
-        json.dump(packed, f)
-    os.replace(path + ".json.part", path + ".json")
-
-
-def load_state(directory, tensors=True):
-    path = os.path.join(directory, "trainer_state")
-    tensors = load_file(path + ".safetensors") if tensors else {}
-
-    def unpack(x):
-        if isinstance(x, dict):
-            return tensors.get(x["tensor"]) if "tensor" in x else {k: unpack(v) for k, v in x["dict"]}
-        return [unpack(v) for v in x] if isinstance(x, list) else x
-
-    with open(path + ".json") as f:
-        return unpack(json.load(f))
-
-
-def write_checkpoint(model, tokenizer_files, state, out, weights=None):
-    """OUT/checkpoint, written beside it as checkpoint.tmp, then swapped in by `find_checkpoint`.
-    weights: the model's tensors gathered whole (FSDP), else the model's own."""
-    tmp = os.path.join(out, "checkpoint.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=weights)
-    for f in tokenizer_files:
-        shutil.copy(f, os.path.join(tmp, os.path.basename(f)))
-    save_state(state, tmp)
-    find_checkpoint(out)
-
-
-def find_checkpoint(out):
-    """OUT/checkpoint or None, once any save a kill cut short is finished: a complete checkpoint.tmp is the newest
-    and is swapped in (with eval/ and the like from beside the old weights); .old stands in for a missing
-    checkpoint; partial copies (.tmp-save-* of a weights save, an unfinished .tmp) are removed."""
-    final, tmp, old = (os.path.join(out, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
-
-    def complete(d):
-        return os.path.exists(os.path.join(d, "trainer_state.json"))
-
-    for partial in glob.glob(os.path.join(out, ".tmp-save-*")):
-        shutil.rmtree(partial, ignore_errors=True)
-    if complete(tmp):
-        if os.path.exists(final):
-            for name in set(os.listdir(final)) - set(os.listdir(tmp)):
-                if not name.startswith(("model", "trainer_state")):
-                    os.rename(os.path.join(final, name), os.path.join(tmp, name))
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-        os.rename(tmp, final)
-    elif not complete(final) and complete(old):
-        os.rename(old, final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-    return final if complete(final) else None
-
-
-def prepare_out(cfg):
-    """-> the checkpoint to resume from, or None for a new run. Refuses to overwrite a run without
-    --overwrite, to resume without a checkpoint, and to resume with other settings (naming them)."""
-    ckpt = find_checkpoint(cfg.out)
-    held = [n for n in ("metrics.jsonl", "checkpoint") if os.path.exists(os.path.join(cfg.out, n))]
-    if not cfg.resume:
-        if held and not cfg.overwrite:
-            raise RunError(f"{cfg.out} holds a run ({', '.join(held)}): --resume to continue it, --overwrite to start over")
-        shutil.rmtree(os.path.join(cfg.out, "checkpoint"), ignore_errors=True)
-        return None
-    if not ckpt:
-        raise RunError(f"--resume: no checkpoint in {cfg.out} (a new run needs no --resume)")
-    saved = load_state(ckpt, tensors=False)["config"]
-    diff = [f"--{k.replace('_', '-')} {saved[k]} (now {v})" for k, v in asdict(cfg).items()
-            if k in saved and k not in MAY_CHANGE_ON_RESUME and saved[k] != v]
-    if diff:
-        raise RunError(f"{ckpt} was trained with other settings: {', '.join(diff)}; resume with the same ones, "
-                       "or start over with --overwrite")
-    return ckpt
-
-
-def tokenizer_file(directory):
-    """The tokenizer files of a directory, copied into each checkpoint: tokenizer.json and/or the slow ones."""
-    paths = [os.path.join(directory, f) for f in D.TOKENIZER_FILES if os.path.exists(os.path.join(directory, f))]
-    names = {os.path.basename(p) for p in paths}
-    if "tokenizer.json" not in names and not {"vocab.json", "merges.txt"} <= names:
-        raise RunError(f"no tokenizer.json (nor vocab.json and merges.txt) in {directory}")
-    return paths
-
-
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def read_jsonl(path, upto=None):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:  # a line a kill cut short has no newline (json.dumps writes none inside a record)
-        rows = [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
-    return [r for r in rows if upto is None or r["step"] <= upto]
+# ----------------------------------------------------------------------------- the curves
 
 
 def plot_curves(records, path, keys, size=(720, 360)):
@@ -728,7 +569,7 @@ def train(cfg):
     if not samples:
         raise RunError(f"no usable samples in {cfg.data}")
 
-    resume_from = gather(prepare_out(cfg) if rank == 0 else None, world)[0]  # rank 0 tidies the run folder
+    resume_from = gather(prepare_out(cfg, MAY_CHANGE_ON_RESUME) if rank == 0 else None, world)[0]  # rank 0 tidies the run folder
     state = load_state(resume_from) if resume_from else None
     if state and (state.get("world_size", 1), state.get("fsdp", False)) != (world, cfg.fsdp):
         was = f"{state.get('world_size', 1)} process(es){' with --fsdp' if state.get('fsdp') else ''}"
@@ -935,15 +776,13 @@ def parse_args(argv=None):
                                 "GRPO, then both evaluated).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = lambda msg: (print(f"train.py: {msg} (see --help)", file=sys.stderr), sys.exit(2))
     p.add_argument("--demo", action="store_true", help="run the CPU demo (only --out, --seed, --device apply)")
-    defaults = TrainConfig()
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(defaults, f.name), help=HELP[f.name])
+    for f in fields(TrainConfig):  # every field a flag, its help and choices from the field
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
         else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            default = {"lr": 0.0, "schedule": "", "prompts_per_step": 0}.get(f.name, getattr(defaults, f.name))
-            p.add_argument(flag, type=typ, default=default, help=HELP[f.name])
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            p.add_argument(flag, type=typ, default=f.default, help=meta["help"], choices=meta["choices"])
     return p.parse_args(argv), p
 
 

@@ -21,6 +21,7 @@ import data as D
 import eval as E
 import grpo as G
 import model as M
+import runs
 import sample
 import train
 from test_bench_eval import ckpt, mlvu, scripted  # noqa: F401 (ckpt is a fixture)
@@ -212,7 +213,7 @@ class Crash(BaseException):
 
 
 FS_OPS = [(os, "rename"), (os, "replace"), (shutil, "rmtree"), (shutil, "copy"), (shutil, "copy2"),
-          (shutil, "copytree"), (M, "_write_json"), (train, "save_file"), (M.tempfile, "mkdtemp")]
+          (shutil, "copytree"), (M, "_write_json"), (runs, "save_file"), (M.tempfile, "mkdtemp")]
 
 
 def crash_at(monkeypatch, k):
@@ -287,7 +288,7 @@ def test_kill_9_at_random_moments_resumes_to_identical_weights(task, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # the straight run's sums, bit for bit
     rng, kills = random.Random(0), 0
     while True:
-        resume = ["--resume"] if train.find_checkpoint(str(out)) else ["--overwrite"]
+        resume = ["--resume"] if runs.find_checkpoint(str(out)) else ["--overwrite"]
         p = subprocess.Popen(argv + resume, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if kills < 4:
             while not os.path.exists(out / "metrics.jsonl") and p.poll() is None:

@@ -1,0 +1,141 @@
+"""The run folder: a checkpoint that survives a crash at any moment, the trainer state without pickle,
+and the metrics log.
+
+    OUT/metrics.jsonl     one JSON line per optimizer step (a line a kill cut short is ignored)
+    OUT/curves.png        the metrics drawn (train.py redraws it every step)
+    OUT/checkpoint/       weights in the published layout, tokenizer files, trainer_state.{json,safetensors}
+
+A checkpoint is written beside the old one as checkpoint.tmp, its trainer_state.json last: that file marks
+it complete. `find_checkpoint` then swaps it in, and at start-up finishes whatever swap a crash interrupted,
+so some complete checkpoint always survives. The trainer state (optimizer, scheduler, RNG, data position,
+the run's settings) is JSON and safetensors: resuming a run executes nothing from the run folder.
+"""
+
+import glob
+import json
+import os
+import shutil
+from dataclasses import asdict
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import data as D
+
+
+class RunError(Exception):
+    """Bad flags, data, checkpoint or run folder: reported in one line (exit code 2) before any work."""
+
+
+def save_state(state, directory):
+    """The trainer state as trainer_state.safetensors (its tensors) and trainer_state.json (the rest; dicts as
+    [key, value] pairs, keeping the optimizer's integer keys), the JSON last: it marks a complete checkpoint."""
+    tensors, seen, path = {}, {}, os.path.join(directory, "trainer_state")
+
+    def pack(x):
+        if isinstance(x, torch.Tensor):  # a tensor met twice (rank 0's RNG state, say) is stored once
+            key = seen.setdefault(id(x), str(len(seen)))
+            tensors[key] = x.detach().cpu().contiguous()
+            return {"tensor": key}
+        return {"dict": [[k, pack(v)] for k, v in x.items()]} if isinstance(x, dict) else [pack(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+    packed = pack(state)
+    save_file(tensors, path + ".safetensors")
+    with open(path + ".json.part", "w") as f:
+        json.dump(packed, f)
+    os.replace(path + ".json.part", path + ".json")
+
+
+def load_state(directory, tensors=True):
+    path = os.path.join(directory, "trainer_state")
+    tensors = load_file(path + ".safetensors") if tensors else {}
+
+    def unpack(x):
+        if isinstance(x, dict):
+            return tensors.get(x["tensor"]) if "tensor" in x else {k: unpack(v) for k, v in x["dict"]}
+        return [unpack(v) for v in x] if isinstance(x, list) else x
+
+    with open(path + ".json") as f:
+        return unpack(json.load(f))
+
+
+def write_checkpoint(model, tokenizer_files, state, out, weights=None):
+    """OUT/checkpoint, written beside it as checkpoint.tmp, then swapped in by `find_checkpoint`.
+    weights: the model's tensors gathered whole (FSDP), else the model's own."""
+    tmp = os.path.join(out, "checkpoint.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=weights)
+    for f in tokenizer_files:
+        shutil.copy(f, os.path.join(tmp, os.path.basename(f)))
+    save_state(state, tmp)
+    find_checkpoint(out)
+
+
+def find_checkpoint(out):
+    """OUT/checkpoint or None, once any save a kill cut short is finished: a complete checkpoint.tmp is the newest
+    and is swapped in (with eval/ and the like from beside the old weights); .old stands in for a missing
+    checkpoint; partial copies (.tmp-save-* of a weights save, an unfinished .tmp) are removed."""
+    final, tmp, old = (os.path.join(out, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
+
+    def complete(d):
+        return os.path.exists(os.path.join(d, "trainer_state.json"))
+
+    for partial in glob.glob(os.path.join(out, ".tmp-save-*")):
+        shutil.rmtree(partial, ignore_errors=True)
+    if complete(tmp):
+        if os.path.exists(final):
+            for name in set(os.listdir(final)) - set(os.listdir(tmp)):
+                if not name.startswith(("model", "trainer_state")):
+                    os.rename(os.path.join(final, name), os.path.join(tmp, name))
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(tmp, final)
+    elif not complete(final) and complete(old):
+        os.rename(old, final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return final if complete(final) else None
+
+
+def prepare_out(cfg, may_change=()):
+    """-> the checkpoint to resume from, or None for a new run. Refuses to overwrite a run without
+    --overwrite, to resume without a checkpoint, and to resume with other settings than `may_change`
+    (naming them)."""
+    ckpt = find_checkpoint(cfg.out)
+    held = [n for n in ("metrics.jsonl", "checkpoint") if os.path.exists(os.path.join(cfg.out, n))]
+    if not cfg.resume:
+        if held and not cfg.overwrite:
+            raise RunError(f"{cfg.out} holds a run ({', '.join(held)}): --resume to continue it, --overwrite to start over")
+        shutil.rmtree(os.path.join(cfg.out, "checkpoint"), ignore_errors=True)
+        return None
+    if not ckpt:
+        raise RunError(f"--resume: no checkpoint in {cfg.out} (a new run needs no --resume)")
+    saved = load_state(ckpt, tensors=False)["config"]
+    diff = [f"--{k.replace('_', '-')} {saved[k]} (now {v})" for k, v in asdict(cfg).items()
+            if k in saved and k not in may_change and saved[k] != v]
+    if diff:
+        raise RunError(f"{ckpt} was trained with other settings: {', '.join(diff)}; resume with the same ones, "
+                       "or start over with --overwrite")
+    return ckpt
+
+
+def tokenizer_file(directory):
+    """The tokenizer files of a directory, copied into each checkpoint: tokenizer.json and/or the slow ones."""
+    paths = [os.path.join(directory, f) for f in D.TOKENIZER_FILES if os.path.exists(os.path.join(directory, f))]
+    names = {os.path.basename(p) for p in paths}
+    if "tokenizer.json" not in names and not {"vocab.json", "merges.txt"} <= names:
+        raise RunError(f"no tokenizer.json (nor vocab.json and merges.txt) in {directory}")
+    return paths
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path, upto=None):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:  # a line a kill cut short has no newline (json.dumps writes none inside a record)
+        rows = [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
+    return [r for r in rows if upto is None or r["step"] <= upto]
