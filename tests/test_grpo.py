@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import model as M
 from grpo import (Rollout, accuracy_reward, combined_reward, completion_logprobs, completion_mask, format_reward,
-                  group_advantages, grpo_loss, paper_reward, rollout, sample_token, score, shuffle_frames,
+                  group_advantages, grpo_loss, rollout, sample_token, score, shuffle_frames,
                   step_metrics, temporal_bonus, zero_variance_groups)
 
 # ----------------------------------------------------------------------------- rewards
@@ -62,7 +62,7 @@ CASES = [
 def test_accuracy_and_format_rewards_of_hand_checked_completions(completion, solution, acc, fmt):
     assert accuracy_reward(completion, solution) == acc
     assert format_reward(completion) == pytest.approx(fmt, abs=1e-12)
-    assert paper_reward(completion, solution) == pytest.approx(combined_reward(acc, fmt), abs=1e-12)
+    assert score([completion], [solution])["reward"].item() == pytest.approx(combined_reward(acc, fmt), abs=1e-12)
 
 
 def test_combined_reward_is_the_papers_table():
