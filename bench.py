@@ -214,7 +214,7 @@ def hf_peer(lm, device, dtype):
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise RuntimeError(f"bench.py: our decoder's keys do not match transformers' Qwen2: "
                            f"missing {missing}, unexpected {unexpected}")
-    if c.tie_word_embeddings and hf.lm_head.weight.data_ptr() != hf.model.embed_tokens.weight.data_ptr():
+    if lm.cfg.tie_word_embeddings and hf.lm_head.weight.data_ptr() != hf.model.embed_tokens.weight.data_ptr():
         hf.lm_head.weight = hf.model.embed_tokens.weight
     return hf
 

@@ -13,13 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
+import bench
 import data as D
 import eval as E
 import model as M
 import sample
 
 
-def tiny_model(size="test", seed=0, **parts):
+def tiny_model(seed=0, size="test", **parts):
     """A model of the named size (model.CONFIGS; parts as in model.config), its decoder weights 20x the
     0.02 init so that greedy choices are not near-ties."""
     torch.manual_seed(seed)
@@ -28,6 +29,13 @@ def tiny_model(size="test", seed=0, **parts):
         for p in model.language_model.parameters():
             p.mul_(20 if p.ndim == 2 else 1)
     return model
+
+
+def tiny_prompt(model, seed=1):
+    """bench.py's one prompt of its tiny shapes: ids (1, L) with the placeholder, and the video encoded."""
+    ids, pixels = bench.inputs(model.config, bench.TINY, torch.device("cpu"), seed=seed)
+    with torch.no_grad():
+        return ids, model.encode_video(pixels)
 
 
 @pytest.fixture

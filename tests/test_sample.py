@@ -9,6 +9,7 @@ import eval as E
 import sample
 from conftest import mlvu, run, scripted
 
+
 @pytest.mark.parametrize("text,mode,want", [
     ("<think>the ball rolls</think> <answer>B</answer>", "reason", "B"),
     ("<think>x</think><answer>(C) blue</answer>", "reason", "C"),
@@ -24,6 +25,7 @@ from conftest import mlvu, run, scripted
 ])
 def test_parse_answer_in_both_modes(text, mode, want):
     assert sample.parse_answer(text, 4, mode) == want
+
 
 def test_mlvu_resumes_a_partial_run(ckpt, tmp_path, monkeypatch, capsys):
     root = str(tmp_path / "MLVU")
