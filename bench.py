@@ -31,6 +31,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -161,10 +162,6 @@ def count_flops(fn):
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
-
-
-def nbytes(tensors):
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 # ----------------------------------------------------------------------------- correctness first
@@ -304,8 +301,9 @@ def run(args):
         embeds, mask = model.embed(ids, video)
     L = embeds.shape[1]
     result["shapes"]["prompt_length"] = L
-    decoder_bytes = nbytes(lm.parameters())
-    kv_bytes_per_token = 2 * config.text.num_hidden_layers * config.text.num_key_value_heads * config.text.head_dim * dtype.itemsize
+    decoder_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
+    c = config.text
+    kv_bytes_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype.itemsize
     # A step reads every decoder weight once, and the keys and values of a context of L..L+T tokens.
     step_floor = (decoder_bytes + G * kv_bytes_per_token * (L + T / 2)) / bandwidth * 1e3
     result.update(decoder_gb=decoder_bytes / 1e9, kv_bytes_per_token=kv_bytes_per_token, decode_floor_ms=step_floor)
@@ -333,7 +331,8 @@ def run(args):
     eager_step = lm.decode_step
     fast_step = sampler.decode if not args.no_compile else grpo.FastDecode(lm, compile=False)
     steps = min(shapes["check_steps"], T - 1)
-    log(f"checking the fast decode step against the eager one over {steps} greedy steps" + ("" if args.no_compile else " (the first step compiles)"))
+    log(f"checking the fast decode step against the eager one over {steps} greedy steps"
+        + ("" if args.no_compile else " (the first step compiles)"))
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     result["check"] = check = check_decode(model, eager_step, fast_step, embeds, mask, G, steps, L + T, tol)
     log(f"check {'passed' if check['ok'] else 'FAILED'}: {check}")
@@ -342,25 +341,21 @@ def run(args):
 
     n = shapes["decode_steps"]
 
-    def group_cache(step):
-        def setup():  # a prefilled group cache with one step taken: on CUDA the graph is captured then
-            cache = prefill().repeat_interleave(G)
-            tok = torch.zeros(G, dtype=torch.long, device=device)
-            step(tok, cache)
-            return cache, tok
-        return setup
+    @torch.no_grad()
+    def group_cache(step):  # a prefilled group cache, one step taken (on CUDA that step captures the graph)
+        cache, tok = prefill().repeat_interleave(G), torch.zeros(G, dtype=torch.long, device=device)
+        step(tok, cache)
+        return cache, tok
 
-    def decode(step):
-        @torch.no_grad()
-        def run_steps(arg):
-            cache, tok = arg
-            for _ in range(n):
-                step(tok, cache)
-        return run_steps
+    @torch.no_grad()
+    def n_steps(step, cache_tok):
+        for _ in range(n):
+            step(cache_tok[1], cache_tok[0])
 
-    fast_name, eager_name = f"decode step, G={G}, fast (compiled{'' if device.type != 'cuda' else ' + CUDA graph'})", f"decode step, G={G}, eager"
-    time_it(fast_name, decode(fast_step), group_cache(fast_step), per=n, floor_ms=step_floor, bound="memory")
-    time_it(eager_name, decode(eager_step), group_cache(eager_step), per=n, floor_ms=step_floor, bound="memory")
+    fast_name = f"decode step, G={G}, fast (compiled{' + CUDA graph' if device.type == 'cuda' else ''})"
+    eager_name = f"decode step, G={G}, eager"
+    for name, step in ((fast_name, fast_step), (eager_name, eager_step)):
+        time_it(name, partial(n_steps, step), partial(group_cache, step), per=n, floor_ms=step_floor, bound="memory")
     sampler.decode = fast_step
 
     def sample():
