@@ -335,10 +335,9 @@ def completion_logprobs(model, input_ids, video_embeds, completion_ids, completi
     def chunk_logp(h, ids):
         return (lm.logits(h).float() / temperature).log_softmax(-1).gather(-1, ids[..., None])[..., 0]
 
-    out = []
+    out, grad = [], torch.is_grad_enabled()
     for s in range(0, T, chunk):
         h, ids = hidden[:, s:s + chunk], completion_ids[:, s:s + chunk]
-        grad = torch.is_grad_enabled()
         out.append(checkpoint(chunk_logp, h, ids, use_reentrant=False) if grad else chunk_logp(h, ids))
     return torch.cat(out, dim=1) * completion_mask
 
