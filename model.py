@@ -587,7 +587,8 @@ class TinyLLaVA(nn.Module):
         B, L = input_ids.shape
         where = input_ids == self.config.image_token_index
         if not torch.equal(where.sum(1), torch.ones(B, dtype=torch.long, device=input_ids.device)):
-            raise ValueError(f"every row of input_ids needs exactly one IMAGE_TOKEN_INDEX ({self.config.image_token_index}); found {where.sum(1).tolist()}")
+            raise ValueError(f"every row of input_ids needs exactly one IMAGE_TOKEN_INDEX "
+                             f"({self.config.image_token_index}); found {where.sum(1).tolist()}")
         text = self.language_model.model.embed_tokens(input_ids.masked_fill(where, 0))  # (B, L, d)
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         embeds, masks = [], []
