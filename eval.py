@@ -119,6 +119,7 @@ def parse_original(text, choices, rng):
 # its parser picks among) and "frames_rule" (pick_frames). Layout errors name the file and item; a missing
 # video is only counted later.
 
+
 def need(item, key, where):
     if not isinstance(item, dict) or key not in item:
         raise D.DataError(f"{where}: no field {key!r}")
@@ -335,21 +336,21 @@ BENCHMARKS = {
 
 def summarize(records, group, average, order=(), missing=()):
     """Accuracy per group (task, duration or subject) and the benchmark's average: "micro" over all answered
-    items, or "macro", the mean of the groups' accuracies. records: evaluate's (each has "correct", "pred",
-    "num_options" and the group field); missing: metas of items whose video could not be read, counted
-    apart and left out of the accuracies. An unparsed answer counts as wrong; "guessed" is the accuracy
-    expected had each been a uniform random guess, as the original code did (under the original protocol,
-    records with "guessed" true were: they count as unparsed, and right or wrong as the guess fell)."""
-    groups = {name: dict(correct=0, total=0, unparsed=0, missing=0, guess=0.0) for name in order}
+    items, or "macro", the mean of the groups' accuracies. records: evaluate's; missing: metas of items
+    whose video could not be read, counted apart. An unparsed answer counts as wrong; "guessed" is the
+    accuracy expected had each been a uniform random guess, as the original code did (under the original
+    protocol, records with "guessed" true were: counted unparsed, right or wrong as the guess fell)."""
+    zero = dict(correct=0, total=0, unparsed=0, missing=0, guess=0.0)
+    groups = {name: dict(zero) for name in order}
     for r in records:
-        g = groups.setdefault(r[group], dict(correct=0, total=0, unparsed=0, missing=0, guess=0.0))
+        g = groups.setdefault(r[group], dict(zero))
         g["total"] += 1
         g["correct"] += bool(r["correct"])
         g["unparsed"] += r["pred"] is None or bool(r.get("guessed"))
         if r["pred"] is None:
             g["guess"] += 1 / r["num_options"]
     for m in missing:
-        groups.setdefault(m[group], dict(correct=0, total=0, unparsed=0, missing=0, guess=0.0))["missing"] += 1
+        groups.setdefault(m[group], dict(zero))["missing"] += 1
     for g in groups.values():
         guess = g.pop("guess")
         g["accuracy"] = g["correct"] / g["total"] if g["total"] else None
