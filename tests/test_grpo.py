@@ -549,16 +549,22 @@ def test_compiled_rollout_samples_what_the_eager_one_does():
     assert (fast.logprobs - eager.logprobs).abs().max() <= 1e-4
 
 
+def prefilled(model, room=1):
+    """A KV cache holding bench.py's tiny prompt, with room for `room` more tokens."""
+    ids, video = tiny_prompt(model)
+    embeds, mask = model.embed(ids, video)
+    cache = model.new_cache(1, embeds.shape[1] + room)
+    with torch.no_grad():
+        model.language_model.model(embeds, mask, cache)
+    return cache
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_fast_step_keeps_the_cache_bounds_check():
     model = tiny_model(size="tiny")
-    lm = model.language_model
-    ids, video = tiny_prompt(model)
-    embeds, mask = model.embed(ids, video)
-    fast = G.FastDecode(lm, compile=False)
+    fast = G.FastDecode(model.language_model, compile=False)
+    cache = prefilled(model)
     with torch.no_grad():
-        cache = model.new_cache(1, embeds.shape[1] + 1)
-        lm.model(embeds, mask, cache)
         fast(torch.zeros(1, dtype=torch.long), cache)
         with pytest.raises(ValueError, match="KV cache full"):
             fast(torch.zeros(1, dtype=torch.long), cache)
@@ -569,20 +575,14 @@ def test_fast_step_falls_back_to_eager_when_compiling_fails():
     """A machine where torch.compile cannot build (no C++ compiler) still trains: a warning, then eager."""
     model = tiny_model(size="tiny")
     lm = model.language_model
-    ids, video = tiny_prompt(model)
-    embeds, mask = model.embed(ids, video)
     fast = G.FastDecode(lm, compile=True)
 
     def broken(tokens, cache):
         raise RuntimeError("InductorError: no working C++ compiler found\ndetails")
 
     fast.step = broken
+    caches = [prefilled(model), prefilled(model)]
     with torch.no_grad():
-        caches = []
-        for _ in range(2):
-            cache = model.new_cache(1, embeds.shape[1] + 1)
-            lm.model(embeds, mask, cache)
-            caches.append(cache)
         with pytest.warns(UserWarning, match="no working C\\+\\+ compiler"):
             got = fast(torch.zeros(1, dtype=torch.long), caches[0])
         assert torch.equal(got, lm.decode_step(torch.zeros(1, dtype=torch.long), caches[1]))
