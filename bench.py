@@ -4,37 +4,34 @@
                                  # 512 video tokens, G = 8 completions of 512 new tokens
     python bench.py --tiny       # tiny shapes: the same code end to end on a CPU, in seconds
 
-A GRPO step for one prompt is: encode the video once; sample G completions
-(the rollout: prefill the prompt once, then one decode step of the whole group per token); the
-log-probs of the completions under the frozen reference model; the policy's forward and backward
-(fp32 master weights, bf16 compute, gradient checkpointing, vision tower frozen); an AdamW step;
-and copying the new weights into the bf16 model that samples the next rollout. Each phase is timed
-on its own and the whole step end to end.
-
-Weights are random (speed does not depend on their values) and completions are forced to full
-length (eos id -1 is never sampled), so every run does the same work. Before any timing, the fast
-decode step is checked against the eager one under greedy decoding.
+A GRPO step for one prompt: encode the video once; sample G completions (prefill the prompt once, then
+one decode step of the whole group per token); the completions' log-probs under the frozen reference;
+the policy's forward and backward (fp32 master weights, bf16 compute, gradient checkpointing, vision
+tower frozen); an AdamW step; copying the new weights into the bf16 sampler. Each phase is timed on its
+own, and the whole step end to end. Weights are random (speed does not depend on them) and eos id -1 is
+never sampled, so every run does the same work. First, the fast decode step is checked against the
+eager one under greedy decoding.
 
 Each figure is compared with two things measured in the same run:
-  - its floor: the time to move the bytes it must move at the device-to-device copy bandwidth, or
-    to do its matrix-product FLOPs at the measured matmul rate, whichever is longer. A decode step
-    of the group must read every decoder weight once (6.2 GB for Qwen2.5-3B in bf16) plus the keys
-    and values of its context, so it cannot beat about 2.1 ms on an H100. "of floor" is floor / time.
-  - a peer: Hugging Face `generate` on the same decoder and weights (transformers' Qwen2), eager and
-    with its static cache (which it compiles on CUDA), same batch and prompt length. "speed-up" is
-    peer time / our time.
-Timings are medians over --repeats runs after --warmup runs, with CUDA events on CUDA (perf_counter
-on CPU). The table is printed and written as JSON (--json).
+  - its floor: the time to move the bytes it must move at the device-to-device copy bandwidth, or to
+    do its matrix-product FLOPs at the measured matmul rate, whichever is longer. A decode step of the
+    group reads every decoder weight once (6.2 GB for Qwen2.5-3B in bf16) plus its context's keys and
+    values: about 2.1 ms on an H100. "of floor" is floor / time.
+  - a peer: Hugging Face `generate` on the same decoder and weights, eager and with its static cache
+    (compiled on CUDA), same batch and prompt length. "speed-up" is peer time / our time.
+Timings are medians over --repeats runs after --warmup runs, CUDA events on CUDA, perf_counter on CPU.
+The table is printed and written as JSON (--json).
 """
 
 import argparse
-import copy
+import dataclasses
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -55,22 +52,9 @@ TINY = dict(frames=4, text_tokens=12, group=8, new_tokens=64, prompts=8, decode_
 NEXTQA_STEPS = 687  # the paper's GRPO run: 5,496 NextQA prompts, 8 per step
 
 
-def tiny_config():
-    """A few layers of everything, small enough that a CPU runs a GRPO step in well under a second."""
-    return M.TinyLLaVAConfig(
-        vision=M.VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8),  # 16 patches a frame, 15 kept
-        connector=M.ConnectorConfig(connector_type="groupresampler", num_queries=16, group=4, num_resampler_layers=1,
-                                    vision_hidden_size=32, hidden_size=64),
-        text=M.TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
-        torch_dtype="float32")
-
-
 def build_models(config, device, dtype, seed, compile):
-    """The policy (fp32 master weights, trained: connector and decoder), the sampler (a `dtype` copy
-    that decodes the rollouts, refreshed after each optimizer step) and the frozen reference, as
-    train.py builds them."""
+    """The policy (fp32, connector and decoder trained), the sampler (a `dtype` copy that decodes the
+    rollouts) and the frozen reference, as train.py builds them."""
     torch.manual_seed(seed)
     with torch.device(device):
         policy = M.TinyLLaVA(config)
@@ -83,9 +67,8 @@ def build_models(config, device, dtype, seed, compile):
 
 
 class StandIn:
-    """What `train.collect` reads from the data side, without files: one fixed prompt for every
-    sample, its video already in memory, and completions that are never decoded to text (their
-    rewards are all equal; the advantages are then the noise alone, which costs the same)."""
+    """What `train.collect` reads from the data side, without files: one fixed prompt for every sample,
+    its video in memory, completions never decoded (equal rewards: the advantages are the noise alone)."""
     eos_id, pad_id = NEVER, 0
 
     def __init__(self, ids, pixels):
@@ -126,11 +109,11 @@ class Clock:
         self.cuda = device.type == "cuda"
 
     def mark(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
+        if not self.cuda:
+            return time.perf_counter()
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
 
     def sync(self):
         if self.cuda:
@@ -181,20 +164,15 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
-def nbytes(tensors):
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 # ----------------------------------------------------------------------------- correctness first
 
 
 @torch.no_grad()
 def check_decode(model, eager_step, fast_step, embeds, mask, group, steps, max_len, tol):
-    """The fast decode step against the eager one under greedy decoding: both are fed the eager
-    step's argmax tokens, from caches prefilled the same way (of the rollouts' size, so that the
-    compiled step is the one the rollouts use). They must choose the same token at every step but
-    near-ties (eager top-2 gap within twice the logit difference: low-precision rounding may flip
-    those), and their logits must agree within `tol` of the logits' scale."""
+    """The fast decode step against the eager one under greedy decoding, both fed the eager argmax from
+    caches prefilled alike (of the rollouts' size: the compiled step is the rollouts'). They must pick
+    the same token at every step but near-ties (eager top-2 gap within twice the logit difference:
+    rounding may flip those), and their logits agree within `tol` of the logits' scale."""
     lm = model.language_model
     caches = []
     for _ in range(2):
@@ -225,19 +203,15 @@ def hf_peer(lm, device, dtype):
     """transformers' Qwen2ForCausalLM with our decoder's config and weights (same names)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    c = lm.cfg
-    config = Qwen2Config(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                         num_key_value_heads=c.num_key_value_heads, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
-                         max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
-                         attn_implementation="sdpa")
+    config = Qwen2Config(**dataclasses.asdict(lm.cfg), attn_implementation="sdpa")  # the same field names
     with torch.device(device):
         hf = Qwen2ForCausalLM(config)
     hf = hf.to(dtype).eval().requires_grad_(False)
     missing, unexpected = hf.load_state_dict(lm.state_dict(), strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
-        raise RuntimeError(f"bench.py: our decoder's keys do not match transformers' Qwen2: missing {missing}, unexpected {unexpected}")
-    if c.tie_word_embeddings and hf.lm_head.weight.data_ptr() != hf.model.embed_tokens.weight.data_ptr():
+        raise RuntimeError(f"bench.py: our decoder's keys do not match transformers' Qwen2: "
+                           f"missing {missing}, unexpected {unexpected}")
+    if lm.cfg.tie_word_embeddings and hf.lm_head.weight.data_ptr() != hf.model.embed_tokens.weight.data_ptr():
         hf.lm_head.weight = hf.model.embed_tokens.weight
     return hf
 
@@ -269,11 +243,9 @@ def time_hf_generate(hf, clock, embeds, group, new_tokens, static, warmup_tokens
         marks = StepMarks()
         clock.sync()
         start = clock.mark()
-        out = run(new_tokens, marks)
+        run(new_tokens, marks)  # min_new_tokens: exactly new_tokens tokens
         end = clock.mark()
         clock.sync()
-    if out.shape[1] != new_tokens:
-        raise RuntimeError(f"bench.py: Hugging Face generate made {out.shape[1]} tokens, expected {new_tokens}")
     per_step = clock.ms(marks.marks[0], marks.marks[-1]) / (len(marks.marks) - 1)
     return clock.ms(start, end), per_step
 
@@ -293,7 +265,7 @@ def run(args):
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     clock = Clock(device)
-    config = tiny_config() if args.tiny else M.TinyLLaVAConfig()
+    config = M.config("tiny") if args.tiny else M.TinyLLaVAConfig()
     result = dict(command="python " + " ".join(["bench.py"] + args.argv), device=describe(device), torch=torch.__version__,
                   dtype=str(dtype).replace("torch.", ""), shapes=shapes)
     measured = {}  # name -> (ms, floor ms, what bounds the floor)
@@ -327,8 +299,9 @@ def run(args):
         embeds, mask = model.embed(ids, video)
     L = embeds.shape[1]
     result["shapes"]["prompt_length"] = L
-    decoder_bytes = nbytes(lm.parameters())
-    kv_bytes_per_token = 2 * config.text.num_hidden_layers * config.text.num_key_value_heads * config.text.head_dim * dtype.itemsize
+    decoder_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
+    c = config.text
+    kv_bytes_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype.itemsize
     # A step reads every decoder weight once, and the keys and values of a context of L..L+T tokens.
     step_floor = (decoder_bytes + G * kv_bytes_per_token * (L + T / 2)) / bandwidth * 1e3
     result.update(decoder_gb=decoder_bytes / 1e9, kv_bytes_per_token=kv_bytes_per_token, decode_floor_ms=step_floor)
@@ -356,7 +329,8 @@ def run(args):
     eager_step = lm.decode_step
     fast_step = sampler.decode if not args.no_compile else grpo.FastDecode(lm, compile=False)
     steps = min(shapes["check_steps"], T - 1)
-    log(f"checking the fast decode step against the eager one over {steps} greedy steps" + ("" if args.no_compile else " (the first step compiles)"))
+    log(f"checking the fast decode step against the eager one over {steps} greedy steps"
+        + ("" if args.no_compile else " (the first step compiles)"))
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     result["check"] = check = check_decode(model, eager_step, fast_step, embeds, mask, G, steps, L + T, tol)
     log(f"check {'passed' if check['ok'] else 'FAILED'}: {check}")
@@ -365,25 +339,21 @@ def run(args):
 
     n = shapes["decode_steps"]
 
-    def group_cache(step):
-        def setup():  # a prefilled group cache with one step taken: on CUDA the graph is captured then
-            cache = prefill().repeat_interleave(G)
-            tok = torch.zeros(G, dtype=torch.long, device=device)
-            step(tok, cache)
-            return cache, tok
-        return setup
+    @torch.no_grad()
+    def group_cache(step):  # a prefilled group cache, one step taken (on CUDA that step captures the graph)
+        cache, tok = prefill().repeat_interleave(G), torch.zeros(G, dtype=torch.long, device=device)
+        step(tok, cache)
+        return cache, tok
 
-    def decode(step):
-        @torch.no_grad()
-        def run_steps(arg):
-            cache, tok = arg
-            for _ in range(n):
-                step(tok, cache)
-        return run_steps
+    @torch.no_grad()
+    def n_steps(step, cache_tok):
+        for _ in range(n):
+            step(cache_tok[1], cache_tok[0])
 
-    fast_name, eager_name = f"decode step, G={G}, fast (compiled{'' if device.type != 'cuda' else ' + CUDA graph'})", f"decode step, G={G}, eager"
-    time_it(fast_name, decode(fast_step), group_cache(fast_step), per=n, floor_ms=step_floor, bound="memory")
-    time_it(eager_name, decode(eager_step), group_cache(eager_step), per=n, floor_ms=step_floor, bound="memory")
+    fast_name = f"decode step, G={G}, fast (compiled{' + CUDA graph' if device.type == 'cuda' else ''})"
+    eager_name = f"decode step, G={G}, eager"
+    for name, step in ((fast_name, fast_step), (eager_name, eager_step)):
+        time_it(name, partial(n_steps, step), partial(group_cache, step), per=n, floor_ms=step_floor, bound="memory")
     sampler.decode = fast_step
 
     def sample():
@@ -517,7 +487,8 @@ def parse(argv):
                                 epilog="Shape flags default to the published shapes, or to small ones with --tiny: "
                                        f"published {PUBLISHED}, tiny {TINY}.")
     p.add_argument("--tiny", action="store_true", help="tiny model and inputs (for a CPU and for the tests)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: cuda if there is one)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda if there is one")
     p.add_argument("--dtype", choices=("bf16", "fp32"), help="compute dtype of the sampler and the reference, and autocast "
                    "dtype of the fp32 policy (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--frames", type=int, help="video frames per prompt")

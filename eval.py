@@ -30,37 +30,27 @@ class UsageError(Exception):
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 
 
-def clip_indices(n, num_frames, bound=None, fps=None):
-    """Frame indices into n decoded frames: uniform over all of them, or over the frames inside
-    bound = (start, end) seconds at `fps` frames per second (clamped to the video, never empty)."""
-    lo, hi = 0, n - 1
-    if bound is not None:
-        lo = min(max(0, round(bound[0] * fps)), n - 1)
-        hi = max(min(round(bound[1] * fps), n - 1), lo)
-    return np.linspace(lo, hi, num_frames).astype(int)
-
-
-def segment_indices(start, end, num_frames):
-    """The original MVBench reader's pick: the middle of each of num_frames equal segments of the frames
-    numbered start..end, int(start + seg/2 + round(seg * i)) with seg = (end - start) / num_frames."""
-    seg = (end - start) / num_frames
-    return np.array([int(start + seg / 2 + np.round(seg * i)) for i in range(num_frames)])
-
-
 def pick_frames(rule, n, num_frames, bound=None, fps=None):
     """Indices (from 0) of the frames to use among n (decoded frames, or the images of a frame folder):
-      "clean"     uniform inside bound = (start, end) seconds, or over the whole clip (clip_indices);
+      "clean"     uniform over the frames inside bound = (start, end) seconds at `fps` (clamped to the
+                  clip, never empty), or over the whole clip;
       "uniform"   the original plain-video pick: linspace(0, n-1).astype(int) over the whole clip;
       "unique"    the same without repeats (np.unique: fewer frames from a short clip), Video-MME and MLVU;
-      "segments"  segment midpoints over the whole clip, MVBench's .avi and .webm tasks; with a bound, a
-                  frame folder's: over the frames numbered max(1, round(start*fps))..min(round(end*fps), n)
-                  from 1, as its files are (00001.jpg, index 0 here)."""
+      "segments"  the original MVBench reader's: the middle of each of num_frames equal segments,
+                  int(start + seg/2 + round(seg * i)), seg = (end - start) / num_frames, over the whole
+                  clip (its .avi and .webm tasks), or with a bound over a frame folder's frames numbered
+                  max(1, round(start*fps))..min(round(end*fps), n) from 1, as its files are (00001.jpg)."""
     if rule == "clean":
-        return clip_indices(n, num_frames, bound, fps)
+        lo, hi = 0, n - 1
+        if bound is not None:
+            lo = min(max(0, round(bound[0] * fps)), n - 1)
+            hi = max(min(round(bound[1] * fps), n - 1), lo)
+        return np.linspace(lo, hi, num_frames).astype(int)
     if rule == "segments":
-        if bound is None:
-            return segment_indices(0, n - 1, num_frames)
-        return segment_indices(max(1, round(bound[0] * fps)), min(round(bound[1] * fps), n), num_frames) - 1
+        start, end, first = (0, n - 1, 0) if bound is None else (
+            max(1, round(bound[0] * fps)), min(round(bound[1] * fps), n), 1)
+        seg = (end - start) / num_frames
+        return np.array([int(start + seg / 2 + np.round(seg * i)) for i in range(num_frames)]) - first
     idx = D.frame_indices(n, num_frames)
     return np.unique(idx) if rule == "unique" else idx
 
@@ -96,8 +86,8 @@ def read_clip(path, num_frames, bound=None, fps=None, rule="clean"):
 def load_clip(sample, num_frames, size):
     """(the (T, 3, size, size) model input, its frame indices) for one sample; meta "bound" ([start, end]
     seconds), "fps" (of a frame folder) and "frames_rule" (default "clean") come from the readers below."""
-    meta = sample.meta
-    frames, idx = read_clip(sample.video, num_frames, meta.get("bound"), meta.get("fps"), meta.get("frames_rule", "clean"))
+    m = sample.meta
+    frames, idx = read_clip(sample.video, num_frames, m.get("bound"), m.get("fps"), m.get("frames_rule", "clean"))
     return D.preprocess_frames(frames, size), idx
 
 
@@ -128,6 +118,7 @@ def parse_original(text, choices, rng):
 # "options", the field the benchmark is averaged by, and under the original protocol "choices" (the letters
 # its parser picks among) and "frames_rule" (pick_frames). Layout errors name the file and item; a missing
 # video is only counted later.
+
 
 def need(item, key, where):
     if not isinstance(item, dict) or key not in item:
@@ -212,12 +203,12 @@ def read_mvbench(root, mode, protocol="clean"):
                 meta["bound"] = [float(need(item, "start", where)), float(need(item, "end", where))]
             if folder in MVBENCH_FRAME_FOLDERS:
                 meta["fps"] = MVBENCH_FRAME_FOLDERS[folder]
-            video, question = os.path.join(root, "video", folder, need(item, "video", where)), need(item, "question", where)
+            video = os.path.join(root, "video", folder, need(item, "video", where))
+            question, answer = need(item, "question", where), str(need(item, "answer", where))
             if protocol == "original":
                 meta["frames_rule"] = "segments" if task in MVBENCH_SEGMENTS else "uniform"
                 meta["body"] = (f"{question}\nOptions:\n" + lettered(options, "{L}. {c}")).rstrip()
-            samples.append(mc_sample(video, question, options, letter_of(str(need(item, "answer", where)), options, where),
-                                     mode, **meta))
+            samples.append(mc_sample(video, question, options, letter_of(answer, options, where), mode, **meta))
     return samples
 
 
@@ -345,21 +336,21 @@ BENCHMARKS = {
 
 def summarize(records, group, average, order=(), missing=()):
     """Accuracy per group (task, duration or subject) and the benchmark's average: "micro" over all answered
-    items, or "macro", the mean of the groups' accuracies. records: evaluate's (each has "correct", "pred",
-    "num_options" and the group field); missing: metas of items whose video could not be read, counted
-    apart and left out of the accuracies. An unparsed answer counts as wrong; "guessed" is the accuracy
-    expected had each been a uniform random guess, as the original code did (under the original protocol,
-    records with "guessed" true were: they count as unparsed, and right or wrong as the guess fell)."""
-    groups = {name: dict(correct=0, total=0, unparsed=0, missing=0, guess=0.0) for name in order}
+    items, or "macro", the mean of the groups' accuracies. records: evaluate's; missing: metas of items
+    whose video could not be read, counted apart. An unparsed answer counts as wrong; "guessed" is the
+    accuracy expected had each been a uniform random guess, as the original code did (under the original
+    protocol, records with "guessed" true were: counted unparsed, right or wrong as the guess fell)."""
+    zero = dict(correct=0, total=0, unparsed=0, missing=0, guess=0.0)
+    groups = {name: dict(zero) for name in order}
     for r in records:
-        g = groups.setdefault(r[group], dict(correct=0, total=0, unparsed=0, missing=0, guess=0.0))
+        g = groups.setdefault(r[group], dict(zero))
         g["total"] += 1
         g["correct"] += bool(r["correct"])
         g["unparsed"] += r["pred"] is None or bool(r.get("guessed"))
         if r["pred"] is None:
             g["guess"] += 1 / r["num_options"]
     for m in missing:
-        groups.setdefault(m[group], dict(correct=0, total=0, unparsed=0, missing=0, guess=0.0))["missing"] += 1
+        groups.setdefault(m[group], dict(zero))["missing"] += 1
     for g in groups.values():
         guess = g.pop("guess")
         g["accuracy"] = g["correct"] / g["total"] if g["total"] else None

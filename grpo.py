@@ -3,72 +3,58 @@
 The recipe (the paper's code; every default below is it). For each prompt, a video and a
 multiple-choice question:
 
-  1. Rollout. Sample a group of G = 8 completions from the current model: temperature 1.0, top-k 50,
-     up to 512 new tokens. The video is encoded once, the prompt is prefilled once and its KV cache
-     copied to the G rows, then all rows of all prompts decode together, one token per step.
+  1. Rollout. Sample G = 8 completions from the current model: temperature 1.0, top-k 50, up to 512
+     new tokens. The video is encoded and the prompt prefilled once, its KV cache copied to the G
+     rows; then all rows of all prompts decode together, one token per step.
   2. Rewards, from the text alone (decoded without special tokens, stripped):
        accuracy: 1 if the text inside the first <answer></answer> (else the whole completion) equals
                  the solution's, or begins with it ("B. sit down" matches "B"); else 0.
-       format:   0 unless the completion is exactly <think>...</think> <answer>...</answer> with one
-                 of each tag; then 0.5 + 0.5 * min(len(thinking) / 1200, 1).
-       reward:   acc + (2 acc - 1) * fmt, and 0 (wrong, no format) becomes -2. Correct answers get
+       format:   0 unless the completion is exactly <think>...</think> <answer>...</answer>, one of
+                 each tag; then 0.5 + 0.5 * min(len(thinking) / 1200, 1).
+       reward:   acc + (2 acc - 1) * fmt, and 0 (wrong, no format) becomes -2: correct answers get
                  1..2 (longer thinking, more), wrong ones in format -0.5..-1 (longer thinking, less).
-  3. Advantages, relative to the group: A = (r - group mean) / (group std + 1e-4), the std unbiased,
-     plus Gaussian noise of std 0.02, so a group whose rewards all agree still moves a little.
+  3. Advantages within the group: A = (r - group mean) / (unbiased group std + 1e-4), plus Gaussian
+     noise of std 0.02, so a group whose rewards all agree still moves a little.
   4. Log-probs of the completion tokens under the policy (with grad) and under the reference, the
-     frozen starting model (no grad). Both see the same prompt and the same video.
-  5. Loss per token: -(ratio * A) + beta * KL, with ratio = exp(logp - logp.detach()) = 1, the k3 KL
-     estimator exp(ref - logp) - (ref - logp) - 1 and beta = 0.01. Tokens after the first eos are
-     masked; the loss is averaged over each completion's tokens, then over completions. One
-     optimiser step per rollout, so the gradient is the policy gradient -A * grad(logp) plus the
-     pull of the KL towards the reference.
+     frozen starting model (no grad), both seeing the same prompt and video.
+  5. Loss per token: -(ratio * A) + beta * KL, ratio = exp(logp - logp.detach()) = 1, the k3 KL
+     estimator exp(ref - logp) - (ref - logp) - 1, beta = 0.01; tokens after the first eos masked;
+     averaged over each completion's tokens, then over completions. One optimiser step per rollout:
+     the gradient is the policy gradient -A * grad(logp) plus the KL's pull towards the reference.
 
-The logged loss hovers near 0 by construction: with one update per rollout the ratio is 1 and the
-advantages of a group sum to 0 (but for the noise), so the loss is about beta * KL whatever the model
-learns. Its gradient is not 0. Watch reward, accuracy and kl to follow training, not the loss.
+The logged loss hovers near 0 by construction (ratio 1, a group's advantages sum to about 0): it is
+about beta * KL whatever the model learns, yet its gradient is not 0. Follow reward, accuracy and kl.
 
 Pitfalls seen in other implementations, and how this file avoids them:
   - The reference model must see the video: `completion_logprobs` takes `video_embeds` for any model.
   - Thinking and answers span lines: every regex matches newlines (re.DOTALL).
-  - The KL is a penalty: it is added to the loss, not subtracted.
-  - Rollouts must use a KV cache: `rollout` always decodes through `decode_step` with one, in one
-    batch for all prompts and samples (peers made G batch-1 `generate` calls, in training mode with
-    gradient checkpointing, which silently turned the cache off).
-  - (N, T, vocab) fp32 logits for a whole group are gigabytes: log-probs are taken a chunk of
-    positions at a time, recomputed in backward.
+  - The KL is a penalty: added to the loss, not subtracted.
+  - Rollouts must use a KV cache: `rollout` always decodes through `decode_step` with one, all prompts
+    and samples in one batch (peers made G batch-1 `generate` calls in training mode with gradient
+    checkpointing, which silently turned the cache off).
+  - (N, T, vocab) fp32 logits of a group are gigabytes: log-probs are taken a chunk of positions at
+    a time, recomputed in backward.
 
-Variants, one argument away (TRL's names and definitions):
-  - several updates per rollout: pass `old_logp` (the log-probs the rollout recorded) to `grpo_loss`;
-    the ratio is then clipped to [1 - epsilon_low, 1 + epsilon_high] as in PPO (0.2, or 0.2/0.28).
-  - `loss_type`: "grpo" (the paper), "bnpo" (sum over all valid tokens / their number), "dr_grpo"
-    (sum / (N * max_completion_length)), "dapo" (TRL: sum / valid tokens of the whole global batch).
-  - `group_advantages(scale="batch" | "none")`: divide by the batch's std, or not at all.
-  - masking truncated completions (`truncated=`), skipping groups whose rewards are all equal
-    (`zero_variance_groups` gives the rows to mask).
-  - T-GRPO (Video-R1): roll out again on shuffled frames (`shuffle_frames`) and add 0.3 to the
-    correct ordered answers of a prompt whose ordered accuracy is >= 0.8 x its shuffled accuracy
-    (`temporal_bonus`): it rewards answers that need the frames in order.
+Variants, one argument away (TRL's names and definitions): several updates per rollout (`old_logp`
+to `grpo_loss`: the ratio is clipped to [1 - epsilon_low, 1 + epsilon_high] as in PPO); `loss_type`
+"bnpo", "dr_grpo", "dapo"; `group_advantages(scale="batch" | "none")`; masking truncated completions
+(`truncated=`) or groups whose rewards are all equal (`zero_variance_groups`); T-GRPO (Video-R1):
+roll out again on shuffled frames (`shuffle_frames`) and add 0.3 to the correct ordered answers of a
+prompt whose ordered accuracy is >= 0.8 x its shuffled accuracy (`temporal_bonus`).
 
 Simplifications and deviations, in plain words:
-  - Accuracy is string matching only (no symbolic maths): the answers here are option letters. Its
-    answer regex matches across newlines; the original's did not, so an answer split over lines
-    scored 0 there.
+  - Accuracy is string matching only (the answers here are option letters); its answer regex spans
+    lines, where the original's did not (an answer split over lines scored 0 there).
   - Log-probs come from logits / temperature over the whole vocabulary: top-k and top-p only decide
-    what is sampled, not the probabilities the loss sees (at the recipe's temperature 1 this is the
-    model's own distribution).
-  - "dapo" divides by the number of valid tokens passed to this one call. TRL divides by the count
-    over the whole global batch (all processes, all accumulation steps); in one process with the
-    whole batch in one call the two agree, so here "dapo" equals "bnpo".
-  - "grpo" with masked rows (truncated, zero-variance) still averages over all N completions, the
-    masked ones adding 0, as TRL does: masking rows shrinks the step rather than reweighting the rest.
-  - The advantage noise is added whatever `scale` is; TRL adds none (pass noise_std=0 to match it).
-  - T-GRPO: the bonus is added to the combined reward (Video-R1 adds it to its accuracy reward, which
-    it sums with a format reward); "correct" means accuracy > 0; the shuffled rollouts only decide
-    the bonus and are never trained on.
+    what is sampled (at the recipe's temperature 1 this is the model's own distribution).
+  - "dapo" divides by the valid tokens of this one call, TRL's by those of the global batch: in one
+    process with the whole batch in one call the two agree, so "dapo" equals "bnpo" here.
+  - "grpo" with masked rows still averages over all N completions, the masked ones adding 0, as TRL
+    does: masking shrinks the step rather than reweighting the rest.
+  - The advantage noise is added whatever `scale` is; TRL adds none (noise_std=0 matches it).
+  - T-GRPO: the bonus is added to the combined reward (Video-R1 adds it to its accuracy reward);
+    "correct" means accuracy > 0; the shuffled rollouts only decide the bonus, never trained on.
   - reward_std in the metrics is the mean of the groups' stds (what TRL logs), not the batch's std.
-
-Sections, in the order data flows: rewards; advantages (with the zero-variance and T-GRPO helpers);
-rollouts and log-probs; the loss; metrics.
 """
 
 import copy
@@ -120,15 +106,10 @@ def combined_reward(acc, fmt):
     return -2.0 if r == 0 else float(r)
 
 
-def paper_reward(completion, solution):
-    return combined_reward(accuracy_reward(completion, solution), format_reward(completion))
-
-
 def score(completions, solutions, reward_fns=None):
-    """Rewards of N completions, `solutions` already repeated once per completion.
-
-    Returns float tensors (N,): "reward" (the paper's, plus every extra function's value),
-    "accuracy", "format", and one entry per name in `reward_fns` (name -> fn(completion, solution))."""
+    """Rewards of N completions, `solutions` repeated once per completion -> float tensors (N,):
+    "reward" (the paper's plus every extra), "accuracy", "format", and one per name of `reward_fns`
+    (name -> fn(completion, solution))."""
     if len(completions) != len(solutions):
         raise ValueError(f"score: {len(completions)} completions but {len(solutions)} solutions "
                          "(repeat each prompt's solution once per completion)")
@@ -154,15 +135,14 @@ def _groups(x, group_size, what):
     if group_size < 2:
         raise ValueError(f"{what}: group_size must be >= 2 (a group compares its samples), got {group_size}")
     if x.ndim != 1 or x.shape[0] % group_size:
-        raise ValueError(f"{what}: expected (N,) values with N a multiple of group_size {group_size}, got shape {tuple(x.shape)}")
+        raise ValueError(f"{what}: expected (N,) values with N a multiple of group_size {group_size}, "
+                         f"got shape {tuple(x.shape)}")
     return x.view(-1, group_size)
 
 
 def group_advantages(rewards, group_size, noise_std=0.02, scale="group", generator=None):
-    """rewards (N,) -> advantages (N,): (r - group mean) / (std + 1e-4) + N(0, noise_std^2).
-
-    scale "group": each group's unbiased std (the paper); "batch": the whole batch's unbiased std;
-    "none": no division (Dr. GRPO). The noise keeps groups of equal rewards from giving exactly 0."""
+    """rewards (N,) -> (r - group mean) / (std + 1e-4) + N(0, noise_std^2), (N,). scale "group": each
+    group's unbiased std (the paper); "batch": the batch's; "none": no division (Dr. GRPO)."""
     r = _groups(rewards.float(), group_size, "group_advantages")
     centred = r - r.mean(1, keepdim=True)
     if scale == "group":
@@ -179,8 +159,7 @@ def group_advantages(rewards, group_size, noise_std=0.02, scale="group", generat
 
 
 def zero_variance_groups(rewards, group_size):
-    """(N,) -> bool (N,), True on every row of a group whose rewards are all equal (no signal
-    but the noise: the caller may mask these rows out of the loss)."""
+    """(N,) -> bool (N,), True on every row of a group whose rewards are all equal (no signal but noise)."""
     r = _groups(rewards, group_size, "zero_variance_groups")
     return (r == r[:, :1]).all(1).repeat_interleave(group_size)
 
@@ -195,14 +174,14 @@ def shuffle_frames(pixel_values, generator=None):
 
 
 def temporal_bonus(acc_ordered, acc_shuffled, group_size, bonus=0.3, ratio=0.8):
-    """T-GRPO (Video-R1): acc_ordered (P*G,) of the rollouts on ordered frames, acc_shuffled (P*G',)
-    of extra rollouts on shuffled frames, both prompt-major -> bonus (P*G,) to add to the rewards:
-    `bonus` on the correct (accuracy > 0) ordered completions of each prompt whose mean ordered
-    accuracy is >= ratio * its mean shuffled accuracy, 0 elsewhere."""
+    """T-GRPO: accuracies (P*G,) on ordered frames and (P*G',) on shuffled ones, prompt-major -> (P*G,)
+    `bonus` on the correct ordered completions of each prompt whose mean ordered accuracy is >= ratio
+    * its mean shuffled accuracy, 0 elsewhere."""
     ordered = _groups(acc_ordered.float(), group_size, "temporal_bonus")
     P = ordered.shape[0]
     if acc_shuffled.ndim != 1 or acc_shuffled.shape[0] % P:
-        raise ValueError(f"temporal_bonus: acc_shuffled must be (P*G',) for the same {P} prompts, got shape {tuple(acc_shuffled.shape)}")
+        raise ValueError(f"temporal_bonus: acc_shuffled must be (P*G',) for the same {P} prompts, "
+                         f"got shape {tuple(acc_shuffled.shape)}")
     shuffled = acc_shuffled.float().view(P, -1).to(ordered.device)
     earned = ordered.mean(1, keepdim=True) >= ratio * shuffled.mean(1, keepdim=True)  # (P, 1)
     return (bonus * (earned & (ordered > 0)).float()).flatten()
@@ -222,8 +201,8 @@ class Rollout:
 
 
 def _mix32(x):
-    """A bijection on 32-bit integers held in int64 (the "lowbias32" hash), written so that no
-    product leaves int64: the multiplier is split in 16-bit halves."""
+    """The "lowbias32" hash, a bijection on 32-bit ints held in int64; multipliers split in 16-bit
+    halves so that no product leaves int64."""
     x = x & 0xFFFFFFFF
     for shift, mult in ((16, 0x7FEB352D), (15, 0x846CA68B)):
         x = x ^ (x >> shift)
@@ -237,15 +216,14 @@ def step_keys(row_seeds, t):
 
 
 def sample_token(logits, temperature=1.0, top_k=50, top_p=1.0, generator=None, keys=None):
-    """logits (N, V) -> tokens (N,), and their log-probs under logits / temperature (the policy
-    the loss differentiates: top-k and top-p only cut the tail that is sampled from).
-    temperature 0 is greedy.
+    """logits (N, V) -> tokens (N,) and their log-probs under logits / temperature (top-k and top-p
+    only cut the tail sampled from); temperature 0 is greedy.
 
-    The draw is the Gumbel-max trick, argmax(logit + Gumbel noise) over the kept tokens, which
-    samples exactly softmax(kept logits). The noise of row n for token v is a hash of (keys[n], v):
-    a row's sample depends on its own key only, never on which other rows share the batch, so a
-    rollout samples the same completions whether its prompts decode together or apart, and
-    whether finished rows have been dropped. keys (N,) ints; None: drawn from `generator`."""
+    The Gumbel-max trick, argmax(logit + Gumbel noise) over the kept tokens, samples exactly
+    softmax(kept logits). Row n's noise for token v is a hash of (keys[n], v): a row's sample never
+    depends on which rows share the batch, so a rollout samples the same completions whether its
+    prompts decode together or apart, and whether finished rows were dropped. keys (N,) ints; None:
+    drawn from `generator`."""
     logits = logits.float()
     if temperature == 0:
         tok = logits.argmax(-1)
@@ -272,14 +250,12 @@ def rollout(model, input_ids, video_embeds, eos_id, pad_id=None, attention_mask=
             check_every=8):
     """Sample `group_size` completions for each of P prompts in one batch with the KV cache.
 
-    input_ids (P, L) with one IMAGE_TOKEN_INDEX each, left-padded (attention_mask) if their lengths
-    differ; video_embeds (P, Q, d) from model.encode_video, computed once per video. Each prompt is
-    prefilled once and its cache copied to its G rows; then all P*G rows decode together through
-    `decode` (default: the model's eager `language_model.decode_step`; a `FastDecode` is the same
-    step, compiled). seeds (P,) ints fix each prompt's samples whatever else shares the batch
-    (None: drawn from `generator`). Every `check_every` steps, once half the rows or more have
-    finished, they leave the batch (the cache shrinks with them), so a long straggler costs what it
-    costs alone; no sampled token changes."""
+    input_ids (P, L), one IMAGE_TOKEN_INDEX each, left-padded (attention_mask); video_embeds (P, Q, d)
+    from model.encode_video. Each prompt is prefilled once, its cache copied to its G rows; then all
+    P*G rows decode together through `decode` (default the eager `decode_step`; a `FastDecode` is the
+    same step, compiled). seeds (P,) fix each prompt's samples whatever shares the batch (None: drawn
+    from `generator`). Every `check_every` steps, once half the rows or more have finished, they
+    leave the batch and the cache, so a long straggler costs what it costs alone; no token changes."""
     lm = model.language_model
     decode = decode or lm.decode_step
     pad_id = eos_id if pad_id is None else pad_id
@@ -289,7 +265,8 @@ def rollout(model, input_ids, video_embeds, eos_id, pad_id=None, attention_mask=
     P, G = embeds.shape[0], group_size
     device = embeds.device
     if seeds is None:
-        seeds = torch.randint(0, 2**31, (P,), generator=generator, device="cpu" if generator is None else generator.device)
+        device_g = "cpu" if generator is None else generator.device
+        seeds = torch.randint(0, 2**31, (P,), generator=generator, device=device_g)
     rows = torch.arange(P * G, device=device)
     row_seeds = _mix32(seeds.to(device).repeat_interleave(G) * G + rows % G)  # sample g of prompt p
     cache = model.new_cache(P, embeds.shape[1] + max_new_tokens)
@@ -329,7 +306,8 @@ def concat_rollouts(rolls):
     def cat(name):
         return torch.cat([F.pad(getattr(r, name), (0, T - getattr(r, name).shape[1])) for r in rolls])
 
-    return Rollout(cat("completion_ids"), cat("mask"), cat("logprobs"), torch.cat([r.truncated for r in rolls]), rolls[0].group_size)
+    return Rollout(cat("completion_ids"), cat("mask"), cat("logprobs"), torch.cat([r.truncated for r in rolls]),
+                   rolls[0].group_size)
 
 
 def completion_mask(ids, eos_id):
@@ -342,10 +320,9 @@ def completion_mask(ids, eos_id):
 def completion_logprobs(model, input_ids, video_embeds, completion_ids, completion_mask, attention_mask=None,
                         temperature=1.0, chunk=64):
     """Log-probs (N, T) of completion tokens given prompt + video, for the policy (with grad) or the
-    reference (under no_grad). input_ids (P, L), video_embeds (P, Q, d), completions (P*G, T).
-
-    Only the T completion positions go through the LM head, `chunk` positions at a time; with
-    grad on, each chunk is recomputed in backward, so (N, T, vocab) fp32 logits never exist at once."""
+    reference (no_grad). input_ids (P, L), video_embeds (P, Q, d), completions (P*G, T). Only the T
+    completion positions go through the LM head, `chunk` at a time, recomputed in backward under
+    grad: (N, T, vocab) fp32 logits never exist at once."""
     G = completion_ids.shape[0] // input_ids.shape[0]
     prompt, pmask = model.embed(input_ids, video_embeds, attention_mask)  # (P, Lp, d)
     prompt, pmask = prompt.repeat_interleave(G, dim=0), pmask.repeat_interleave(G, dim=0)
@@ -358,37 +335,31 @@ def completion_logprobs(model, input_ids, video_embeds, completion_ids, completi
     def chunk_logp(h, ids):
         return (lm.logits(h).float() / temperature).log_softmax(-1).gather(-1, ids[..., None])[..., 0]
 
-    out = []
+    out, grad = [], torch.is_grad_enabled()
     for s in range(0, T, chunk):
         h, ids = hidden[:, s:s + chunk], completion_ids[:, s:s + chunk]
-        out.append(checkpoint(chunk_logp, h, ids, use_reentrant=False) if torch.is_grad_enabled() else chunk_logp(h, ids))
+        out.append(checkpoint(chunk_logp, h, ids, use_reentrant=False) if grad else chunk_logp(h, ids))
     return torch.cat(out, dim=1) * completion_mask
 
 
 # ----------------------------------------------------------------------------- fast decoding and the sampler
-# A decode step of the group reads every decoder weight (6.2 GB for Qwen2.5-3B) to make 8 tokens:
-# its floor is the time to read them (2.1 ms on an H100). Run eagerly, a step is about 40 kernels
-# a layer, 1,500 in all, most of them tiny elementwise ones (RMSNorm, RoPE, SiLU, residual adds),
-# each launched from Python; the matrix products are about a third of the time. Two tools remove
-# most of the rest without changing a formula: torch.compile fuses the small kernels into a few,
-# and a CUDA graph replays all of a step's kernels with one launch. Both need a step whose shapes,
-# kernels and addresses never change: that is why the KV cache is preallocated, its write position
-# is a device tensor (KVCache.pos) and everything in it is updated in place.
+# A decode step of the group reads every decoder weight (6.2 GB for Qwen2.5-3B) to make 8 tokens: its
+# floor is 2.1 ms on an H100. Eagerly it is ~1,500 kernels, mostly tiny elementwise ones launched from
+# Python; the matrix products are a third of the time. torch.compile fuses the small kernels, and a
+# CUDA graph replays a step's kernels with one launch. Both need fixed shapes, kernels and addresses:
+# hence the preallocated KV cache, its device-side write position (KVCache.pos), updates in place.
 
 
 class FastDecode:
-    """A drop-in `decode_step(tokens, cache)` of the same results as the eager one, faster; pass it
-    to `rollout` as `decode`.
+    """A drop-in `decode_step(tokens, cache)` with the eager one's results, faster: `rollout`'s `decode`.
+    compile: `step_logits` through torch.compile (fused kernels); cuda_graph: capture the step as a
+    CUDA graph and replay it (None: when on CUDA). No gradients: it is for sampling.
 
-    compile: run `step_logits` through torch.compile (fused kernels).
-    cuda_graph: capture the step as a CUDA graph and replay it; None means "when on CUDA".
-
-    The graph is captured the first time the step meets a cache (once per rollout: the graph reads
-    that cache's tensors at their addresses) and replayed for every later step on it. The capture
-    is explicit, not torch.compile(mode="reduce-overhead"): that mode's graph trees run a function
-    without graphs when it mutates inputs at addresses they do not own, as a step does to the cache,
-    and re-record, up to a limit, for every new cache. No gradients flow through this step: it is
-    for sampling."""
+    The graph is captured the first time the step meets a cache (once per rollout: it reads that
+    cache's tensors at their addresses) and replayed for every later step on it. The capture is
+    explicit, not torch.compile(mode="reduce-overhead"): its graph trees run without graphs a function
+    that mutates inputs at addresses they do not own, as a step does the cache, and re-record, up to
+    a limit, for every new cache."""
 
     def __init__(self, lm, compile=True, cuda_graph=None):
         self.lm, self.cuda_graph = lm, cuda_graph
@@ -437,13 +408,12 @@ class FastDecode:
 class Sampler:
     """What rollouts sample from, and how: `rollout(...)` with this model and decode step.
 
-    On a GPU the trainable parts (connector + decoder) are copied once in `dtype` (bf16), with a
-    bf16 KV cache: a decode step then reads 6 GB of weights rather than converting 12 GB of fp32
-    master weights under autocast. The frozen vision tower is shared, never copied. `refresh()`
-    copies the policy's weights in after every optimizer step, in place, so the copy keeps its
-    addresses and a compiled step stays valid. With dtype None (the CPU) the policy samples itself.
-    compile: decode through a FastDecode (torch.compile, plus a CUDA graph on CUDA). own_copy: a copy
-    even in the policy's dtype (a policy sharded with FSDP cannot decode rank by rank)."""
+    On a GPU the trainable parts (connector + decoder) are copied once in `dtype` (bf16), with a bf16
+    KV cache: a decode step reads 6 GB of weights rather than converting 12 GB of fp32 master weights
+    under autocast; the frozen vision tower is shared. `refresh()` copies the policy's weights in after
+    every optimizer step, in place, so a compiled step stays valid. dtype None (the CPU): the policy
+    samples itself. compile: decode through a FastDecode. own_copy: a copy even in the policy's dtype
+    (a policy sharded with FSDP cannot decode rank by rank)."""
 
     def __init__(self, policy, dtype=None, compile=False, own_copy=False):
         self.policy, self.model = policy, policy
@@ -484,24 +454,18 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.01, loss_type="
               epsilon_high=None, truncated=None, max_completion_length=None, kl_clamp=100.0):
     """The GRPO loss of N completions of T tokens -> (loss scalar, {"loss", "kl", "clip_ratio"} floats).
 
-    logp (N, T) policy log-probs with grad; old_logp (N, T) of the policy that sampled, or None for
-    the paper's one update per rollout (then ratio = exp(logp - logp.detach()) = 1); ref_logp (N, T)
-    of the frozen reference, or None (or beta 0) for no KL term; advantages (N,); mask (N, T), 1 on
-    valid tokens; truncated (N,) bool rows to mask out entirely, when given.
-
-    Per token: -min(ratio * A, clip(ratio, 1 - epsilon_low, 1 + epsilon_high) * A) + beta * KL, KL
-    the k3 estimator exp(ref - logp) - (ref - logp) - 1 (>= 0, exactly 0 where ref == logp), clamped to
-    [-kl_clamp, kl_clamp] as the original does (its gradient is then 0 there; None: not clamped). Then:
-      "grpo"    mean over each completion's valid tokens, then over all N completions (the paper);
-      "bnpo"    sum over valid tokens / number of valid tokens;
-      "dr_grpo" sum over valid tokens / (N * max_completion_length), default T;
-      "dapo"    sum / valid tokens in the global batch: in one call and one process, "bnpo".
-    Metrics: "kl" the mean KL over valid tokens (0.0 without a reference), "clip_ratio" the share of
-    valid tokens where the clipped term is chosen (ratio < 1 - eps_low with A < 0, or ratio >
-    1 + eps_high with A > 0: their gradient is 0)."""
+    logp (N, T) policy log-probs with grad; old_logp (N, T) of the sampling policy, or None for one
+    update per rollout (ratio = exp(logp - logp.detach()) = 1); ref_logp (N, T) of the reference, or
+    None (or beta 0) for no KL; advantages (N,); mask (N, T), 1 on valid tokens; truncated (N,) bool
+    rows masked out entirely. Per token: -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
+    + beta * KL, KL the k3 estimator (>= 0, 0 where ref == logp) clamped to +-kl_clamp as the original
+    does (None: not clamped). Then "grpo": mean over each completion's valid tokens, then over all N;
+    "bnpo": sum / valid tokens; "dr_grpo": sum / (N * max_completion_length, default T); "dapo": sum /
+    valid tokens of the global batch, here "bnpo". Metrics: "kl" the mean KL over valid tokens (0.0
+    without a reference); "clip_ratio" the share of valid tokens whose clipped term is chosen."""
     N, T = logp.shape
-    for name, x, shape in (("old_logp", old_logp, (N, T)), ("ref_logp", ref_logp, (N, T)), ("mask", mask, (N, T)),
-                           ("advantages", advantages, (N,)), ("truncated", truncated, (N,))):
+    for name, x, shape in (("old_logp", old_logp, (N, T)), ("ref_logp", ref_logp, (N, T)),
+                           ("mask", mask, (N, T)), ("advantages", advantages, (N,)), ("truncated", truncated, (N,))):
         if x is not None and tuple(x.shape) != shape:
             raise ValueError(f"grpo_loss: {name} has shape {tuple(x.shape)}, expected {shape} (logp is {(N, T)})")
     if loss_type not in LOSS_TYPES:
@@ -547,37 +511,23 @@ REFLECTION = re.compile(r"\b(?:wait\b|re-?check|let me reconsider)", re.IGNORECA
 
 
 def step_metrics(rollout, completions, scores, group_size, kl=None, times=None):
-    """Floats to log for one step, under the names TRL users know.
-
-    reward (mean), reward_std (mean of the groups' stds), reward/<name> (mean of each entry of
-    `scores` but "reward"), accuracy (mean), format (share of completions in format),
-    completion_length (mean, in tokens up to and including eos) with _min and _max, truncated (share
-    with no eos), zero_std_groups (share of groups whose rewards are all equal), reflection (share
-    of completions saying "wait", "re-check"/"recheck" or "let me reconsider", any case), kl when
-    given; with `times` {phase: seconds}, time/<phase> and tokens_per_s (decoded positions of all
-    rows, N x steps, per second of the "rollout" phase: every row counts at every step)."""
+    """Floats to log for one step, under TRL's names: reward (mean), reward_std (mean of the groups'
+    stds), reward/<name> (each other entry of `scores`), accuracy, format (share in format),
+    completion_length (tokens up to and including eos) with _min and _max, truncated (share with no
+    eos), zero_std_groups, reflection (share saying "wait", "re-check" or "let me reconsider"), kl
+    when given; with `times` {phase: seconds}, time/<phase> and tokens_per_s (N x steps decoded
+    positions per second of the "rollout" phase)."""
     N = rollout.completion_ids.shape[0]
-    if len(completions) != N or scores["reward"].shape[0] != N:
-        raise ValueError(f"step_metrics: rollout has {N} rows, completions {len(completions)}, scores {scores['reward'].shape[0]}")
-    reward = scores["reward"].float()
-    lengths = rollout.mask.sum(1).float()
-    out = {"reward": reward.mean().item(),
-           "reward_std": reward.view(-1, group_size).std(1).mean().item()}
-    out.update({f"reward/{name}": v.float().mean().item() for name, v in scores.items() if name != "reward"})
-    out.update({
-        "accuracy": scores["accuracy"].float().mean().item(),
-        "format": (scores["format"] > 0).float().mean().item(),
-        "completion_length": lengths.mean().item(),
-        "completion_length_min": lengths.min().item(),
-        "completion_length_max": lengths.max().item(),
-        "truncated": rollout.truncated.float().mean().item(),
-        "zero_std_groups": zero_variance_groups(reward, group_size).float().mean().item(),
-        "reflection": sum(bool(REFLECTION.search(c)) for c in completions) / N,
-    })
-    if kl is not None:
-        out["kl"] = float(kl)
-    for phase, seconds in (times or {}).items():
-        out[f"time/{phase}"] = float(seconds)
+    reward, lengths = scores["reward"].float(), rollout.mask.sum(1).float()
+    out = {"reward": reward.mean().item(), "reward_std": reward.view(-1, group_size).std(1).mean().item(),
+           **{f"reward/{name}": v.float().mean().item() for name, v in scores.items() if name != "reward"},
+           "accuracy": scores["accuracy"].float().mean().item(), "format": (scores["format"] > 0).float().mean().item(),
+           "completion_length": lengths.mean().item(), "completion_length_min": lengths.min().item(),
+           "completion_length_max": lengths.max().item(), "truncated": rollout.truncated.float().mean().item(),
+           "zero_std_groups": zero_variance_groups(reward, group_size).float().mean().item(),
+           "reflection": sum(bool(REFLECTION.search(c)) for c in completions) / N,
+           **({} if kl is None else {"kl": float(kl)}),
+           **{f"time/{phase}": float(seconds) for phase, seconds in (times or {}).items()}}
     if times and times.get("rollout"):
         out["tokens_per_s"] = rollout.completion_ids.numel() / times["rollout"]
     return out

@@ -20,9 +20,8 @@ key: our `vision_tower.X` is `vision_tower._vision_tower.vision_model.X` in the 
 `connector.X` is `connector._connector.X`, and `language_model.X` is `language_model.X`
 (see CHECKPOINT_PREFIXES). Loading never goes through `transformers`.
 
-Sections, in the order data flows: configs, vision encoder, connectors, decoder with its
-key/value cache, the whole model,
-loading and saving.
+Sections, in the order data flows: configs, vision encoder, connectors, decoder with its key/value
+cache, the whole model, loading and saving.
 """
 
 import dataclasses
@@ -43,9 +42,9 @@ IMAGE_TOKEN_INDEX = -200  # the placeholder id in prompt ids; the model puts the
 
 
 # ----------------------------------------------------------------------------- configs
-# Defaults are the published TinyLLaVA-Video-R1 (SigLIP so400m-patch14-384 + Qwen2.5-3B,
-# group resampler 16 x 32). `from_dict` takes a Hugging Face style config.json dict: unknown
-# fields are ignored, missing ones keep these defaults.
+# Defaults are the published TinyLLaVA-Video-R1 (SigLIP so400m-patch14-384 + Qwen2.5-3B, group
+# resampler 16 x 32). `_pick` reads a Hugging Face style config.json dict: unknown fields are
+# ignored, missing ones keep these defaults.
 
 
 def _pick(cls, d):
@@ -64,10 +63,6 @@ class VisionConfig:  # SigLIP so400m-patch14-384, vision tower only
     patch_size: int = 14
     layer_norm_eps: float = 1e-6
 
-    @classmethod
-    def from_dict(cls, d):
-        return _pick(cls, d)
-
 
 @dataclass
 class ConnectorConfig:
@@ -80,10 +75,6 @@ class ConnectorConfig:
     heads: int = 8  # resampler attention: 8 heads of 64, as published (not in config.json)
     dim_head: int = 64
     ff_mult: int = 4
-
-    @classmethod
-    def from_dict(cls, d):
-        return _pick(cls, d)
 
 
 @dataclass
@@ -127,13 +118,14 @@ class TinyLLaVAConfig:
     @classmethod
     def from_dict(cls, d):
         """Build from a TinyLLaVA config.json dict, saying which inferred fields were absent."""
-        top = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d and f.name not in ("vision", "connector", "text", "raw")}
+        top = {f.name: d[f.name] for f in dataclasses.fields(cls)
+               if f.name in d and f.name not in ("vision", "connector", "text", "raw")}
         text = TextConfig.from_dict(d.get("text_config") or {k: d[k] for k in ("hidden_size", "vocab_size") if k in d})
         if "vision_config" not in d:
             warnings.warn("config.json has no vision_config: using SigLIP so400m-patch14-384 defaults")
-        vision = VisionConfig.from_dict(d.get("vision_config") or {})
+        vision = _pick(VisionConfig, d.get("vision_config") or {})
         conn = {**d, "hidden_size": text.hidden_size, "vision_hidden_size": d.get("vision_hidden_size", vision.hidden_size)}
-        return cls(vision=vision, connector=ConnectorConfig.from_dict(conn), text=text, raw=dict(d), **top)
+        return cls(vision=vision, connector=_pick(ConnectorConfig, conn), text=text, raw=dict(d), **top)
 
     def to_dict(self):
         d = dict(self.raw)
@@ -142,9 +134,8 @@ class TinyLLaVAConfig:
         d.update({k: v for k, v in dataclasses.asdict(self.connector).items()
                   if k not in ("heads", "dim_head", "ff_mult") or v != getattr(default, k)})
         d.update(hidden_size=self.text.hidden_size, vocab_size=self.text.vocab_size,
-                 vision_feature_layer=self.vision_feature_layer, vision_feature_select_strategy=self.vision_feature_select_strategy,
-                 image_token_index=self.image_token_index, tokenizer_model_max_length=self.tokenizer_model_max_length,
-                 pad_token=self.pad_token, torch_dtype=self.torch_dtype)
+                 **{k: getattr(self, k) for k in ("vision_feature_layer", "vision_feature_select_strategy",
+                    "image_token_index", "tokenizer_model_max_length", "pad_token", "torch_dtype")})
         d["text_config"] = {**d.get("text_config", {}), **dataclasses.asdict(self.text), "model_type": "qwen2"}
         d["vision_config"] = {**d.get("vision_config", {}), **dataclasses.asdict(self.vision), "model_type": "siglip_vision_model"}
         return d
@@ -154,6 +145,30 @@ class TinyLLaVAConfig:
         """How many encoder layers run: hidden_states[k] is the output of layer k (0 = embeddings)."""
         n, k = self.vision.num_hidden_layers, self.vision_feature_layer
         return n + 1 + k if k < 0 else k
+
+
+# Named small sizes, for a CPU: "tiny" is `bench.py --tiny`'s (a GRPO step in well under a second),
+# "test" the tests' (3 patches a frame, 4 video tokens). The resampler keeps the published 8 heads of 64.
+CONFIGS = {
+    "tiny": dict(vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             image_size=32, patch_size=8),  # 16 patches a frame, 15 kept
+                 connector=dict(num_queries=16, group=4, num_resampler_layers=1, vision_hidden_size=32, hidden_size=64),
+                 text=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)),
+    "test": dict(vision=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                             image_size=16, patch_size=8),
+                 connector=dict(num_queries=4, group=2, num_resampler_layers=1, vision_hidden_size=32, hidden_size=32),
+                 text=dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2)),
+}
+
+
+def config(name, vision=None, connector=None, text=None, **fields):
+    """A named size with some fields replaced: config("test", text={"vocab_size": 300}, raw={"num_frames": 4})."""
+    c = CONFIGS[name]
+    return TinyLLaVAConfig(vision=VisionConfig(**{**c["vision"], **(vision or {})}),
+                           connector=ConnectorConfig(**{**c["connector"], **(connector or {})}),
+                           text=TextConfig(**{**c["text"], **(text or {})}), **{"torch_dtype": "float32", **fields})
 
 
 # ----------------------------------------------------------------------------- vision encoder
@@ -208,19 +223,14 @@ class SiglipEmbeddings(nn.Module):
         return x + self.position_embedding.weight
 
 
-class SiglipEncoder(nn.Module):
-    def __init__(self, cfg, num_layers):
-        super().__init__()
-        self.layers = nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(num_layers))
-
-
 class SiglipVisionEncoder(nn.Module):
     """Returns hidden_states[num_layers]: only the layers whose output is used are built and run."""
 
     def __init__(self, cfg, num_layers):
         super().__init__()
         self.embeddings = SiglipEmbeddings(cfg)
-        self.encoder = SiglipEncoder(cfg, num_layers)
+        self.encoder = nn.Module()  # a bare container, so that keys read encoder.layers.N
+        self.encoder.layers = nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(num_layers))
         self.gradient_checkpointing = False
 
     def forward(self, pixels):  # (N, 3, H, W) -> (N, P, hidden)
@@ -267,7 +277,8 @@ class PerceiverAttention(nn.Module):
 
 
 def feed_forward(dim, mult):  # an nn.Sequential so that keys read layers.I.1.{0,1,3}
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(), nn.Linear(dim * mult, dim, bias=False))
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
+                         nn.Linear(dim * mult, dim, bias=False))
 
 
 class Resampler(nn.Module):
@@ -308,8 +319,10 @@ def build_connector(cfg):
     if cfg.connector_type in ("groupresampler", "naiveresampler"):
         return Resampler(cfg)
     if cfg.connector_type == "mlp2x_gelu":  # TinyLLaVA Factory's MLP, per token: keys 0.* and 2.*
-        return nn.Sequential(nn.Linear(cfg.vision_hidden_size, cfg.hidden_size), nn.GELU(), nn.Linear(cfg.hidden_size, cfg.hidden_size))
-    raise ValueError(f"unknown connector_type {cfg.connector_type!r}: expected groupresampler, naiveresampler or mlp2x_gelu")
+        d = cfg.hidden_size
+        return nn.Sequential(nn.Linear(cfg.vision_hidden_size, d), nn.GELU(), nn.Linear(d, d))
+    raise ValueError(f"unknown connector_type {cfg.connector_type!r}: "
+                     "expected groupresampler, naiveresampler or mlp2x_gelu")
 
 
 # ----------------------------------------------------------------------------- decoder
@@ -343,18 +356,13 @@ def apply_rope(x, cos, sin):  # x (B, heads, L, head_dim)
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, with static shapes so a decode step can be
-    compiled: k, v are lists of one (B, kv_heads, max_len, head_dim) tensor per layer (separate
-    tensors: torch.compile writes each in place, where slices of one big tensor made it copy the
-    whole cache every step). All rows write the same slot each step (prompts of different lengths
-    are left-padded); `valid` (B, max_len) marks the slots that hold a real token, `next_pos` (B,)
-    the RoPE position of each row's next real token.
-
-    Where the next token goes is kept twice: `pos`, a device tensor that the step itself reads and
-    advances (so every decode step is the same graph, with no host value baked in), and `length`,
-    the same count on the host, advanced by `reserve` before the step (bounds checks without a
-    device sync). Every tensor is updated in place: a captured CUDA graph reads them at fixed
-    addresses."""
+    """Preallocated keys and values, static shapes so a decode step can be compiled: k, v hold one
+    (B, kv_heads, max_len, head_dim) tensor per layer (one big tensor made torch.compile copy it all
+    every step). All rows write the same slot each step (prompts are left-padded); `valid` (B, max_len)
+    marks real tokens, `next_pos` (B,) each row's next RoPE position. The write slot is kept twice:
+    `pos` on the device, read and advanced by the step itself (no host value baked into the graph),
+    and `length` on the host, advanced by `reserve` (bounds checks without a sync). All updates are
+    in place: a captured CUDA graph reads these tensors at fixed addresses."""
 
     def __init__(self, cfg, batch, max_len, device=None, dtype=torch.float32):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -369,18 +377,15 @@ class KVCache:
     def max_len(self):
         return self.k[0].shape[2]
 
-    def reserve(self, n):
-        """Claim the next n slots on the host side, before a step writes them."""
+    def reserve(self, n):  # claim the next n slots on the host, before a step writes them
         if self.length + n > self.max_len:
             raise ValueError(f"KV cache full: {self.length} + {n} tokens > max_len {self.max_len}")
         self.length += n
 
-    def repeat_interleave(self, n):
-        """Each row n times (B -> B*n): one prefilled prompt shared by a group of G samples."""
+    def repeat_interleave(self, n):  # B -> B*n: one prefilled prompt shared by a group of G samples
         return self._rows(lambda t: t.repeat_interleave(n, dim=0))
 
-    def select_rows(self, rows):
-        """The rows `rows` (n,) only (B -> n): finished samples leave a rollout's batch."""
+    def select_rows(self, rows):  # B -> len(rows): finished samples leave a rollout's batch
         return self._rows(lambda t: t.index_select(0, rows))
 
     def _rows(self, f):
@@ -460,16 +465,13 @@ class Qwen2Model(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x, attention_mask=None, cache=None):
-        """x (B, L, d) input embeddings -> (B, L, d) final hidden states.
+        """x (B, L, d) input embeddings -> (B, L, d) final hidden states. attention_mask (B, L), 1 for
+        real tokens, may pad either side; real tokens get positions 0, 1, 2... With a cache, the L
+        tokens fill the next L slots and attend to everything written before them.
 
-        attention_mask (B, L), 1 for real tokens: padding may sit on either side; real tokens get
-        positions 0, 1, 2... in order. With a cache, the L tokens go to the next L slots and attend
-        to everything written before them.
-
-        Without a cache, where no row has padding before a real token (no padding at all, or only
-        after the last real token, as completions that ended early have), attention is plain
-        causal attention: no mask tensor, so SDPA may pick its flash kernel. Outputs at positions
-        after a row's last real token are then not those of the masked path: nothing reads them."""
+        Without a cache and with no padding before a real token (completions that ended early pad
+        only after), attention is plain causal, maskless, so SDPA may pick its flash kernel; outputs
+        after a row's last real token then differ from the masked path's, and nothing reads them."""
         if cache is not None:
             cache.reserve(x.shape[1])
         elif attention_mask is None or not (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
@@ -501,7 +503,8 @@ class Qwen2Model(nn.Module):
         causal = key_slots[None, :] <= slots[:, None]
         mask = (causal[None] & key_real[:, None, :]) | (key_slots[None, :] == slots[:, None])[None]
         # In the attention's grouped layout: rows j*L + l for the j-th query head of a key/value head.
-        mask = mask[:, None].repeat(1, 1, self.cfg.num_attention_heads // self.cfg.num_key_value_heads, 1)  # (B, 1, 8*L, S)
+        rep = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
+        mask = mask[:, None].repeat(1, 1, rep, 1)  # (B, 1, 8*L, S)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         return self.norm(self._layers(x, cos, sin, mask, cache, slots))
 
@@ -584,7 +587,8 @@ class TinyLLaVA(nn.Module):
         B, L = input_ids.shape
         where = input_ids == self.config.image_token_index
         if not torch.equal(where.sum(1), torch.ones(B, dtype=torch.long, device=input_ids.device)):
-            raise ValueError(f"every row of input_ids needs exactly one IMAGE_TOKEN_INDEX ({self.config.image_token_index}); found {where.sum(1).tolist()}")
+            raise ValueError(f"every row of input_ids needs exactly one IMAGE_TOKEN_INDEX "
+                             f"({self.config.image_token_index}); found {where.sum(1).tolist()}")
         text = self.language_model.model.embed_tokens(input_ids.masked_fill(where, 0))  # (B, L, d)
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         embeds, masks = [], []
@@ -603,16 +607,15 @@ class TinyLLaVA(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None):
-        """Load a published TinyLLaVA-Video(-R1) directory: config.json plus model.safetensors or
-        shards with model.safetensors.index.json. dtype None keeps the checkpoint's dtype."""
+        """Load a published TinyLLaVA-Video(-R1) directory: config.json plus model.safetensors, or shards
+        with model.safetensors.index.json. dtype None keeps the checkpoint's dtype."""
         file = os.path.join(path, "config.json")
         try:
             with torch.device("meta"):
                 model = cls(TinyLLaVAConfig.from_dict(_read_json(file)))
         except (TypeError, ValueError, AttributeError, KeyError, ZeroDivisionError, RuntimeError) as e:
             raise CheckpointError(f"{file}: not a TinyLLaVA config ({type(e).__name__}: {e})") from None
-        files = _checkpoint_files(path)
-        model._load(files, {ours: pub for ours, pub in CHECKPOINT_PREFIXES.items()}, device, dtype)
+        model._load(_checkpoint_files(path), CHECKPOINT_PREFIXES, device, dtype)
         return model.eval()
 
     @classmethod
@@ -624,15 +627,14 @@ class TinyLLaVA(nn.Module):
         tcfg = _read_json(os.path.join(llm_path, "config.json"))
         text = TextConfig.from_dict(tcfg)
         config = TinyLLaVAConfig(
-            vision=VisionConfig.from_dict(vcfg), text=text, torch_dtype=tcfg.get("torch_dtype", tcfg.get("dtype", "bfloat16")),
+            vision=_pick(VisionConfig, vcfg), text=text, torch_dtype=tcfg.get("torch_dtype", tcfg.get("dtype", "bfloat16")),
             connector=ConnectorConfig(connector_type=connector, hidden_size=text.hidden_size,
                                       vision_hidden_size=vcfg.get("hidden_size", 1152), **connector_options),
             # the original code builds its decoder and vision tower from these (without them: Llama and CLIP)
             raw={"llm_model_name_or_path": llm_path, "vision_model_name_or_path": vision_path})
         with torch.device("meta"):
             model = cls(config)
-        # The connector is new: build it for real (meta tensors hold no values).
-        with torch.device(device or "cpu"):
+        with torch.device(device or "cpu"):  # the connector is new: built for real (meta tensors hold no values)
             model.connector = build_connector(config.connector).to(dtype or _DTYPES.get(config.torch_dtype, torch.float32))
         files = _checkpoint_files(vision_path) + _checkpoint_files(llm_path)
         model._load(files, {"vision_tower.": "vision_model.", "language_model.": ""}, device, dtype, skip=("connector.",))
@@ -644,46 +646,40 @@ class TinyLLaVA(nn.Module):
         from safetensors import SafetensorError, safe_open
 
         expected = {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
-        published = {}  # published key -> our key
-        for ours in expected:
-            prefix = next(p for p in prefixes if ours.startswith(p))
-            published[prefixes[prefix] + ours[len(prefix):]] = ours
-        loaded, unexpected, mismatched, bad_shape = {}, [], [], set()
+        published = {_rename(k, prefixes): k for k in expected}  # published key -> our key
+        loaded, missing, unexpected, mismatched = {}, [], [], []
         vision = prefixes["vision_tower."]
         for file in files:
+            name = os.path.basename(file)
             try:
                 with safe_open(file, framework="pt", device="cpu") as f:
                     for key in f.keys():
                         ours = published.get(key)
-                        if ours is None:
-                            if not self._known_unused(key, prefixes):
-                                unexpected.append(f"{key} (in {os.path.basename(file)})")
-                            elif key.startswith(vision) or prefixes == CHECKPOINT_PREFIXES:  # not a SigLIP text tower
-                                t = f.get_tensor(key)
-                                self.unused_tensors[CHECKPOINT_PREFIXES["vision_tower."] + key[len(vision):]
-                                                    if key.startswith(vision) else key] = t.to(dtype=dtype or t.dtype)
-                            continue
-                        t = f.get_tensor(key)
-                        if tuple(t.shape) != tuple(expected[ours].shape):
-                            mismatched.append(f"{key}: {tuple(t.shape)} in {os.path.basename(file)}, model expects {tuple(expected[ours].shape)}")
-                            bad_shape.add(ours)
-                            continue
-                        loaded[ours] = t.to(device=device or "cpu", dtype=dtype or t.dtype)
+                        if ours is None and not self._known_unused(key, prefixes):
+                            unexpected.append(f"{key} (in {name})")
+                        elif ours is None and (key.startswith(vision) or prefixes == CHECKPOINT_PREFIXES):
+                            t = f.get_tensor(key)  # kept to be saved back (not a SigLIP text tower's)
+                            key = CHECKPOINT_PREFIXES["vision_tower."] + key[len(vision):] if key.startswith(vision) else key
+                            self.unused_tensors[key] = t.to(dtype=dtype or t.dtype)
+                        elif ours is not None:
+                            t, want = f.get_tensor(key), tuple(expected[ours].shape)
+                            if tuple(t.shape) != want:
+                                mismatched.append(f"{key}: {tuple(t.shape)} in {name}, model expects {want}")
+                                published[key] = None  # reported as a mismatch, not as missing
+                            else:
+                                loaded[ours] = t.to(device=device or "cpu", dtype=dtype or t.dtype)
             except (SafetensorError, OSError) as e:  # a truncated or garbage file
                 raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
         bad = [k for k, t in loaded.items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:  # a diverged run's weights would only give empty or garbage answers
             raise CheckpointError(f"{files[0]}: non-finite values (NaN/inf) in {len(bad)} tensors, e.g. {bad[0]}")
-        missing = [k for k, ours in published.items() if ours not in loaded and ours not in bad_shape]
+        missing = [k for k, ours in published.items() if ours is not None and ours not in loaded]
         if missing or unexpected or mismatched:
-            lines = [f"cannot load {', '.join(files)}:"]
-            lines += [f"  missing key: {k}" for k in missing]
-            lines += [f"  unexpected key: {k}" for k in unexpected]
-            lines += [f"  shape mismatch: {m}" for m in mismatched]
-            raise CheckpointError("\n".join(lines))
+            raise CheckpointError("\n".join([f"cannot load {', '.join(files)}:"] + [f"  missing key: {k}" for k in missing]
+                                            + [f"  unexpected key: {k}" for k in unexpected]
+                                            + [f"  shape mismatch: {m}" for m in mismatched]))
         self.load_state_dict(loaded, strict=False, assign=True)
-        # The config says which dtype the weights are; keep it truthful for save_pretrained.
-        self.config.torch_dtype = {v: k for k, v in _DTYPES.items()}.get(next(iter(loaded.values())).dtype, self.config.torch_dtype)
+        self.config.torch_dtype = _dtype_name(next(iter(loaded.values())).dtype, self.config.torch_dtype)
 
     def _known_unused(self, key, prefixes):
         """Keys published but deliberately not loaded: SigLIP's layers above the feature layer, its
@@ -691,28 +687,23 @@ class TinyLLaVA(nn.Module):
         vision = prefixes["vision_tower."]
         if key.startswith(vision):
             rest = key[len(vision):]
-            if rest.startswith(("post_layernorm.", "head.")):
-                return True
-            parts = rest.split(".")
-            return rest.startswith("encoder.layers.") and int(parts[2]) >= self.config.vision_layers_used
+            return rest.startswith(("post_layernorm.", "head.")) or (
+                rest.startswith("encoder.layers.") and int(rest.split(".")[2]) >= self.config.vision_layers_used)
         if key.startswith(("text_model.", "logit_scale", "logit_bias")) and vision == "vision_model.":
             return True
         return key == prefixes["language_model."] + "lm_head.weight" and self.config.text.tie_word_embeddings
 
     def published_state_dict(self, state_dict=None):
-        """Our tensors (or those of `state_dict`, keyed as ours) under their published keys, and the
+        """Our tensors (or `state_dict`'s, keyed as ours) under their published keys, plus the
         published ones we read but do not use."""
-        out = {}
-        for k, v in (state_dict or self.state_dict()).items():
-            prefix = next(p for p in CHECKPOINT_PREFIXES if k.startswith(p))
-            out[CHECKPOINT_PREFIXES[prefix] + k[len(prefix):]] = v
+        out = {_rename(k, CHECKPOINT_PREFIXES): v for k, v in (state_dict or self.state_dict()).items()}
         return {**out, **self.unused_tensors}
 
     def save_pretrained(self, path, max_shard_bytes=5 * 1024**3, state_dict=None):
         """Write config.json and safetensors (sharded with an index above max_shard_bytes) in the
-        published layout. Written to a temporary directory first, then renamed into place, so an
-        interrupted save never leaves a half-written checkpoint at `path`. state_dict: the tensors
-        to write, keyed as ours (e.g. gathered whole from FSDP shards); default this model's."""
+        published layout, into a temporary directory renamed into place, so an interrupted save never
+        leaves a half-written checkpoint at `path`. state_dict: the tensors to write, keyed as ours
+        (e.g. gathered whole from FSDP shards); default this model's."""
         from safetensors.torch import save_file
 
         state = {k: v.detach().contiguous().cpu() for k, v in self.published_state_dict(state_dict).items()}
@@ -720,36 +711,31 @@ class TinyLLaVA(nn.Module):
         for k, v in state.items():
             nbytes = v.numel() * v.element_size()
             if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
+                shards, size = shards + [[]], 0
             shards[-1].append(k)
             size += nbytes
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=parent)
         try:
-            meta = {"format": "pt"}
-            if len(shards) == 1:
-                save_file(state, os.path.join(tmp, "model.safetensors"), metadata=meta)
-            else:
-                names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-                for name, keys in zip(names, shards):
-                    save_file({k: state[k] for k in keys}, os.path.join(tmp, name), metadata=meta)
+            names = ["model.safetensors"] if len(shards) == 1 else [
+                f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+            for name, keys in zip(names, shards):
+                save_file({k: state[k] for k in keys}, os.path.join(tmp, name), metadata={"format": "pt"})
+            if len(shards) > 1:
                 index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
                          "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
                 _write_json(os.path.join(tmp, "model.safetensors.index.json"), index)
-            dtype = next(iter(state.values())).dtype
-            self.config.torch_dtype = {v: k for k, v in _DTYPES.items()}.get(dtype, self.config.torch_dtype)
+            self.config.torch_dtype = _dtype_name(next(iter(state.values())).dtype, self.config.torch_dtype)
             _write_json(os.path.join(tmp, "config.json"), self.config.to_dict())
             if os.path.isdir(path):  # keep any other files (tokenizer, optimizer state) already there
                 for name in os.listdir(path):
+                    src = os.path.join(path, name)
                     if not name.startswith("model") and name != "config.json" and not os.path.exists(os.path.join(tmp, name)):
-                        src = os.path.join(path, name)
                         (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, name))
-                old = tmp + ".old"
-                os.rename(path, old)
+                os.rename(path, tmp + ".old")
                 os.rename(tmp, path)
-                shutil.rmtree(old)
+                shutil.rmtree(tmp + ".old")
             else:
                 os.rename(tmp, path)
         except BaseException:
@@ -763,6 +749,15 @@ CHECKPOINT_PREFIXES = {  # our module prefix -> published key prefix
     "language_model.": "language_model.",
 }
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _rename(key, prefixes):  # our key -> its published key, by the first prefix it starts with
+    prefix = next(p for p in prefixes if key.startswith(p))
+    return prefixes[prefix] + key[len(prefix):]
+
+
+def _dtype_name(dtype, default):  # the config says which dtype the weights are: kept truthful
+    return {v: k for k, v in _DTYPES.items()}.get(dtype, default)
 
 
 class CheckpointError(RuntimeError):

@@ -41,9 +41,10 @@ from eval import UsageError
 def load(ckpt, device=None, dtype=None):
     """-> model (eval mode) and tokenizer from a checkpoint directory holding tokenizer.json (or the slow
     tokenizer's vocab.json and merges.txt, as the original code saves it)."""
-    if not os.path.isdir(ckpt) or not os.path.exists(os.path.join(ckpt, "config.json")):
+    has = lambda *names: all(os.path.exists(os.path.join(ckpt, f)) for f in names)  # noqa: E731
+    if not os.path.isdir(ckpt) or not has("config.json"):
         raise UsageError(f"checkpoint {ckpt}: not a directory with config.json")
-    if not any(all(os.path.exists(os.path.join(ckpt, f)) for f in fs) for fs in (["tokenizer.json"], ["vocab.json", "merges.txt"])):
+    if not has("tokenizer.json") and not has("vocab.json", "merges.txt"):
         raise UsageError(f"checkpoint {ckpt}: no tokenizer.json (nor vocab.json and merges.txt) beside the weights")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -60,13 +61,6 @@ def checkpoint_id(ckpt):
     return f"{os.path.abspath(ckpt)} {h.hexdigest()[:16]}"
 
 
-def fast_decode(model, compile=None):
-    """The decode step answers go through: compiled with a CUDA graph on a GPU (compile None: on a
-    GPU only; the first answers wait for it to compile), else the eager step."""
-    on = model.language_model.model.embed_tokens.weight.is_cuda if compile is None else compile
-    return G.FastDecode(model.language_model) if on else model.language_model.decode_step
-
-
 def default_batch_size(model, max_new_tokens, frames):
     """Questions answered together: on a GPU as many as the free memory holds (each needs its KV
     cache and its share of the video encoder's work), at most 256; 8 on a CPU."""
@@ -78,11 +72,6 @@ def default_batch_size(model, max_new_tokens, frames):
     per_item = kv * (model.config.connector.num_queries + 1024 + max_new_tokens) + 2 * frames * 729 * 1152 * w.element_size()
     free, _ = torch.cuda.mem_get_info(w.device)
     return max(1, min(256, int(0.6 * free // per_item)))
-
-
-def default_frames(model):
-    """Frames per video: what the checkpoint was trained with when its config says, else the paper's 16."""
-    return int(model.config.raw.get("num_frames", 16))
 
 
 # ----------------------------------------------------------------------------- answers
@@ -104,9 +93,8 @@ def parse_answer(text, num_options=26, mode="reason"):
 @torch.no_grad()
 def generate(model, tok, questions, pixels, max_new_tokens=512, temperature=0.0, top_k=50, top_p=1.0, generator=None,
              decode=None):
-    """One answer per question: questions (B strings), pixels (B, T, 3, S, S) -> B strings.
-    The prompts are left-padded and decoded together with the KV cache, through `decode` (a
-    grpo.FastDecode on a GPU, see `fast_decode`), finished answers leaving the batch."""
+    """One answer per question: questions (B strings), pixels (B, T, 3, S, S) -> B strings, the prompts
+    left-padded and decoded together with the KV cache through `decode` (a grpo.FastDecode on a GPU)."""
     device = next(model.parameters()).device
     ids, mask = D.collate_prompts([tok.prompt_ids(q) for q in questions], tok.pad_id)
     dtype = next(model.vision_tower.parameters()).dtype
@@ -143,9 +131,9 @@ def stream(model, tok, question, pixels, max_new_tokens=512, temperature=0.0, to
 
 
 def read_predictions(path, run=None):
-    """Predictions already written by an interrupted run: {item key: record}. With `run` (the checkpoint
-    and settings each record carries), a file holding any other run's answers is moved aside to
-    PATH.stale and nothing is resumed: answers are only ever reused for the model and settings that made them."""
+    """Predictions an interrupted run wrote: {item key: record}. With `run` (the checkpoint and settings
+    each record carries), a file holding another run's answers is moved aside to PATH.stale and nothing
+    is resumed: answers are only reused for the model and settings that made them."""
     done = {}
     if os.path.exists(path):
         with open(path) as f:
@@ -165,21 +153,18 @@ def read_predictions(path, run=None):
 
 def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8, frames=None, max_new_tokens=512,
              progress=True, desc="eval", protocol="clean", seed=0, decode=None, run=None):
-    """Answer every sample and compare the letter with `sample.solution`.
-
-    samples: data.Sample with `question` already holding the options and the mode's suffix. protocol "clean":
-    greedy decoding, parse_answer; "original" (samples from eval.py's readers): sampled decoding (temperature
-    1, top-k 50, top-p 1) from a generator seeded with `seed`, and eval.parse_original, its random guesses
-    seeded with `seed` and the item (so the same command gives the same answers). With a `predictions` path,
-    each answer is appended as a JSON line as soon as it exists, and the items found there are not asked
-    again if they carry the same `run` (checkpoint and settings, see read_predictions). A video that cannot be read is reported, skipped and counted (it is asked again on the next run).
-    -> {"accuracy", "correct", "total", "unparsed", "missing_videos"} plus the records (one per answer, with
-    the exact prompt text, the frame indices used and the sample's meta but its options) and the skipped
-    samples ("missing")."""
+    """Answer every sample (data.Sample, `question` holding the options and the mode's suffix) and compare
+    the letter with `sample.solution`. protocol "clean": greedy, parse_answer; "original" (eval.py's
+    readers): sampled (temperature 1, top-k 50) from a generator seeded with `seed`, and eval.parse_original
+    with its guesses seeded by `seed` and the item, so a command repeats its answers. Each answer is
+    appended to `predictions` as soon as it exists, and items found there with the same `run` are not
+    asked again. A video that cannot be read is reported, skipped and counted (asked again next run).
+    -> {"accuracy", "correct", "total", "unparsed", "missing_videos", "tokens_per_s"}, the records (with
+    the exact prompt, the frame indices and the sample's meta but its options) and "missing" samples."""
     original = protocol == "original"
     device = next(model.parameters()).device
     sampling = dict(temperature=1.0, top_k=50, top_p=1.0, generator=torch.Generator(device).manual_seed(seed)) if original else {}
-    frames = frames or default_frames(model)
+    frames = frames or int(model.config.raw.get("num_frames", 16))
     size = model.config.vision.image_size
     done = read_predictions(predictions, run) if predictions else {}
     records = [done[k] for k in (sample_key(s) for s in samples) if k in done]
@@ -309,7 +294,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
     p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
-    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda if available")
     return p.parse_args(argv)
 
 
@@ -320,9 +305,10 @@ def main(argv=None):
             raise UsageError("give --video and --question, --eval FILE.jsonl, or --bench NAME --root DIR")
         if args.bench and args.eval:
             raise UsageError("give --bench or --eval, not both")
-        for ok, msg in [(args.max_new_tokens is None or args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"), (args.frames >= 0, "--frames must be >= 0"),
-                        (args.batch_size >= 0, "--batch-size must be >= 0 (0: as many as fit)"), (args.temperature >= 0, "--temperature must be >= 0"),
-                        (args.top_k >= 0, "--top-k must be >= 0"), (0 < args.top_p <= 1, "--top-p must be in (0, 1]")]:
+        for ok, msg in [(args.max_new_tokens is None or args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+                        (args.frames >= 0, "--frames must be >= 0"), (args.top_k >= 0, "--top-k must be >= 0"),
+                        (args.batch_size >= 0, "--batch-size must be >= 0 (0: as many as fit)"),
+                        (args.temperature >= 0, "--temperature must be >= 0"), (0 < args.top_p <= 1, "--top-p must be in (0, 1]")]:
             if not ok:
                 raise UsageError(msg)
         original = args.protocol == "original"
@@ -336,8 +322,10 @@ def main(argv=None):
                 raise UsageError(f"--bench {args.bench} needs --root DIR, the benchmark's folder (got {args.root})")
             samples = E.BENCHMARKS[args.bench][0](args.root, args.mode, args.protocol)
         model, tok = load(args.ckpt, args.device)
-        frames = args.frames or default_frames(model)
-        decode = fast_decode(model, args.compile)
+        frames = args.frames or int(model.config.raw.get("num_frames", 16))  # the checkpoint's, else the paper's
+        lm = model.language_model
+        on_gpu = lm.model.embed_tokens.weight.is_cuda  # there answers decode through a compiled step + CUDA graph
+        decode = G.FastDecode(lm) if (on_gpu if args.compile is None else args.compile) else lm.decode_step
         batch_size = args.batch_size or default_batch_size(model, max_new_tokens, frames)
         run = {"checkpoint": checkpoint_id(args.ckpt), "mode": args.mode, "frames": frames, "max_new_tokens": max_new_tokens,
                "dtype": str(next(model.parameters()).dtype), "protocol": args.protocol}

@@ -9,9 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bench
+import grpo as G
 import model as M
+from conftest import tiny_model, tiny_prompt
 from grpo import (Rollout, accuracy_reward, combined_reward, completion_logprobs, completion_mask, format_reward,
-                  group_advantages, grpo_loss, paper_reward, rollout, sample_token, score, shuffle_frames,
+                  group_advantages, grpo_loss, rollout, sample_token, score, shuffle_frames,
                   step_metrics, temporal_bonus, zero_variance_groups)
 
 # ----------------------------------------------------------------------------- rewards
@@ -62,7 +65,8 @@ CASES = [
 def test_accuracy_and_format_rewards_of_hand_checked_completions(completion, solution, acc, fmt):
     assert accuracy_reward(completion, solution) == acc
     assert format_reward(completion) == pytest.approx(fmt, abs=1e-12)
-    assert paper_reward(completion, solution) == pytest.approx(combined_reward(acc, fmt), abs=1e-12)
+    # score keeps rewards as float32 tensors
+    assert score([completion], [solution])["reward"].item() == pytest.approx(combined_reward(acc, fmt), abs=1e-6)
 
 
 def test_combined_reward_is_the_papers_table():
@@ -150,19 +154,6 @@ def test_shuffle_frames_permutes_each_row_differently():
 
 
 # ----------------------------------------------------------------------------- rollouts and log-probs
-
-
-def tiny_model(seed=0, connector="groupresampler"):
-    torch.manual_seed(seed)
-    cfg = M.TinyLLaVAConfig(
-        vision=M.VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8),
-        connector=M.ConnectorConfig(connector_type=connector, num_queries=4, group=2, num_resampler_layers=1, vision_hidden_size=32, hidden_size=32),
-        text=M.TextConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
-    model = M.TinyLLaVA(cfg).eval()
-    with torch.no_grad():  # larger weights than the 0.02 init, so the argmax is not a near-tie
-        for p in model.language_model.parameters():
-            p.mul_(20 if p.ndim == 2 else 1)
-    return model
 
 
 def prompts(P=2, L=6, seed=1):
@@ -493,3 +484,130 @@ def test_reflection_share_counts_aha_phrases(text, reflects):
     r = Rollout(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), torch.zeros(2, 1), torch.zeros(2, dtype=torch.bool), 2)
     got = step_metrics(r, [text, "B"], score([text, "B"], ["B", "B"]), 2)["reflection"]
     assert got == (0.5 if reflects else 0.0)
+
+
+# ----------------------------------------------------------------------------- fast decoding and the sampler
+# On CPU, torch.compile only: CUDA graphs are exercised by bench.py on a GPU.
+
+
+class GraphCounter:
+    """A torch.compile backend that runs the captured graph as is and counts the graphs."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_decode_step_is_one_graph_for_every_step_and_cache():
+    """What a CUDA graph needs: every step, on any cache of the same shape, is the same graph, and
+    fullgraph=True means no graph breaks, so no host syncs (.item(), branches on values) inside."""
+    model = tiny_model(size="tiny")
+    lm = model.language_model
+    ids, video = tiny_prompt(model)
+    embeds, mask = model.embed(ids, video)
+    counter = GraphCounter()
+    step = torch.compile(lm.step_logits, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        for _ in range(2):  # two rollouts, two caches
+            cache = model.new_cache(1, embeds.shape[1] + 6)
+            lm.model(embeds, mask, cache)
+            cache, twin = cache.repeat_interleave(3), cache.repeat_interleave(3)
+            tok = torch.arange(3)
+            for t in range(6):
+                cache.reserve(1)
+                got = step(tok, cache)
+                want = lm.decode_step(tok, twin)
+                assert torch.equal(got, want), t
+                tok = got.argmax(-1)
+            assert cache.length == twin.length == embeds.shape[1] + 6 == int(cache.pos)
+            assert all(map(torch.equal, cache.k + cache.v, twin.k + twin.v)) and torch.equal(cache.valid, twin.valid) and torch.equal(cache.next_pos, twin.next_pos)
+    assert counter.graphs == 1
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_compiled_rollout_samples_what_the_eager_one_does():
+    """torch.compile (inductor) of the decode step, through grpo.rollout: greedy, 2 prompts x 8
+    samples, 24 steps with an eos that some rows reach, so the early-stop check runs 3 times."""
+    model = tiny_model(size="tiny")
+    ids, video = tiny_prompt(model)
+    ids, video = ids.repeat(2, 1), torch.cat([video, video.flip(1)])  # two prompts that differ
+    with torch.no_grad():
+        probe = rollout(model, ids, video, eos_id=-1, pad_id=0, group_size=8, max_new_tokens=24, temperature=0)
+        # eos: a token the first prompt's samples make after a few steps and the second's never do
+        seen = set(probe.completion_ids[8].tolist())
+        eos = next(int(t) for t in probe.completion_ids[0, 4:] if int(t) not in seen)
+        eager = rollout(model, ids, video, eos_id=eos, pad_id=0, group_size=8, max_new_tokens=24, temperature=0)
+        fast = rollout(model, ids, video, eos_id=eos, pad_id=0, group_size=8, max_new_tokens=24, temperature=0,
+                       decode=G.FastDecode(model.language_model))
+    assert eager.mask.sum(1).min() < 24 and eager.truncated.any()  # some rows stopped early, some did not
+    assert torch.equal(fast.completion_ids, eager.completion_ids)
+    assert torch.equal(fast.mask, eager.mask) and torch.equal(fast.truncated, eager.truncated)
+    assert (fast.logprobs - eager.logprobs).abs().max() <= 1e-4
+
+
+def prefilled(model, room=1):
+    """A KV cache holding bench.py's tiny prompt, with room for `room` more tokens."""
+    ids, video = tiny_prompt(model)
+    embeds, mask = model.embed(ids, video)
+    cache = model.new_cache(1, embeds.shape[1] + room)
+    with torch.no_grad():
+        model.language_model.model(embeds, mask, cache)
+    return cache
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_fast_step_keeps_the_cache_bounds_check():
+    model = tiny_model(size="tiny")
+    fast = G.FastDecode(model.language_model, compile=False)
+    cache = prefilled(model)
+    with torch.no_grad():
+        fast(torch.zeros(1, dtype=torch.long), cache)
+        with pytest.raises(ValueError, match="KV cache full"):
+            fast(torch.zeros(1, dtype=torch.long), cache)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_fast_step_falls_back_to_eager_when_compiling_fails():
+    """A machine where torch.compile cannot build (no C++ compiler) still trains: a warning, then eager."""
+    model = tiny_model(size="tiny")
+    lm = model.language_model
+    fast = G.FastDecode(lm, compile=True)
+
+    def broken(tokens, cache):
+        raise RuntimeError("InductorError: no working C++ compiler found\ndetails")
+
+    fast.step = broken
+    caches = [prefilled(model), prefilled(model)]
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="no working C\\+\\+ compiler"):
+            got = fast(torch.zeros(1, dtype=torch.long), caches[0])
+        assert torch.equal(got, lm.decode_step(torch.zeros(1, dtype=torch.long), caches[1]))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_bf16_sampler_shares_the_tower_and_refreshes_in_place():
+    """The GPU layout, run on the CPU: the sampler is a bf16 copy of connector + decoder (the vision
+    tower shared, not copied) with a bf16 cache, and refresh() copies the policy in without moving
+    a tensor (a captured CUDA graph keeps reading the same addresses)."""
+    policy = tiny_model(size="tiny")
+    sampler = G.Sampler(policy, torch.bfloat16)
+    assert sampler.model.vision_tower is policy.vision_tower
+    lm = sampler.model.language_model
+    assert lm.model.embed_tokens.weight.dtype == torch.bfloat16 and policy.language_model.model.embed_tokens.weight.dtype == torch.float32
+    addresses = [p.data_ptr() for p in sampler.model.parameters()]
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.01)
+    sampler.refresh()
+    assert [p.data_ptr() for p in sampler.model.parameters()] == addresses
+    for (name, mine), master in zip(sampler.model.named_parameters(), policy.parameters()):
+        assert torch.equal(mine, master.to(mine.dtype)), name
+    ids, pixels = bench.inputs(policy.config, bench.TINY, torch.device("cpu"), seed=1)
+    with torch.no_grad():
+        r = sampler.rollout(ids, policy.vision_features(pixels), eos_id=-1, group_size=4, max_new_tokens=5, temperature=0)
+    assert r.completion_ids.shape == (4, 5)
+    assert sampler.model.new_cache(1, 4).k[0].dtype == torch.bfloat16
