@@ -24,7 +24,7 @@ import model as M
 import runs
 import sample
 import train
-from test_bench_eval import ckpt, mlvu, scripted  # noqa: F401 (ckpt is a fixture)
+from conftest import mlvu, scripted
 from test_train import run, task, weights  # noqa: F401 (task is a fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
