@@ -400,18 +400,6 @@ def read_samples(path, root=None, errors="raise", mode="reason"):
     return samples, skipped
 
 
-def read_grpo_jsonl(path, root=None):
-    return read_samples(path, root)[0]
-
-
-def read_coldstart_json(path, root=None):
-    return read_samples(path, root)[0]
-
-
-def read_mc_jsonl(path, root=None, mode="reason"):
-    return read_samples(path, root, mode=mode)[0]
-
-
 def collate_prompts(id_lists, pad_id):
     """Prompts for generation, LEFT-padded so that every row ends at its last real token.
     -> ids (B, L) long, mask (B, L) bool."""

@@ -350,7 +350,7 @@ def main(argv=None):
         if args.eval:
             if not os.path.exists(args.eval):
                 raise UsageError(f"--eval {args.eval}: no such file")
-            samples = D.read_mc_jsonl(args.eval, args.root, mode=args.mode)
+            samples = D.read_samples(args.eval, args.root, mode=args.mode)[0]
             preds = args.predictions or os.path.splitext(args.eval)[0] + f".{args.mode}.predictions.jsonl"
             res = evaluate(model, tok, samples, args.mode, preds, batch_size, frames, max_new_tokens, decode=decode, run=run)
             speed = f", {res['tokens_per_s']:.0f} tokens/s" if res["tokens_per_s"] else ""

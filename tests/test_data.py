@@ -220,12 +220,12 @@ def test_three_formats(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps([{"video": "v/2.mp4", "conversations": [
         {"from": "human", "value": "<image>\nQ2?"}, {"from": "gpt", "value": "<think>t</think> <answer>A</answer>"}]}]))
     (tmp_path / "m.jsonl").write_text(json.dumps({"video": "3.mp4", "question": "Q3?", "options": ["x", "y"], "answer": "B"}) + "\n")
-    g = D.read_grpo_jsonl(str(tmp_path / "g.jsonl"))[0]
+    g = D.read_samples(str(tmp_path / "g.jsonl"))[0][0]
     assert g.video == os.path.join(str(tmp_path), "./v/1.mp4") and g.question == "Q?\nA. x\nB. y" + D.GRPO_SUFFIX
     assert g.solution == "<answer>B</answer>" and g.meta == {"extra": 3, "line": 1}
-    c = D.read_coldstart_json(str(tmp_path / "c.json"), root="/data")[0]
+    c = D.read_samples(str(tmp_path / "c.json"), root="/data")[0][0]
     assert c.video == "/data/v/2.mp4" and c.question == "Q2?" and c.solution.startswith("<think>")
-    m = D.read_mc_jsonl(str(tmp_path / "m.jsonl"), mode="option")[0]
+    m = D.read_samples(str(tmp_path / "m.jsonl"), mode="option")[0][0]
     assert m.question == D.mc_question("Q3?", ["x", "y"], "option") and m.solution == "B"
 
 

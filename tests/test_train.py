@@ -72,7 +72,7 @@ def test_sft_then_grpo_then_sample(task, tmp_path, capsys):
     with open(preds, "w") as f:
         f.write("\n".join(lines[:5]) + "\n" + lines[5][:10])  # the last line cut short
     model, tok = sample.load(ckpt)
-    samples = D.read_mc_jsonl(task["test"])
+    samples = D.read_samples(task["test"])[0]
     res = sample.evaluate(model, tok, samples, predictions=str(preds), max_new_tokens=5, progress=False)
     assert res["total"] == 8
     assert len(sample.read_predictions(str(preds))) == 8  # 5 kept, 3 redone (the cut line among them)
