@@ -323,14 +323,24 @@ def completion_logprobs(model, input_ids, video_embeds, completion_ids, completi
     reference (no_grad). input_ids (P, L), video_embeds (P, Q, d), completions (P*G, T). Only the T
     completion positions go through the LM head, `chunk` at a time, recomputed in backward under
     grad: (N, T, vocab) fp32 logits never exist at once."""
-    G = completion_ids.shape[0] // input_ids.shape[0]
+    P, G = input_ids.shape[0], completion_ids.shape[0] // input_ids.shape[0]
     prompt, pmask = model.embed(input_ids, video_embeds, attention_mask)  # (P, Lp, d)
-    prompt, pmask = prompt.repeat_interleave(G, dim=0), pmask.repeat_interleave(G, dim=0)
     lm = model.language_model
-    x = torch.cat([prompt, lm.model.embed_tokens(completion_ids)], dim=1)
-    mask = torch.cat([pmask, completion_mask.bool()], dim=1)
     Lp, T = prompt.shape[1], completion_ids.shape[1]
-    hidden = lm.model(x, mask)[:, Lp - 1:Lp - 1 + T]  # the states that predict each completion token
+    if lm.model.gradient_checkpointing and lm.model.training and torch.is_grad_enabled():
+        # Checkpointed layers recompute in backward and cannot write a cache: each sample runs its whole
+        # sequence, prompt included. -> the states that predict each completion token, (P*G, T, d)
+        x = torch.cat([prompt.repeat_interleave(G, dim=0), lm.model.embed_tokens(completion_ids)], dim=1)
+        mask = torch.cat([pmask.repeat_interleave(G, dim=0), completion_mask.bool()], dim=1)
+        hidden = lm.model(x, mask)[:, Lp - 1:Lp - 1 + T]
+    else:
+        # The G samples of a prompt share it: its keys and values are computed once (P rows, not P*G),
+        # then every completion attends to them through a KV cache, the gradient flowing back through it.
+        cache = model.new_cache(P, Lp + T)
+        first = lm.model(prompt, pmask, cache)[:, -1:]  # (P, 1, d): predicts each completion's first token
+        cache = cache.repeat_interleave(G)
+        rest = lm.model(lm.model.embed_tokens(completion_ids), completion_mask.bool(), cache)  # (P*G, T, d)
+        hidden = torch.cat([first.repeat_interleave(G, dim=0), rest[:, :-1]], dim=1)
 
     def chunk_logp(h, ids):
         return (lm.logits(h).float() / temperature).log_softmax(-1).gather(-1, ids[..., None])[..., 0]

@@ -611,3 +611,29 @@ def test_bf16_sampler_shares_the_tower_and_refreshes_in_place():
         r = sampler.rollout(ids, policy.vision_features(pixels), eos_id=-1, group_size=4, max_new_tokens=5, temperature=0)
     assert r.completion_ids.shape == (4, 5)
     assert sampler.model.new_cache(1, 4).k[0].dtype == torch.bfloat16
+
+
+def test_prompt_shared_by_its_group_equals_the_whole_sequence_per_sample():
+    """completion_logprobs computes a prompt once for its G samples (a KV cache the completions attend
+    to) unless the layers are checkpointed; both ways give the same log-probs and gradients, with a
+    left-padded prompt and completions that end early."""
+    model = tiny_model(3).train()
+    ids = prompts(2, 7, seed=9)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, :2] = False
+    video = model.encode_video(torch.randn(2, 2, 3, 16, 16, generator=torch.Generator().manual_seed(4))).detach()
+    comp = torch.randint(1, 40, (6, 9), generator=torch.Generator().manual_seed(5))
+    cmask = torch.ones(6, 9)
+    cmask[0, 5:] = cmask[4, 2:] = 0
+    out, shapes, forward = [], [], model.language_model.model.forward
+    model.language_model.model.forward = lambda x, m=None, cache=None: shapes.append(x.shape[0]) or forward(x, m, cache)
+    for checkpointed in (True, False):
+        model.zero_grad()
+        model.language_model.model.gradient_checkpointing = checkpointed
+        lp = completion_logprobs(model, ids, video, comp, cmask, mask)
+        lp.sum().backward()
+        out.append((lp.detach(), [p.grad.clone() for p in model.language_model.parameters()]))
+    (a, ga), (b, gb) = out
+    assert shapes == [6, 2, 6]  # 6 whole sequences; then the 2 prompts once, and the 6 completions on them
+    assert (a - b).abs().max() <= 1e-5
+    assert all((x - y).abs().max() <= 1e-5 * (1 + x.abs().max()) for x, y in zip(ga, gb))
