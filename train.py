@@ -422,7 +422,7 @@ def plot_curves(records, path, keys, width=640, panel=110, smooth=0.9):
         cv2.rectangle(img, (left, top), (width - right, top + panel), (200, 200, 200), 1)
         text(key, left, top - 7, 0.5, colour)
         for s in (s0, (s0 + s1) // 2, s1):
-            text(str(s), xs(s) - 4 * len(str(s)), top + panel + 17)
+            text(str(s), min(xs(s) - 4 * len(str(s)), width - 9 * len(str(s)) - 4), top + panel + 17)
         pts = np.array([(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])])
         if not len(pts):
             continue
