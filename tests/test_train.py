@@ -1,9 +1,11 @@
 """train.py and sample.py end to end on a tiny model and a tiny synthetic task (CPU, seconds)."""
 
 import json
+import math
 import os
 import shutil
 
+import cv2
 import pytest
 import torch
 
@@ -175,8 +177,13 @@ def test_default_run_shortened(tmp_path, monkeypatch, capsys):
                  grpo=dict(lr=1e-4, steps=2, prompts_per_step=4, micro_batch=4, group_size=4, max_new_tokens=8, beta=0.01))
     monkeypatch.setattr(train, "DEMO", small)
     assert train.main(["--demo", "--out", str(tmp_path), "--seed", "3"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(summary) >= {"sft_accuracy", "grpo_accuracy", "seconds"}
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert set(summary) >= {"sft_accuracy", "grpo_accuracy", "per_task", "seconds"}
+    per_task = summary["per_task"]
+    assert set(per_task) == {"sft", "grpo"} and set(per_task["sft"]) == set(per_task["grpo"]) and set(per_task["sft"]) <= set(D.TASKS)
+    assert all(0 <= a <= 1 for stage in per_task.values() for a in stage.values())
+    assert "one held-out question" in out and "cold start:" in out and "GRPO:" in out
     assert 0 <= summary["sft_accuracy"] <= 1 and 0 <= summary["grpo_accuracy"] <= 1 and summary["n_test"] == 8
     for stage in ("base", "sft", "grpo"):
         assert (tmp_path / stage / "checkpoint" / "model.safetensors").exists()
@@ -208,3 +215,17 @@ def test_one_step_the_same_however_it_is_batched_or_compiled(task):
             if temperature:  # (log-probs at temperature 0 are not defined)
                 assert (other.ref_logp - base.ref_logp).abs().max() <= 1e-5
     assert len(set(results[1.0, 3, False].texts)) > 1
+
+
+def test_curves_are_small_multiples(tmp_path):
+    """One panel per metric, each with its own range: a flat metric and a missing one still get their panels."""
+    records = [{"step": i + 1, "reward": math.sin(i / 3), "kl": 0.5, "loss": float("nan")} for i in range(40)]
+    path = str(tmp_path / "c.png")
+    train.plot_curves(records, path, ["reward", "kl"])
+    two = cv2.imread(path)
+    train.plot_curves(records, path, ["reward", "kl", "loss"])
+    three = cv2.imread(path)
+    assert two.shape[1] == three.shape[1] and three.shape[0] > two.shape[0] * 1.3
+    inked = (two < 200).any(2)  # drawn pixels: lines, boxes, labels
+    top, bottom = inked[: two.shape[0] // 2], inked[two.shape[0] // 2:]
+    assert top.sum() > 500 and bottom.sum() > 500
