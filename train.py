@@ -30,7 +30,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -713,79 +712,6 @@ def train(cfg):
     return record
 
 
-# ----------------------------------------------------------------------------- the CPU demo
-# `python train.py` with no flags: the whole method on synthetic videos, small enough for a laptop CPU.
-# A ~1M-parameter model learns from scratch to answer four kinds of questions about 8-frame clips
-# (colour, direction of motion, which colour came first, how many flashes): a short cold start on a few
-# reasoning answers, then GRPO on many questions with only the reward to learn from.
-
-
-def demo_config(vocab_size):
-    # The MLP connector over 16x16 frames (2x2 patches, 3 kept a frame: 24 video tokens). The published group
-    # resampler at this size (32x32 frames, one group of 4 latents per frame) was tried: the cold start then
-    # already answers colour and order, and GRPO gained only 2.5-6.5 points on three seeds, so the demo keeps
-    # the connector with which RL visibly learns.
-    return M.TinyLLaVAConfig(
-        vision=M.VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
-                              image_size=16, patch_size=8),
-        connector=M.ConnectorConfig(connector_type="mlp2x_gelu", vision_hidden_size=64, hidden_size=128),
-        text=M.TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
-        raw={"num_frames": DEMO["frames"]})
-
-
-DEMO = dict(frames=8, n_train=2000, n_coldstart=64, n_test=200, n_captions=4000,
-            base=dict(lr=1e-3, epochs=1, prompts_per_step=16, micro_batch=16),
-            sft=dict(lr=1e-3, epochs=12, prompts_per_step=8, micro_batch=8),
-            grpo=dict(lr=2e-4, steps=450, prompts_per_step=8, micro_batch=8, group_size=8, max_new_tokens=40, beta=0.01))
-
-
-def demo(out, seed, device=""):
-    t0 = time.time()
-    paths = D.make_synthetic(os.path.join(out, "data"), n_train=DEMO["n_train"], n_coldstart=DEMO["n_coldstart"],
-                             n_test=DEMO["n_test"], n_captions=DEMO["n_captions"], seed=seed)
-    tok = D.synthetic_tokenizer(paths)
-    tok_path = os.path.join(paths["root"], "tokenizer.json")
-    init = os.path.join(out, "init")
-    torch.manual_seed(seed)
-    model = M.TinyLLaVA(demo_config(tok.vocab_size))
-    model.save_pretrained(init)
-    shutil.copy(tok_path, os.path.join(init, "tokenizer.json"))
-    common = dict(seed=seed, frames=DEMO["frames"], device=device, save_every=10**9, overwrite=True)
-    # The published chain starts from a base model that already sees; here a short supervised stage on
-    # plain descriptions of separate videos plays that part (on the GRPO videos themselves it would
-    # memorise their answers). Then the paper's two stages.
-    train(TrainConfig(stage="sft", init=init, data=paths["captions"], out=os.path.join(out, "base"), **common, **DEMO["base"]))
-    train(TrainConfig(stage="sft", init=os.path.join(out, "base", "checkpoint"), data=paths["coldstart"],
-                      out=os.path.join(out, "sft"), **common, **DEMO["sft"]))
-    train(TrainConfig(stage="grpo", init=os.path.join(out, "sft", "checkpoint"), data=paths["grpo"],
-                      out=os.path.join(out, "grpo"), **common, **DEMO["grpo"]))
-
-    import sample  # evaluation lives with inference
-    test = D.read_samples(paths["heldout"])[0]  # held-out questions, asked exactly as in training
-    results = {}
-    for stage in ("sft", "grpo"):
-        model, tok = sample.load(os.path.join(out, stage, "checkpoint"), device or None)
-        results[stage] = sample.evaluate(model, tok, test, "reason", batch_size=50, frames=DEMO["frames"], max_new_tokens=DEMO["grpo"]["max_new_tokens"])
-    tasks = sorted({r["task"] for r in results["sft"]["records"]})
-    per_task = {stage: {t: round(float(np.mean([r["correct"] for r in results[stage]["records"] if r["task"] == t])), 3)
-                        for t in tasks} for stage in ("sft", "grpo")}
-    print(f"\n{'held-out accuracy':<20}" + "".join(f"{t:>10}" for t in tasks) + f"{'all':>10}")
-    for stage in ("sft", "grpo"):
-        print(f"{stage:<20}" + "".join(f"{per_task[stage][t]:>10.3f}" for t in tasks) + f"{results[stage]['accuracy']:>10.3f}")
-    # one held-out question, the first on which the two models answer differently (else the first)
-    pairs = list(zip(results["sft"]["records"], results["grpo"]["records"]))
-    a, b = next(((a, b) for a, b in pairs if a["output"] != b["output"]), pairs[0])
-    question = {s.video: s.question for s in test}[a["video"]].replace(D.GRPO_SUFFIX, "")
-    print(f"\none held-out question ({a['video']}):\n{question}"
-          f"\n  right answer: {a['answer']}\n  cold start: {a['output'].strip()}\n  GRPO:       {b['output'].strip()}\n")
-    summary = {"sft_accuracy": results["sft"]["accuracy"], "grpo_accuracy": results["grpo"]["accuracy"], "per_task": per_task,
-               "sft_unparsed": results["sft"]["unparsed"], "grpo_unparsed": results["grpo"]["unparsed"],
-               "n_test": len(test), "seed": seed, "seconds": round(time.time() - t0, 1)}
-    print(json.dumps(summary))
-    return summary
-
-
 # ----------------------------------------------------------------------------- command line
 
 
@@ -817,7 +743,8 @@ def main(argv=None):
             extra = [k for k in given if k not in ("demo", "out", "seed", "device")]
             if extra:
                 raise RunError(f"--demo takes only --out, --seed and --device, not --{extra[0].replace('_', '-')}")
-            demo(args.out, args.seed, args.device)
+            import demo  # the demo drives train(); imported here, not at the top, to avoid a cycle
+            demo.demo(args.out, args.seed, args.device)
             return 0
         if not args.data:
             raise RunError("--data is required (the CPU demo runs with no flags at all, or with --demo)")

@@ -1,6 +1,5 @@
 """data.py: frames by content, Pillow parity, prompt and labels, datasets, the synthetic task."""
 
-import collections
 import json
 import os
 import time
@@ -242,45 +241,3 @@ def test_bad_rows_name_file_line_and_field(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps([{"video": "v", "conversations": [{"from": "human"}]}]))
     with pytest.raises(D.DataError, match=r"c.json:1: field 'conversations'"):
         D.read_samples(str(tmp_path / "c.json"))
-
-
-# ----------------------------------------------------------------------------- the synthetic task
-
-
-def test_synthetic_task_is_deterministic_balanced_and_readable(tmp_path):
-    a = D.make_synthetic(str(tmp_path / "a"), n_train=48, n_coldstart=8, n_test=16, seed=3)
-    b = D.make_synthetic(str(tmp_path / "b"), n_train=48, n_coldstart=8, n_test=16, seed=3)
-    for key in ("grpo", "coldstart", "heldout", "test"):
-        assert open(a[key]).read() == open(b[key]).read()
-    rows = [json.loads(line) for line in open(a["grpo"])]
-    video = os.path.join(a["root"], rows[0]["video_filename"])
-    assert np.array_equal(D.sample_frames(video, 8), D.sample_frames(os.path.join(b["root"], rows[0]["video_filename"]), 8))
-    counts = collections.Counter((r["task"], r["solution"]) for r in rows)
-    assert len(counts) == 16 and max(counts.values()) - min(counts.values()) <= 1  # every task x letter
-    cold = D.read_samples(a["coldstart"])[0]
-    assert all(s.solution.startswith("<think>") and s.solution.endswith("</answer>") for s in cold)
-    test = D.read_samples(a["test"])[0]
-    held = D.read_samples(a["heldout"])[0]
-    assert [s.video for s in test] == [s.video for s in held]
-    assert not {s.video for s in test} & {os.path.join(a["root"], r["video_filename"]) for r in rows}
-    c = D.make_synthetic(str(tmp_path / "c"), n_train=48, n_coldstart=8, n_test=16, seed=4)
-    assert open(c["grpo"]).read() != open(a["grpo"]).read()
-
-
-@pytest.mark.parametrize("task", list(D.TASKS))
-def test_synthetic_answers_are_in_the_frames(task):
-    rng = np.random.RandomState(0)
-    for k, answer in enumerate(D.TASKS[task][1]):
-        frames, why = D.render(task, answer, rng)
-        lit = (frames.max(-1) > 60).reshape(len(frames), -1)  # object pixels per frame
-        if task == "count":
-            assert (lit.sum(1) > 0).sum() == int(answer)
-        elif task == "direction":
-            xs = [np.nonzero(f.max(-1) > 60) for f in frames]
-            centre = np.array([[x[1].mean(), x[0].mean()] for x in xs])
-            assert np.sign(centre[-1] - centre[0]).tolist() == [float(v) for v in D.DIRECTIONS[answer]]
-        elif task == "order":
-            first = frames[np.argmax(lit.sum(1) > 0)]
-            rgb = first[first.max(-1) > 60][0][::-1]  # BGR -> RGB
-            assert np.array_equal(rgb, D.COLOURS[answer])
-        assert answer in why

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import data as D
+import demo
 import eval as E
 import grpo as G
 import model as M
@@ -151,7 +152,7 @@ def test_a_run_is_never_overwritten_or_resumed_by_mistake(task, tmp_path, capsys
 
 def test_only_a_flagless_command_runs_the_demo(monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(train, "demo", lambda out, seed, device="": calls.append((out, seed)) or {})
+    monkeypatch.setattr(demo, "demo", lambda out, seed, device="": calls.append((out, seed)) or {})
     assert train.main(["--stage", "grpo", "--init", "X", "--steps", "2"]) == 2
     assert "--data" in one_line(capsys) and calls == []
     assert train.main(["--seed", "3"]) == 2 and calls == []

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data as D
+import demo
 import model as M
 import sample
 import train
@@ -19,7 +20,7 @@ import train
 def task(tmp_path_factory):
     """Synthetic videos, a tokenizer, and a tiny model saved as a checkpoint to start from."""
     root = tmp_path_factory.mktemp("task")
-    paths = D.make_synthetic(str(root / "data"), n_train=16, n_coldstart=8, n_test=8, seed=0)
+    paths = demo.make_synthetic(str(root / "data"), n_train=16, n_coldstart=8, n_test=8, seed=0)
     texts = [s.question + " " + s.solution for f in (paths["coldstart"], paths["grpo"]) for s in D.read_samples(f)[0]]
     tok = D.train_tokenizer([D.build_prompt(t) for t in texts], str(root / "tokenizer.json"), vocab_size=300)
     torch.manual_seed(0)
@@ -167,27 +168,6 @@ def test_sample_errors_are_one_line(task, tmp_path, capsys):
 ])
 def test_parse_answer(text, mode, want):
     assert sample.parse_answer(text, 4, mode) == want
-
-
-def test_default_run_shortened(tmp_path, monkeypatch, capsys):
-    """`python train.py` with no flags, at a few steps per stage: data, tokenizer, base, SFT, GRPO, evaluation."""
-    small = dict(frames=8, n_train=16, n_coldstart=8, n_test=8, n_captions=16,
-                 base=dict(lr=1e-3, steps=2, prompts_per_step=8, micro_batch=8),
-                 sft=dict(lr=1e-3, steps=2, prompts_per_step=4, micro_batch=4),
-                 grpo=dict(lr=1e-4, steps=2, prompts_per_step=4, micro_batch=4, group_size=4, max_new_tokens=8, beta=0.01))
-    monkeypatch.setattr(train, "DEMO", small)
-    assert train.main(["--demo", "--out", str(tmp_path), "--seed", "3"]) == 0
-    out = capsys.readouterr().out
-    summary = json.loads(out.strip().splitlines()[-1])
-    assert set(summary) >= {"sft_accuracy", "grpo_accuracy", "per_task", "seconds"}
-    per_task = summary["per_task"]
-    assert set(per_task) == {"sft", "grpo"} and set(per_task["sft"]) == set(per_task["grpo"]) and set(per_task["sft"]) <= set(D.TASKS)
-    assert all(0 <= a <= 1 for stage in per_task.values() for a in stage.values())
-    assert "one held-out question" in out and "cold start:" in out and "GRPO:" in out
-    assert 0 <= summary["sft_accuracy"] <= 1 and 0 <= summary["grpo_accuracy"] <= 1 and summary["n_test"] == 8
-    for stage in ("base", "sft", "grpo"):
-        assert (tmp_path / stage / "checkpoint" / "model.safetensors").exists()
-    assert (tmp_path / "grpo" / "curves.png").exists()
 
 
 def test_one_step_the_same_however_it_is_batched_or_compiled(task):

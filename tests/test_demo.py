@@ -1,0 +1,73 @@
+"""demo.py: the synthetic task (deterministic, balanced, its answers really in the frames) and the
+default run `python train.py`, shortened."""
+
+import collections
+import json
+import os
+
+import numpy as np
+import pytest
+
+import data as D
+import demo
+import train
+
+
+def test_synthetic_task_is_deterministic_balanced_and_readable(tmp_path):
+    a = demo.make_synthetic(str(tmp_path / "a"), n_train=48, n_coldstart=8, n_test=16, seed=3)
+    b = demo.make_synthetic(str(tmp_path / "b"), n_train=48, n_coldstart=8, n_test=16, seed=3)
+    for key in ("grpo", "coldstart", "heldout", "test"):
+        assert open(a[key]).read() == open(b[key]).read()
+    rows = [json.loads(line) for line in open(a["grpo"])]
+    video = os.path.join(a["root"], rows[0]["video_filename"])
+    assert np.array_equal(D.sample_frames(video, 8), D.sample_frames(os.path.join(b["root"], rows[0]["video_filename"]), 8))
+    counts = collections.Counter((r["task"], r["solution"]) for r in rows)
+    assert len(counts) == 16 and max(counts.values()) - min(counts.values()) <= 1  # every task x letter
+    cold = D.read_samples(a["coldstart"])[0]
+    assert all(s.solution.startswith("<think>") and s.solution.endswith("</answer>") for s in cold)
+    test = D.read_samples(a["test"])[0]
+    held = D.read_samples(a["heldout"])[0]
+    assert [s.video for s in test] == [s.video for s in held]
+    assert not {s.video for s in test} & {os.path.join(a["root"], r["video_filename"]) for r in rows}
+    c = demo.make_synthetic(str(tmp_path / "c"), n_train=48, n_coldstart=8, n_test=16, seed=4)
+    assert open(c["grpo"]).read() != open(a["grpo"]).read()
+
+
+@pytest.mark.parametrize("task", list(demo.TASKS))
+def test_synthetic_answers_are_in_the_frames(task):
+    rng = np.random.RandomState(0)
+    for k, answer in enumerate(demo.TASKS[task][1]):
+        frames, why = demo.render(task, answer, rng)
+        lit = (frames.max(-1) > 60).reshape(len(frames), -1)  # object pixels per frame
+        if task == "count":
+            assert (lit.sum(1) > 0).sum() == int(answer)
+        elif task == "direction":
+            xs = [np.nonzero(f.max(-1) > 60) for f in frames]
+            centre = np.array([[x[1].mean(), x[0].mean()] for x in xs])
+            assert np.sign(centre[-1] - centre[0]).tolist() == [float(v) for v in demo.DIRECTIONS[answer]]
+        elif task == "order":
+            first = frames[np.argmax(lit.sum(1) > 0)]
+            rgb = first[first.max(-1) > 60][0][::-1]  # BGR -> RGB
+            assert np.array_equal(rgb, demo.COLOURS[answer])
+        assert answer in why
+
+
+def test_default_run_shortened(tmp_path, monkeypatch, capsys):
+    """`python train.py` with no flags, at a few steps per stage: data, tokenizer, base, SFT, GRPO, evaluation."""
+    small = dict(frames=8, n_train=16, n_coldstart=8, n_test=8, n_captions=16,
+                 base=dict(lr=1e-3, steps=2, prompts_per_step=8, micro_batch=8),
+                 sft=dict(lr=1e-3, steps=2, prompts_per_step=4, micro_batch=4),
+                 grpo=dict(lr=1e-4, steps=2, prompts_per_step=4, micro_batch=4, group_size=4, max_new_tokens=8, beta=0.01))
+    monkeypatch.setattr(demo, "DEMO", small)
+    assert train.main(["--demo", "--out", str(tmp_path), "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert set(summary) >= {"sft_accuracy", "grpo_accuracy", "per_task", "seconds"}
+    per_task = summary["per_task"]
+    assert set(per_task) == {"sft", "grpo"} and set(per_task["sft"]) == set(per_task["grpo"]) and set(per_task["sft"]) <= set(demo.TASKS)
+    assert all(0 <= a <= 1 for stage in per_task.values() for a in stage.values())
+    assert "one held-out question" in out and "cold start:" in out and "GRPO:" in out
+    assert 0 <= summary["sft_accuracy"] <= 1 and 0 <= summary["grpo_accuracy"] <= 1 and summary["n_test"] == 8
+    for stage in ("base", "sft", "grpo"):
+        assert (tmp_path / stage / "checkpoint" / "model.safetensors").exists()
+    assert (tmp_path / "grpo" / "curves.png").exists()
