@@ -13,10 +13,13 @@ the run's settings) is JSON and safetensors: resuming a run executes nothing fro
 
 import glob
 import json
+import math
 import os
 import shutil
 from dataclasses import asdict
 
+import cv2
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -139,3 +142,38 @@ def read_jsonl(path, upto=None):
     with open(path) as f:  # a line a kill cut short has no newline (json.dumps writes none inside a record)
         rows = [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
     return [r for r in rows if upto is None or r["step"] <= upto]
+
+
+def plot_curves(records, path, keys, width=640, panel=110, smooth=0.9):
+    """Small multiples drawn with OpenCV: one panel per metric in `keys` against the step, the raw values
+    faint and their exponential moving average (weight `smooth`, debiased) bold, each panel with its own
+    y range written on it and the steps on its x axis."""
+    if not records:
+        return
+    s0, s1 = records[0]["step"], max(records[-1]["step"], records[0]["step"] + 1)
+    left, right, head, foot = 62, 16, 24, 26  # margins around each panel's plot box
+    img = np.full((len(keys) * (head + panel + foot) + 8, width, 3), 255, np.uint8)
+    colours = [(180, 90, 20), (40, 140, 40), (30, 30, 200), (150, 40, 150), (20, 130, 190)]
+    text = lambda s, x, y, scale=0.42, c=(70, 70, 70): cv2.putText(img, s, (int(x), int(y)), cv2.FONT_HERSHEY_SIMPLEX, scale, c, 1, cv2.LINE_AA)
+    xs = lambda s: left + (np.asarray(s) - s0) / (s1 - s0) * (width - left - right)
+    for i, key in enumerate(keys):
+        top, colour = i * (head + panel + foot) + head, colours[i % len(colours)]
+        cv2.rectangle(img, (left, top), (width - right, top + panel), (200, 200, 200), 1)
+        text(key, left, top - 7, 0.5, colour)
+        for s in (s0, (s0 + s1) // 2, s1):
+            text(str(s), min(xs(s) - 4 * len(str(s)), width - 9 * len(str(s)) - 4), top + panel + 17)
+        pts = np.array([(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])])
+        if not len(pts):
+            continue
+        ema = [0.0]
+        for v in pts[:, 1]:
+            ema.append(smooth * ema[-1] + (1 - smooth) * v)
+        ema = np.array(ema[1:]) / (1 - smooth ** np.arange(1, len(pts) + 1))  # debiased: no pull towards 0 at the start
+        lo, hi = pts[:, 1].min(), pts[:, 1].max()
+        lo, hi = (lo - 0.5, hi + 0.5) if hi - lo < 1e-9 else (lo, hi)
+        text(f"{hi:.3g}", 4, top + 10), text(f"{lo:.3g}", 4, top + panel), text(f"smoothed, last: {ema[-1]:.3g}", width - right - 170, top - 7)
+        for values, c, thick in ((pts[:, 1], tuple(int(c + (255 - c) * 0.7) for c in colour), 1), (ema, colour, 2)):
+            xy = np.stack([xs(pts[:, 0]), top + panel - (values - lo) / (hi - lo) * panel], 1)
+            cv2.polylines(img, [np.round(xy).astype(np.int32)], False, c, thick, cv2.LINE_AA)
+    text("step", width - right - 30, img.shape[0] - 4)
+    cv2.imwrite(path, img)
