@@ -15,21 +15,15 @@ A video becomes text-sized tokens in three steps, and a language model reads the
       -> Qwen2 decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU, tied embeddings)
                                      (B, L - 1 + 512, 151936) logits
 
-Module names follow the published safetensors keys, so a reader can map every tensor to its
-key: our `vision_tower.X` is `vision_tower._vision_tower.vision_model.X` in the checkpoint,
-`connector.X` is `connector._connector.X`, and `language_model.X` is `language_model.X`
-(see CHECKPOINT_PREFIXES). Loading never goes through `transformers`.
+Module names follow the published safetensors keys, so a reader can map every tensor to its key
+(weights.py reads and writes the published files: `from_pretrained`, `save_pretrained`).
 
 Sections, in the order data flows: configs, vision encoder, connectors, decoder with its key/value
-cache, the whole model, loading and saving.
+cache, the whole model.
 """
 
 import dataclasses
-import json
 import math
-import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -37,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from weights import CheckpointError, PublishedWeights  # noqa: F401 (CheckpointError: M.CheckpointError)
 
 IMAGE_TOKEN_INDEX = -200  # the placeholder id in prompt ids; the model puts the video tokens here
 
@@ -547,7 +543,7 @@ class Qwen2ForCausalLM(nn.Module):
 # ----------------------------------------------------------------------------- the whole model
 
 
-class TinyLLaVA(nn.Module):
+class TinyLLaVA(PublishedWeights, nn.Module):
     def __init__(self, config=None):
         super().__init__()
         self.config = config = config or TinyLLaVAConfig()
@@ -603,166 +599,6 @@ class TinyLLaVA(nn.Module):
         x, mask = self.embed(input_ids, self.encode_video(pixel_values), attention_mask)
         return self.language_model.logits(self.language_model.model(x, mask))
 
-    # -------------------------------------------------- loading and saving
-
-    @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None):
-        """Load a published TinyLLaVA-Video(-R1) directory: config.json plus model.safetensors, or shards
-        with model.safetensors.index.json. dtype None keeps the checkpoint's dtype."""
-        file = os.path.join(path, "config.json")
-        try:
-            with torch.device("meta"):
-                model = cls(TinyLLaVAConfig.from_dict(_read_json(file)))
-        except (TypeError, ValueError, AttributeError, KeyError, ZeroDivisionError, RuntimeError) as e:
-            raise CheckpointError(f"{file}: not a TinyLLaVA config ({type(e).__name__}: {e})") from None
-        model._load(_checkpoint_files(path), CHECKPOINT_PREFIXES, device, dtype)
-        return model.eval()
-
-    @classmethod
-    def from_parts(cls, vision_path, llm_path, connector="mlp2x_gelu", device=None, dtype=None, **connector_options):
-        """A new model from a SigLIP directory and a Qwen2 directory (their own HF layouts), with a
-        freshly initialised connector (`connector_options` are ConnectorConfig fields, e.g. group=16)."""
-        vcfg = _read_json(os.path.join(vision_path, "config.json"))
-        vcfg = vcfg.get("vision_config", vcfg)  # a full SigLIP dual encoder nests its vision part
-        tcfg = _read_json(os.path.join(llm_path, "config.json"))
-        text = TextConfig.from_dict(tcfg)
-        config = TinyLLaVAConfig(
-            vision=_pick(VisionConfig, vcfg), text=text, torch_dtype=tcfg.get("torch_dtype", tcfg.get("dtype", "bfloat16")),
-            connector=ConnectorConfig(connector_type=connector, hidden_size=text.hidden_size,
-                                      vision_hidden_size=vcfg.get("hidden_size", 1152), **connector_options),
-            # the original code builds its decoder and vision tower from these (without them: Llama and CLIP)
-            raw={"llm_model_name_or_path": llm_path, "vision_model_name_or_path": vision_path})
-        with torch.device("meta"):
-            model = cls(config)
-        with torch.device(device or "cpu"):  # the connector is new: built for real (meta tensors hold no values)
-            model.connector = build_connector(config.connector).to(dtype or _DTYPES.get(config.torch_dtype, torch.float32))
-        files = _checkpoint_files(vision_path) + _checkpoint_files(llm_path)
-        model._load(files, {"vision_tower.": "vision_model.", "language_model.": ""}, device, dtype, skip=("connector.",))
-        return model.eval()
-
-    def _load(self, files, prefixes, device, dtype, skip=()):
-        """Read every tensor once, straight into place (the meta model holds no memory, so a 7 GB
-        checkpoint is never held twice). One error lists every problem, naming the files."""
-        from safetensors import SafetensorError, safe_open
-
-        expected = {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
-        published = {_rename(k, prefixes): k for k in expected}  # published key -> our key
-        loaded, missing, unexpected, mismatched = {}, [], [], []
-        vision = prefixes["vision_tower."]
-        for file in files:
-            name = os.path.basename(file)
-            try:
-                with safe_open(file, framework="pt", device="cpu") as f:
-                    for key in f.keys():
-                        ours = published.get(key)
-                        if ours is None and not self._known_unused(key, prefixes):
-                            unexpected.append(f"{key} (in {name})")
-                        elif ours is None and (key.startswith(vision) or prefixes == CHECKPOINT_PREFIXES):
-                            t = f.get_tensor(key)  # kept to be saved back (not a SigLIP text tower's)
-                            key = CHECKPOINT_PREFIXES["vision_tower."] + key[len(vision):] if key.startswith(vision) else key
-                            self.unused_tensors[key] = t.to(dtype=dtype or t.dtype)
-                        elif ours is not None:
-                            t, want = f.get_tensor(key), tuple(expected[ours].shape)
-                            if tuple(t.shape) != want:
-                                mismatched.append(f"{key}: {tuple(t.shape)} in {name}, model expects {want}")
-                                published[key] = None  # reported as a mismatch, not as missing
-                            else:
-                                loaded[ours] = t.to(device=device or "cpu", dtype=dtype or t.dtype)
-            except (SafetensorError, OSError) as e:  # a truncated or garbage file
-                raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-        bad = [k for k, t in loaded.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-        if bad:  # a diverged run's weights would only give empty or garbage answers
-            raise CheckpointError(f"{files[0]}: non-finite values (NaN/inf) in {len(bad)} tensors, e.g. {bad[0]}")
-        missing = [k for k, ours in published.items() if ours is not None and ours not in loaded]
-        if missing or unexpected or mismatched:
-            raise CheckpointError("\n".join([f"cannot load {', '.join(files)}:"] + [f"  missing key: {k}" for k in missing]
-                                            + [f"  unexpected key: {k}" for k in unexpected]
-                                            + [f"  shape mismatch: {m}" for m in mismatched]))
-        self.load_state_dict(loaded, strict=False, assign=True)
-        self.config.torch_dtype = _dtype_name(next(iter(loaded.values())).dtype, self.config.torch_dtype)
-
-    def _known_unused(self, key, prefixes):
-        """Keys published but deliberately not loaded: SigLIP's layers above the feature layer, its
-        post-layernorm and pooling head, a SigLIP text tower, and lm_head when tied."""
-        vision = prefixes["vision_tower."]
-        if key.startswith(vision):
-            rest = key[len(vision):]
-            return rest.startswith(("post_layernorm.", "head.")) or (
-                rest.startswith("encoder.layers.") and int(rest.split(".")[2]) >= self.config.vision_layers_used)
-        if key.startswith(("text_model.", "logit_scale", "logit_bias")) and vision == "vision_model.":
-            return True
-        return key == prefixes["language_model."] + "lm_head.weight" and self.config.text.tie_word_embeddings
-
-    def published_state_dict(self, state_dict=None):
-        """Our tensors (or `state_dict`'s, keyed as ours) under their published keys, plus the
-        published ones we read but do not use."""
-        out = {_rename(k, CHECKPOINT_PREFIXES): v for k, v in (state_dict or self.state_dict()).items()}
-        return {**out, **self.unused_tensors}
-
-    def save_pretrained(self, path, max_shard_bytes=5 * 1024**3, state_dict=None):
-        """Write config.json and safetensors (sharded with an index above max_shard_bytes) in the
-        published layout, into a temporary directory renamed into place, so an interrupted save never
-        leaves a half-written checkpoint at `path`. state_dict: the tensors to write, keyed as ours
-        (e.g. gathered whole from FSDP shards); default this model's."""
-        from safetensors.torch import save_file
-
-        state = {k: v.detach().contiguous().cpu() for k, v in self.published_state_dict(state_dict).items()}
-        shards, size = [[]], 0
-        for k, v in state.items():
-            nbytes = v.numel() * v.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards, size = shards + [[]], 0
-            shards[-1].append(k)
-            size += nbytes
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=parent)
-        try:
-            names = ["model.safetensors"] if len(shards) == 1 else [
-                f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-            for name, keys in zip(names, shards):
-                save_file({k: state[k] for k in keys}, os.path.join(tmp, name), metadata={"format": "pt"})
-            if len(shards) > 1:
-                index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
-                         "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
-                _write_json(os.path.join(tmp, "model.safetensors.index.json"), index)
-            self.config.torch_dtype = _dtype_name(next(iter(state.values())).dtype, self.config.torch_dtype)
-            _write_json(os.path.join(tmp, "config.json"), self.config.to_dict())
-            if os.path.isdir(path):  # keep any other files (tokenizer, optimizer state) already there
-                for name in os.listdir(path):
-                    src = os.path.join(path, name)
-                    if not name.startswith("model") and name != "config.json" and not os.path.exists(os.path.join(tmp, name)):
-                        (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, name))
-                os.rename(path, tmp + ".old")
-                os.rename(tmp, path)
-                shutil.rmtree(tmp + ".old")
-            else:
-                os.rename(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-
-CHECKPOINT_PREFIXES = {  # our module prefix -> published key prefix
-    "vision_tower.": "vision_tower._vision_tower.vision_model.",
-    "connector.": "connector._connector.",
-    "language_model.": "language_model.",
-}
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def _rename(key, prefixes):  # our key -> its published key, by the first prefix it starts with
-    prefix = next(p for p in prefixes if key.startswith(p))
-    return prefixes[prefix] + key[len(prefix):]
-
-
-def _dtype_name(dtype, default):  # the config says which dtype the weights are: kept truthful
-    return {v: k for k, v in _DTYPES.items()}.get(dtype, default)
-
-
-class CheckpointError(RuntimeError):
-    pass
-
 
 def _init_weights(m):
     """GPT-style init for models trained from scratch (the synthetic task); loading overwrites it."""
@@ -772,34 +608,3 @@ def _init_weights(m):
             nn.init.zeros_(m.bias)
     elif isinstance(m, Resampler):
         nn.init.normal_(m.latents, std=0.02)
-
-
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-
-
-def _write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
-def _checkpoint_files(path):
-    """The safetensors files of a checkpoint directory: the index's shards, or model.safetensors."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        shards = sorted(set(_read_json(index)["weight_map"].values()))
-        files = [os.path.join(path, s) for s in shards]
-        absent = [f for f in files if not os.path.exists(f)]
-        if absent:
-            raise CheckpointError(f"{index} names shards that are missing: {', '.join(absent)}")
-        return files
-    single = os.path.join(path, "model.safetensors")
-    if os.path.exists(single):
-        return [single]
-    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")

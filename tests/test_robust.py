@@ -25,6 +25,7 @@ import model as M
 import runs
 import sample
 import train
+import weights as W
 from conftest import mlvu, scripted
 from test_train import run, task, weights  # noqa: F401 (task is a fixture)
 
@@ -214,7 +215,7 @@ class Crash(BaseException):
 
 
 FS_OPS = [(os, "rename"), (os, "replace"), (shutil, "rmtree"), (shutil, "copy"), (shutil, "copy2"),
-          (shutil, "copytree"), (M, "_write_json"), (runs, "save_file"), (M.tempfile, "mkdtemp")]
+          (shutil, "copytree"), (W, "_write_json"), (runs, "save_file"), (W.tempfile, "mkdtemp")]
 
 
 def crash_at(monkeypatch, k):
