@@ -66,7 +66,9 @@ def test_accuracy_and_format_rewards_of_hand_checked_completions(completion, sol
     assert accuracy_reward(completion, solution) == acc
     assert format_reward(completion) == pytest.approx(fmt, abs=1e-12)
     # score keeps rewards as float32 tensors
-    assert score([completion], [solution])["reward"].item() == pytest.approx(combined_reward(acc, fmt), abs=1e-6)
+    got = combined_reward(accuracy_reward(completion, solution), format_reward(completion))
+    assert got == pytest.approx(combined_reward(acc, fmt), abs=1e-12)  # in Python floats, as the paper's code
+    assert score([completion], [solution])["reward"].item() == pytest.approx(got, abs=1e-6)  # score's tensors are fp32
 
 
 def test_combined_reward_is_the_papers_table():
