@@ -10,6 +10,7 @@ import pytest
 
 import data as D
 import demo
+import model as M
 import train
 
 
@@ -38,16 +39,17 @@ def test_synthetic_answers_are_in_the_frames(task):
     rng = np.random.RandomState(0)
     for k, answer in enumerate(demo.TASKS[task][1]):
         frames, why = demo.render(task, answer, rng)
-        lit = (frames.max(-1) > 60).reshape(len(frames), -1)  # object pixels per frame
+        drawn = (frames != demo.background()).any(-1)  # object pixels: what differs from the empty scene
+        lit = drawn.reshape(len(frames), -1)
         if task == "count":
             assert (lit.sum(1) > 0).sum() == int(answer)
         elif task == "direction":
-            xs = [np.nonzero(f.max(-1) > 60) for f in frames]
+            xs = [np.nonzero(d) for d in drawn]
             centre = np.array([[x[1].mean(), x[0].mean()] for x in xs])
             assert np.sign(centre[-1] - centre[0]).tolist() == [float(v) for v in demo.DIRECTIONS[answer]]
         elif task == "order":
-            first = frames[np.argmax(lit.sum(1) > 0)]
-            rgb = first[first.max(-1) > 60][0][::-1]  # BGR -> RGB
+            t = np.argmax(lit.sum(1) > 0)
+            rgb = frames[t][drawn[t]][0][::-1]  # BGR -> RGB
             assert np.array_equal(rgb, demo.COLOURS[answer])
         assert answer in why
 
@@ -71,3 +73,5 @@ def test_default_run_shortened(tmp_path, monkeypatch, capsys):
     for stage in ("base", "sft", "grpo"):
         assert (tmp_path / stage / "checkpoint" / "model.safetensors").exists()
     assert (tmp_path / "grpo" / "curves.png").exists()
+    config = M.TinyLLaVAConfig.from_dict(json.load(open(tmp_path / "grpo" / "checkpoint" / "config.json")))
+    assert config.connector.connector_type == "groupresampler" and config.connector.group == small["frames"]  # one group a frame
