@@ -168,9 +168,7 @@ def hf_peer(lm, device, dtype):
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise RuntimeError(f"bench.py: our decoder's keys do not match transformers' Qwen2: "
                            f"missing {missing}, unexpected {unexpected}")
-    if lm.cfg.tie_word_embeddings and hf.lm_head.weight.data_ptr() != hf.model.embed_tokens.weight.data_ptr():
-        hf.lm_head.weight = hf.model.embed_tokens.weight
-    return hf
+    return hf  # a tied lm_head stays tied: transformers ties it when it builds the model
 
 
 def time_hf_generate(hf, clock, embeds, group, new_tokens, static, warmup_tokens):

@@ -355,17 +355,12 @@ def summarize(records, group, average, order=(), missing=()):
         guess = g.pop("guess")
         g["accuracy"] = g["correct"] / g["total"] if g["total"] else None
         g["guessed"] = (g["correct"] + guess) / g["total"] if g["total"] else None
+    out = {"average_kind": average, "groups": groups,
+           **{key: sum(g[key] for g in groups.values()) for key in ("correct", "total", "unparsed", "missing")}}
     answered = [g for g in groups.values() if g["total"]]
-    out = {"average_kind": average, "groups": groups}
-    for key in ("correct", "total", "unparsed", "missing"):
-        out[key] = sum(g[key] for g in groups.values())
+    weights = [1 if average == "macro" else g["total"] for g in answered]  # macro: each group alike
     for key, field in (("average", "accuracy"), ("average_guessed", "guessed")):
-        if not answered:
-            out[key] = None
-        elif average == "macro":
-            out[key] = sum(g[field] for g in answered) / len(answered)
-        else:
-            out[key] = sum(g[field] * g["total"] for g in answered) / out["total"]
+        out[key] = sum(w * g[field] for w, g in zip(weights, answered)) / sum(weights) if answered else None
     return out
 
 
@@ -374,17 +369,14 @@ def format_table(title, summary, group):
     def pct(x):
         return f"{'-':>5}" if x is None else f"{100 * x:5.1f}"
 
+    def row(name, g):
+        return (f"{str(name):<{width}}  {pct(g['accuracy'])}  {g['correct']:>6}/{g['total']:<6}  "
+                f"{g['unparsed']:>8}  {g['missing']:>7}  {pct(g['guessed']):>9}")
+
     width = max([len(str(n)) for n in summary["groups"]] + [28])
     head = f"{group:<{width}}  {'acc %':>5}  {'correct/total':>13}  {'unparsed':>8}  {'missing':>7}  {'guessed %':>9}"
-    lines = [title, head, "-" * len(head)]
-    rows = list(summary["groups"].items())
-    rows.append((f"average ({summary['average_kind']})", {**summary, "accuracy": summary["average"],
-                                                          "guessed": summary["average_guessed"]}))
-    for i, (name, g) in enumerate(rows):
-        if i == len(rows) - 1:
-            lines.append("-" * len(head))
-        lines.append(f"{str(name):<{width}}  {pct(g['accuracy'])}  {g['correct']:>6}/{g['total']:<6}  "
-                     f"{g['unparsed']:>8}  {g['missing']:>7}  {pct(g['guessed']):>9}")
-    return "\n".join(lines)
+    average = {**summary, "accuracy": summary["average"], "guessed": summary["average_guessed"]}
+    return "\n".join([title, head, "-" * len(head), *(row(n, g) for n, g in summary["groups"].items()),
+                      "-" * len(head), row(f"average ({summary['average_kind']})", average)])
 
 

@@ -3,7 +3,6 @@
     python sample.py --ckpt DIR --video clip.mp4 --question "What is the man doing?" --options "sit down" "run"
     python sample.py --ckpt DIR --eval test.jsonl                 # accuracy, predictions.jsonl, resumable
     python sample.py --ckpt DIR --bench mvbench --root MVBench    # or videomme, mlvu, mmvu: the paper's table
-
     python sample.py --ckpt DIR --bench mvbench --root MVBench --protocol original --samples 3  # as the paper did
 
 Two prompt modes, as the paper evaluates: "reason" asks for <think> and <answer> tags and reads the letter
@@ -15,6 +14,7 @@ answered, resumably, with the same code as --eval.
 """
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import json
@@ -170,14 +170,14 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
     records = [done[k] for k in (sample_key(s) for s in samples) if k in done]
     todo = [s for s in samples if sample_key(s) not in done]
     missing, tokens, seconds = [], 0, 0.0
-    out = open(predictions, "a") if predictions else None
-    if out and out.tell() > 0:
+    out = open(predictions, "a") if predictions else contextlib.nullcontext()
+    if predictions and out.tell() > 0:
         with open(predictions, "rb") as f:
             f.seek(-1, os.SEEK_END)
             if f.read(1) != b"\n":
                 out.write("\n")  # end a line an interruption cut short, so the next answer starts its own
-    try:
-        bar = tqdm(total=len(samples), initial=len(records), desc=desc, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(samples), initial=len(records), desc=desc, disable=not progress, dynamic_ncols=True)
+    with out, bar:
         for i in range(0, len(todo), batch_size):
             batch, pixels, used = [], [], []
             for s in todo[i:i + batch_size]:
@@ -214,16 +214,12 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
                      **({"guessed": guessed, "seed": seed} if original else {}),
                      **{k: v for k, v in s.meta.items() if k != "options"}, "run": run}
                 records.append(r)
-                if out:
+                if predictions:
                     out.write(json.dumps(r) + "\n")
                     out.flush()
             bar.update(len(batch))
             correct = sum(r["correct"] for r in records)
             bar.set_postfix(acc=f"{correct / len(records):.3f}", missing=len(missing), tok_s=f"{tokens / seconds:.0f}")
-        bar.close()
-    finally:
-        if out:
-            out.close()
     correct = sum(r["correct"] for r in records)
     return {"accuracy": correct / max(len(records), 1), "correct": correct, "total": len(records),
             "unparsed": sum(r["pred"] is None for r in records), "missing_videos": len(missing), "records": records,
@@ -262,9 +258,8 @@ def run_benchmark(model, tok, samples, bench, mode, predictions, batch_size, fra
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Answer a question about a video, or score a multiple-choice set or "
-                                            "one of the paper's benchmarks.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Answer a question about a video, or score a multiple-choice set or one "
+                                "of the paper's benchmarks.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = lambda msg: (print(f"sample.py: {msg} (see --help)", file=sys.stderr), sys.exit(2))
     p.add_argument("--ckpt", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.json)")
     p.add_argument("--video", help="video file to ask about")
@@ -277,8 +272,8 @@ def parse_args(argv=None):
     p.add_argument("--protocol", choices=["clean", "original"], default="clean",
                    help="--bench: clean (greedy, strict parser), or original: the paper's own evaluation (its prompts, "
                         "sampled answers, random guess when unparsed, its frames), to reproduce its table")
-    p.add_argument("--samples", type=int, default=1, help="--protocol original: runs with seeds --seed, --seed+1, "
-                                                          "...; their mean and std are reported")
+    p.add_argument("--samples", type=int, default=1,
+                   help="--protocol original: runs with seeds --seed, --seed+1, ...; their mean and std are reported")
     p.add_argument("--seed", type=int, default=0, help="--protocol original: seed of the sampling and the guesses")
     p.add_argument("--root", help="--bench: the benchmark's folder as downloaded; --eval: the directory its videos "
                                   "are relative to (default: the file's)")
