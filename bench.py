@@ -124,7 +124,6 @@ def count_flops(fn):
 
 # ----------------------------------------------------------------------------- correctness first
 
-
 @torch.no_grad()
 def check_decode(model, eager_step, fast_step, embeds, mask, group, steps, max_len, tol):
     """The fast decode step against the eager one under greedy decoding, both fed the eager argmax from
@@ -155,7 +154,6 @@ def check_decode(model, eager_step, fast_step, embeds, mask, group, steps, max_l
 
 
 # ----------------------------------------------------------------------------- Hugging Face peers
-
 
 def hf_peer(lm, device, dtype):
     """transformers' Qwen2ForCausalLM with our decoder's config and weights (same names)."""
@@ -427,7 +425,6 @@ def describe(device):
 
 
 # ----------------------------------------------------------------------------- the report
-
 
 def table(result):
     lines = [f"{result['device']}, torch {result['torch']}, {result['dtype']}, shapes {result['shapes']}",

@@ -93,7 +93,6 @@ def load_clip(sample, num_frames, size):
 
 # ----------------------------------------------------------------------------- the original answer parser
 
-
 def parse_original(text, choices, rng):
     """The original scripts' parser -> (letter or None, whether it was a random guess). Inside the first
     <answer>\\s*(.*?)\\s*</answer> (the dot does not match a newline): its first character if that is one of
@@ -333,7 +332,6 @@ BENCHMARKS = {
 
 # ----------------------------------------------------------------------------- averages and the table
 
-
 def summarize(records, group, average, order=(), missing=()):
     """Accuracy per group (task, duration or subject) and the benchmark's average: "micro" over all answered
     items, or "macro", the mean of the groups' accuracies. records: evaluate's; missing: metas of items
@@ -378,5 +376,3 @@ def format_table(title, summary, group):
     average = {**summary, "accuracy": summary["average"], "guessed": summary["average_guessed"]}
     return "\n".join([title, head, "-" * len(head), *(row(n, g) for n, g in summary["groups"].items()),
                       "-" * len(head), row(f"average ({summary['average_kind']})", average)])
-
-

@@ -35,9 +35,6 @@ import model as M
 from eval import UsageError
 
 
-# ----------------------------------------------------------------------------- loading
-
-
 def load(ckpt, device=None, dtype=None):
     """-> model (eval mode) and tokenizer from a checkpoint directory holding tokenizer.json (or the slow
     tokenizer's vocab.json and merges.txt, as the original code saves it)."""
@@ -75,7 +72,6 @@ def default_batch_size(model, max_new_tokens, frames):
 
 
 # ----------------------------------------------------------------------------- answers
-
 
 def parse_answer(text, num_options=26, mode="reason"):
     """The option letter a completion chose, or None. reason: the first standalone capital letter inside
@@ -129,7 +125,6 @@ def stream(model, tok, question, pixels, max_new_tokens=512, temperature=0.0, to
 
 # ----------------------------------------------------------------------------- scoring a multiple-choice set
 
-
 def read_predictions(path, run=None):
     """Predictions an interrupted run wrote: {item key: record}. With `run` (the checkpoint and settings
     each record carries), a file holding another run's answers is moved aside to PATH.stale and nothing
@@ -153,14 +148,13 @@ def read_predictions(path, run=None):
 
 def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8, frames=None, max_new_tokens=512,
              progress=True, desc="eval", protocol="clean", seed=0, decode=None, run=None):
-    """Answer every sample (data.Sample, `question` holding the options and the mode's suffix) and compare
-    the letter with `sample.solution`. protocol "clean": greedy, parse_answer; "original" (eval.py's
-    readers): sampled (temperature 1, top-k 50) from a generator seeded with `seed`, and eval.parse_original
-    with its guesses seeded by `seed` and the item, so a command repeats its answers. Each answer is
-    appended to `predictions` as soon as it exists, and items found there with the same `run` are not
-    asked again. A video that cannot be read is reported, skipped and counted (asked again next run).
-    -> {"accuracy", "correct", "total", "unparsed", "missing_videos", "tokens_per_s"}, the records (with
-    the exact prompt, the frame indices and the sample's meta but its options) and "missing" samples."""
+    """Answer every sample (data.Sample, `question` holding the options and the mode's suffix) and compare the letter
+    with `sample.solution`. protocol "clean": greedy, parse_answer; "original" (eval.py's readers): sampled (temperature
+    1, top-k 50) from a generator seeded with `seed`, and eval.parse_original with its guesses seeded by `seed` and the
+    item, so a command repeats its answers. Each answer is appended to `predictions` as soon as it exists, and items
+    found there with the same `run` are not asked again. A video that cannot be read is reported, skipped and counted
+    (asked again next run). -> {"accuracy", "correct", "total", "unparsed", "missing_videos", "tokens_per_s"}, the
+    records (with the exact prompt, the frame indices and the sample's meta but its options) and "missing" samples."""
     original = protocol == "original"
     device = next(model.parameters()).device
     sampling = dict(temperature=1.0, top_k=50, top_p=1.0, generator=torch.Generator(device).manual_seed(seed)) if original else {}
@@ -202,10 +196,9 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
             tokens += sum(len(tok.encode(x)) + 1 for x in texts)
             for s, text, idx in zip(batch, texts, used):
                 num_options = len(s.meta.get("options") or []) or 26
-                if original:
-                    pred, guessed = E.parse_original(text, s.meta["choices"], random.Random(f"{seed}:{sample_key(s)}"))
-                else:
-                    pred = parse_answer(text, num_options, mode)
+                rng = random.Random(f"{seed}:{sample_key(s)}")  # the original's guess, repeatable
+                pred, guessed = E.parse_original(text, s.meta["choices"], rng) if original else (
+                    parse_answer(text, num_options, mode), False)
                 # GRPO rows give the solution as "<answer>B</answer>", multiple-choice rows as "B"
                 answer = parse_answer(s.solution, 26, "reason" if "<answer>" in s.solution else "option")
                 r = {"key": sample_key(s), "video": s.video, "answer": answer, "pred": pred,
@@ -215,8 +208,7 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
                      **{k: v for k, v in s.meta.items() if k != "options"}, "run": run}
                 records.append(r)
                 if predictions:
-                    out.write(json.dumps(r) + "\n")
-                    out.flush()
+                    print(json.dumps(r), file=out, flush=True)
             bar.update(len(batch))
             correct = sum(r["correct"] for r in records)
             bar.set_postfix(acc=f"{correct / len(records):.3f}", missing=len(missing), tok_s=f"{tokens / seconds:.0f}")
@@ -255,7 +247,6 @@ def run_benchmark(model, tok, samples, bench, mode, predictions, batch_size, fra
 
 
 # ----------------------------------------------------------------------------- command line
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Answer a question about a video, or score a multiple-choice set or one "
