@@ -155,24 +155,20 @@ def check_decode(model, eager_step, fast_step, embeds, mask, group, steps, max_l
 
 # ----------------------------------------------------------------------------- Hugging Face peers
 
-def hf_peer(lm, device, dtype):
-    """transformers' Qwen2ForCausalLM with our decoder's config and weights (same names)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def hf_peers(lm, clock, embeds, group, new_tokens):
+    """transformers' Qwen2ForCausalLM with our decoder's config and weights (same names), its greedy `generate`
+    of `group` rows from the same prompt embeddings forced to `new_tokens`, eager and with its static cache
+    (compiled on CUDA) -> {name: (total ms including its prefill, ms per decode step)}, the step from a mark
+    at every step's logits."""
+    from transformers import LogitsProcessor, LogitsProcessorList, Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(**dataclasses.asdict(lm.cfg), attn_implementation="sdpa")  # the same field names
-    with torch.device(device):
-        hf = Qwen2ForCausalLM(config).to(dtype).eval().requires_grad_(False)
-    missing, unexpected = hf.load_state_dict(lm.state_dict(), strict=False)
+    with torch.device(embeds.device):
+        hf = Qwen2ForCausalLM(config).to(embeds.dtype).eval().requires_grad_(False)
+    missing, unexpected = hf.load_state_dict(lm.state_dict(), strict=False)  # a tied lm_head is tied by transformers
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise RuntimeError(f"bench.py: our decoder's keys do not match transformers' Qwen2: "
                            f"missing {missing}, unexpected {unexpected}")
-    return hf  # a tied lm_head stays tied: transformers ties it when it builds the model
-
-
-def time_hf_generate(hf, clock, embeds, group, new_tokens, static, warmup_tokens):
-    """Greedy `generate` of `group` rows from the same prompt embeddings, forced to `new_tokens`:
-    (total ms including its prefill, ms per decode step from a mark at every step's logits)."""
-    from transformers import LogitsProcessor, LogitsProcessorList
 
     class StepMarks(LogitsProcessor):  # called once per step with that step's logits
         def __init__(self):
@@ -182,18 +178,23 @@ def time_hf_generate(hf, clock, embeds, group, new_tokens, static, warmup_tokens
             self.marks.append(clock.mark())
             return scores
 
-    rows = embeds.expand(group, -1, -1)
-    kw = dict(inputs_embeds=rows, attention_mask=torch.ones(rows.shape[:2], dtype=torch.long, device=rows.device),
-              do_sample=False, eos_token_id=0, pad_token_id=0, cache_implementation="static" if static else None)
+    rows, peers = embeds.expand(group, -1, -1), {}
+    for name, static in (("HF generate, eager", False), ("HF generate, static cache", True)):
+        name += " + compile" if static and clock.cuda else ""
+        log(f"{name}: {group} x {new_tokens} tokens" + (" (the first run compiles)" if static and clock.cuda else ""))
+        kw = dict(inputs_embeds=rows, attention_mask=torch.ones(rows.shape[:2], dtype=torch.long, device=rows.device),
+                  do_sample=False, eos_token_id=0, pad_token_id=0, cache_implementation="static" if static else None)
 
-    @torch.no_grad()
-    def run(n, marks=()):  # min_new_tokens: exactly n tokens
-        hf.generate(max_new_tokens=n, min_new_tokens=n, logits_processor=LogitsProcessorList(marks), **kw)
+        @torch.no_grad()
+        def run(n, marks=()):  # min_new_tokens: exactly n tokens
+            hf.generate(max_new_tokens=n, min_new_tokens=n, logits_processor=LogitsProcessorList(marks), **kw)
 
-    run(warmup_tokens)  # a static cache is sized by prompt + new tokens: warm up at full length
-    steps = StepMarks()
-    total = clock.once(run, new_tokens, [steps])
-    return total, clock.ms(steps.marks[0], steps.marks[-1]) / (len(steps.marks) - 1)
+        run(new_tokens if static else 4)  # a static cache is sized by prompt + new tokens: warm up at full length
+        steps = StepMarks()
+        total = clock.once(run, new_tokens, [steps])
+        peers[name] = total, clock.ms(steps.marks[0], steps.marks[-1]) / (len(steps.marks) - 1)
+        log(f"{name}: {total:.0f} ms in all, {peers[name][1]:.2f} ms per step")
+    return peers
 
 
 # ----------------------------------------------------------------------------- the benchmark
@@ -214,8 +215,11 @@ def run(args):
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     clock = Clock(device)
     config = M.config("tiny") if args.tiny else M.TinyLLaVAConfig()
-    result = dict(command="python " + " ".join(["bench.py"] + args.argv), device=describe(device),
-                  torch=torch.__version__, dtype=str(dtype).replace("torch.", ""), shapes=shapes)
+    threads = torch.get_num_threads()
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {threads} thread{'s' if threads > 1 else ''})"
+    result = dict(command="python " + " ".join(["bench.py"] + args.argv),
+                  device=torch.cuda.get_device_name(device) if cuda else cpu, torch=torch.__version__,
+                  dtype=str(dtype).replace("torch.", ""), shapes=shapes)
     measured = {}  # name -> (ms, floor ms, what bounds the floor)
 
     def time_it(name, fn, setup=lambda: (), per=1, floor_ms=None, bound="compute"):
@@ -312,9 +316,7 @@ def run(args):
         time_it(name, partial(n_steps, step), partial(group_cache, step), per=n, floor_ms=step_floor, bound="memory")
     sampler.decode = fast_step
 
-    def sample():
-        return sampler.rollout(ids, features, NEVER, pad_id=0, group_size=G, max_new_tokens=T, generator=gen)
-
+    sample = partial(sampler.rollout, ids, features, NEVER, pad_id=0, group_size=G, max_new_tokens=T, generator=gen)
     rollout_name = f"rollout {G} x {T} (prefill once + {T} steps)"
     time_it(rollout_name, sample, floor_ms=prefill_floor + T * step_floor, bound="memory")
 
@@ -376,21 +378,14 @@ def run(args):
     del policy, reference, optimizer, trainable, sampler
     if cuda:
         torch.cuda.empty_cache()
-    peers = {}  # name -> (generate ms in all, ms per decode step)
-    hf_T = args.hf_new_tokens or T
+    peers, hf_T = {}, args.hf_new_tokens or T  # peers: name -> (generate ms in all, ms per decode step)
     try:
         import transformers
         result["hf"] = "skipped (--no-hf)" if args.no_hf else transformers.__version__
     except ImportError:
         result["hf"] = "transformers is not installed"
     if not args.no_hf and "transformers" in sys.modules:
-        hf = hf_peer(lm, device, dtype)
-        static_name = "HF generate, static cache" + (" + compile" if cuda else "")
-        for name, static in (("HF generate, eager", False), (static_name, True)):
-            log(f"{name}: {G} x {hf_T} tokens" + (" (the first run compiles)" if static and cuda else ""))
-            peers[name] = time_hf_generate(hf, clock, embeds, G, hf_T, static, warmup_tokens=hf_T if static else 4)
-            log(f"{name}: {peers[name][0]:.0f} ms in all, {peers[name][1]:.2f} ms per step")
-        del hf
+        peers = hf_peers(lm, clock, embeds.to(dtype), G, hf_T)
 
     # -------------------------------------------------- the rows
     def row(name, ms, floor_ms, bound, peer=None, peer_ms=None):
@@ -415,13 +410,6 @@ def run(args):
         result["targets"] = {k: dict(target=v, measured=got[k], met=None if got[k] is None else
                                      (got[k] >= v if k in higher else got[k] <= v)) for k, v in TARGETS.items()}
     return result
-
-
-def describe(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    n = torch.get_num_threads()
-    return f"CPU ({platform.processor() or platform.machine()}, {n} thread{'s' if n > 1 else ''})"
 
 
 # ----------------------------------------------------------------------------- the report
