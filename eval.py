@@ -135,11 +135,11 @@ def read_json(path, what):
             raise D.DataError(f"{path}: not valid JSON ({e})") from None
 
 
-def letter_of(answer, options, where):
-    """The letter of `answer`, an option's text, among `options`."""
-    if answer not in options:
-        raise D.DataError(f"{where}: answer {answer!r} is not one of the options {options}")
-    return chr(ord("A") + options.index(answer))
+def letter_of(answer, among, where, what="options"):
+    """The letter of `answer` by its place among the options (their texts, or the benchmark's own letters)."""
+    if answer not in among:
+        raise D.DataError(f"{where}: answer {answer!r} is not one of the {what} {among}")
+    return chr(ord("A") + among.index(answer))
 
 
 def mc_sample(video, question, options, letter, mode, body=None, choices=None, **meta):
@@ -253,9 +253,8 @@ def read_videomme(root, mode, protocol="clean"):
             letters = [str(o).split(".")[0] for o in need(row, "options", where)]
             meta = dict(body=f"{question}\nOptions:\n" + "\n".join(map(str, row["options"])), choices=letters,
                         frames_rule="unique")
-        if answer not in letters:
-            raise D.DataError(f"{where}: answer {answer!r} is not one of the option letters {letters}")
-        letter = answer if protocol == "original" else chr(ord("A") + letters.index(answer))
+        letter = letter_of(answer, letters, where, "option letters")  # checked under both protocols
+        letter = answer if protocol == "original" else letter  # the original keeps the benchmark's own letter
         samples.append(mc_sample(os.path.join(root, "data", f"{video_id}.mp4"), question, options, letter, mode,
                                  line=str(row.get("question_id", i)), duration=need(row, "duration", where),
                                  task_type=row.get("task_type"), **meta))
@@ -310,11 +309,10 @@ def read_mmvu(root, mode, protocol="clean"):
         else:
             choices = {k: v for k, v in choices.items() if str(v).strip()}
         answer = str(need(item, "answer", where)).strip()
-        if answer not in choices:
-            raise D.DataError(f"{where}: answer {answer!r} is not one of the choices {list(choices)}")
+        letter = letter_of(answer, list(choices), where, "choices")  # checked under both protocols
+        letter = answer if protocol == "original" else letter  # the original keeps the benchmark's own letter
         video = need(item, "video", where)
         video = video.split(MMVU_URL, 1)[1] if MMVU_URL in video else video
-        letter = answer if protocol == "original" else chr(ord("A") + list(choices).index(answer))
         samples.append(mc_sample(os.path.join(root, video), question, [str(v) for v in choices.values()], letter,
                                  mode, line=str(item.get("id", i)),
                                  subject=(item.get("metadata") or {}).get("subject", "all"), **meta))
@@ -322,12 +320,8 @@ def read_mmvu(root, mode, protocol="clean"):
 
 
 # name: (reader, the meta field each table row groups by, how the benchmark's own average is taken)
-BENCHMARKS = {
-    "mvbench": (read_mvbench, "task", "micro"),
-    "videomme": (read_videomme, "duration", "micro"),
-    "mlvu": (read_mlvu, "task", "macro"),
-    "mmvu": (read_mmvu, "subject", "micro"),
-}
+BENCHMARKS = {"mvbench": (read_mvbench, "task", "micro"), "videomme": (read_videomme, "duration", "micro"),
+              "mlvu": (read_mlvu, "task", "macro"), "mmvu": (read_mmvu, "subject", "micro")}
 
 
 # ----------------------------------------------------------------------------- averages and the table
