@@ -161,7 +161,6 @@ def hf_peers(lm, clock, embeds, group, new_tokens):
     (compiled on CUDA) -> {name: (total ms including its prefill, ms per decode step)}, the step from a mark
     at every step's logits."""
     from transformers import LogitsProcessor, LogitsProcessorList, Qwen2Config, Qwen2ForCausalLM
-
     config = Qwen2Config(**dataclasses.asdict(lm.cfg), attn_implementation="sdpa")  # the same field names
     with torch.device(embeds.device):
         hf = Qwen2ForCausalLM(config).to(embeds.dtype).eval().requires_grad_(False)

@@ -25,7 +25,6 @@ class PublishedWeights:
         """Load a published TinyLLaVA-Video(-R1) directory: config.json plus model.safetensors, or shards
         with model.safetensors.index.json. dtype None keeps the checkpoint's dtype."""
         import model as M  # the model imports this file: imported at call time, not at the top
-
         file = os.path.join(path, "config.json")
         try:
             with torch.device("meta"):
@@ -62,7 +61,6 @@ class PublishedWeights:
         """Read every tensor once, straight into place (the meta model holds no memory, so a 7 GB
         checkpoint is never held twice). One error lists every problem, naming the files."""
         from safetensors import SafetensorError, safe_open
-
         expected = {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
         published = {_rename(k, prefixes): k for k in expected}  # published key -> our key
         loaded, unexpected, mismatched = {}, [], []
@@ -123,7 +121,6 @@ class PublishedWeights:
         leaves a half-written checkpoint at `path`. state_dict: the tensors to write, keyed as ours
         (e.g. gathered whole from FSDP shards); default this model's. Other files there are kept."""
         from safetensors.torch import save_file
-
         state = {k: v.detach().contiguous().cpu() for k, v in self.published_state_dict(state_dict).items()}
         shards, size = [[]], 0
         for k, v in state.items():
