@@ -240,15 +240,6 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
-def sft_labels(labels, input_ids, num_video_tokens):
-    """Labels (B, L) -> (B, L-1+Q): -100 for the Q video tokens spliced at the placeholder."""
-    out = []
-    for row, ids in zip(labels, input_ids):
-        p = int((ids == M.IMAGE_TOKEN_INDEX).nonzero()[0, 0])
-        out.append(torch.cat([row[:p], row.new_full((num_video_tokens,), -100), row[p + 1:]]))
-    return torch.stack(out)
-
-
 def sft_step(model, tok, samples, load, cfg, device):
     """Cross-entropy on the answer tokens, accumulated over micro-batches. -> metrics."""
     model.train()
@@ -265,9 +256,10 @@ def sft_step(model, tok, samples, load, cfg, device):
         with torch.no_grad():
             feats = model.vision_features(pixels)
         with autocast(device):
-            x, xmask = model.embed(ids, model.connect(feats), mask)
-            logits = model.language_model.logits(model.language_model.model(x, xmask))
-        labels = sft_labels(labels, ids, x.shape[1] - ids.shape[1] + 1)
+            x, xmask = model.embed(ids, model.connect(feats), mask)  # (B, L-1+Q, d): the video replaced one id
+            # The last L positions line up with ids and labels: position j after the placeholder is j + Q-1
+            # in x, and everything up to the placeholder is prompt (label -100), so no label is moved.
+            logits = model.language_model.logits(model.language_model.model(x, xmask)[:, -ids.shape[1]:])
         # mean over the answer tokens of each sample, then over samples (so long answers do not dominate)
         tok_loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], reduction="none", ignore_index=-100)
         valid = (labels[:, 1:] != -100).float()
