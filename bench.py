@@ -61,7 +61,7 @@ def build_models(config, device, dtype, seed, compile):
     train.freeze_vision(policy)
     policy.language_model.model.gradient_checkpointing = True
     sampler = grpo.Sampler(policy, dtype, compile=compile)
-    reference = train.make_reference(policy)
+    reference = grpo.frozen_copy(policy)
     reference.connector.to(dtype), reference.language_model.to(dtype)
     return policy.train(), sampler, reference
 

@@ -415,6 +415,18 @@ class FastDecode:
         return graph, static_tokens, logits
 
 
+def frozen_copy(model, dtype=None):
+    """A frozen copy of connector + decoder (cast to `dtype`), sharing the model's frozen vision tower:
+    the reference model, and the sampler's low-precision copy."""
+    tower, model.vision_tower = model.vision_tower, None  # shared, not copied
+    try:
+        twin = copy.deepcopy(model).to(dtype)
+    finally:
+        model.vision_tower = tower
+    twin.vision_tower = tower
+    return twin.requires_grad_(False).eval()
+
+
 class Sampler:
     """What rollouts sample from, and how: `rollout(...)` with this model and decode step.
 
@@ -428,11 +440,7 @@ class Sampler:
     def __init__(self, policy, dtype=None, compile=False, own_copy=False):
         self.policy, self.model = policy, policy
         if own_copy or (dtype is not None and dtype != policy.language_model.model.embed_tokens.weight.dtype):
-            tower, policy.vision_tower = policy.vision_tower, None  # shared, not copied
-            try:
-                self.model = copy.deepcopy(policy).to(dtype).requires_grad_(False).eval()
-            finally:
-                policy.vision_tower = self.model.vision_tower = tower
+            self.model = frozen_copy(policy, dtype)
         lm = self.model.language_model
         self.decode = FastDecode(lm) if compile else lm.decode_step
 

@@ -26,7 +26,6 @@ whose loss or sampled logits stay non-finite stops, keeping the last finite chec
 """
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -154,25 +153,13 @@ def check_config(cfg):
 
 def load_model(cfg, device):
     """The policy and its tokenizer, from a checkpoint or from parts, with fp32 master weights."""
-    if cfg.init:
-        model = M.TinyLLaVA.from_pretrained(cfg.init, device=device, dtype=torch.float32)
-    else:
-        model = M.TinyLLaVA.from_parts(cfg.vision, cfg.llm, connector=cfg.connector, device=device, dtype=torch.float32)
+    model = (M.TinyLLaVA.from_pretrained(cfg.init, device=device, dtype=torch.float32) if cfg.init else
+             M.TinyLLaVA.from_parts(cfg.vision, cfg.llm, connector=cfg.connector, device=device, dtype=torch.float32))
     return model, D.Tokenizer(cfg.init or cfg.llm, model.config.text.vocab_size)
 
 
 def freeze_vision(model):
-    model.vision_tower.requires_grad_(False)
-    model.vision_tower.eval()
-
-
-def make_reference(model):
-    """A frozen copy of connector + decoder; the vision tower is shared (it is frozen anyway)."""
-    tower = model.vision_tower
-    model.vision_tower = None  # not copied
-    ref = copy.deepcopy(model)
-    model.vision_tower = ref.vision_tower = tower
-    return ref.requires_grad_(False).eval()
+    model.vision_tower.requires_grad_(False).eval()
 
 
 def memory_estimate(model, sampler, ref, shards=1):
@@ -193,23 +180,17 @@ def make_schedule(optimizer, cfg, total):
     def factor(step):  # step counts finished optimizer steps
         if step < warm:
             return (step + 1) / warm
-        if cfg.schedule == "constant":
-            return 1.0
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return 1.0 if cfg.schedule == "constant" else 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def data_order(n, epoch, seed):
-    """The sample order of one epoch: a fixed permutation per (seed, epoch), so resuming needs only the step."""
-    return np.random.RandomState(seed * 1000 + epoch).permutation(n)
-
-
 def step_samples(samples, step, cfg):
-    """The samples of optimizer step `step` (epochs wrap around)."""
-    per_epoch = max(1, len(samples) // cfg.prompts_per_step)
-    epoch, i = divmod(step, per_epoch)
-    order = data_order(len(samples), epoch, cfg.seed)
+    """The samples of optimizer step `step`; epochs wrap around, each in a fixed permutation per (seed, epoch),
+    so resuming needs only the step."""
+    epoch, i = divmod(step, max(1, len(samples) // cfg.prompts_per_step))
+    order = np.random.RandomState(cfg.seed * 1000 + epoch).permutation(len(samples))
     return [samples[j] for j in order[i * cfg.prompts_per_step:(i + 1) * cfg.prompts_per_step]]
 
 
@@ -473,7 +454,7 @@ def train(cfg):
             ref.vision_tower = model.vision_tower
             ref.requires_grad_(False).eval()
         else:
-            ref = make_reference(model)
+            ref = G.frozen_copy(model)
             if not cfg.init and rank == 0:  # a fresh connector: keep the reference to resume against it
                 ref.save_pretrained(os.path.join(cfg.out, "reference"))
         if device.type == "cuda":

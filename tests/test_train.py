@@ -176,7 +176,7 @@ def test_one_step_the_same_however_it_is_batched_or_compiled(task):
     model, tok = train.load_model(train.TrainConfig(init=task["init"]), torch.device("cpu"))
     samples = D.read_samples(task["grpo"])[0][:3]
     load = train.VideoLoader(4, model.config.vision.image_size)
-    ref = train.make_reference(model)
+    ref = train.G.frozen_copy(model)
     results = {}
     for temperature in (0.0, 1.0):
         for rb, compiled in ((1, False), (3, False), (3, True)):
