@@ -223,12 +223,11 @@ class SiglipVisionEncoder(nn.Module):
         self.embeddings = SiglipEmbeddings(cfg)
         self.encoder = nn.Module()  # a bare container, so that keys read encoder.layers.N
         self.encoder.layers = nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(num_layers))
-        self.gradient_checkpointing = False
 
-    def forward(self, pixels):  # (N, 3, H, W) -> (N, P, hidden)
+    def forward(self, pixels):  # (N, 3, H, W) -> (N, P, hidden); frozen in training, so never checkpointed
         x = self.embeddings(pixels)
         for layer in self.encoder.layers:
-            x = checkpoint(layer, x, use_reentrant=False) if self.gradient_checkpointing and self.training else layer(x)
+            x = layer(x)
         return x
 
 
