@@ -78,7 +78,6 @@ THINK_CHARS_FOR_FULL_FORMAT = 1200
 
 def _answer(text):
     """The stripped text inside the first <answer></answer>, or the whole stripped text."""
-    text = text.strip()
     m = ANSWER.search(text)
     return (m.group(1) if m else text).strip()
 
@@ -167,8 +166,8 @@ def zero_variance_groups(rewards, group_size):
 def shuffle_frames(pixel_values, generator=None):
     """(B, T, 3, H, W) -> the same frames in a random order, a different permutation per row (T-GRPO)."""
     B, T = pixel_values.shape[:2]
-    device = "cpu" if generator is None else generator.device
-    order = torch.stack([torch.randperm(T, generator=generator, device=device) for _ in range(B)])
+    order = torch.stack([torch.randperm(T, generator=generator, device=getattr(generator, "device", "cpu"))
+                         for _ in range(B)])
     rows = torch.arange(B, device=pixel_values.device)[:, None]
     return pixel_values[rows, order.to(pixel_values.device)]
 
@@ -208,11 +207,6 @@ def _mix32(x):
         x = x ^ (x >> shift)
         x = (x * (mult & 0xFFFF) + (((x * (mult >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
     return x ^ (x >> 16)
-
-
-def step_keys(row_seeds, t):
-    """(N,) row seeds and a decode step t -> (N,) keys for that step's draws."""
-    return _mix32(row_seeds ^ _mix32(torch.full_like(row_seeds, t + 0x5EED)))
 
 
 def sample_token(logits, temperature=1.0, top_k=50, top_p=1.0, generator=None, keys=None):
@@ -277,7 +271,8 @@ def rollout(model, input_ids, video_embeds, eos_id, pad_id=None, attention_mask=
     done = torch.zeros(P * G, dtype=torch.bool, device=device)
     live = rows  # the rows still in the batch (all of them until half have finished)
     for t in range(max_new_tokens):
-        tok, lp = sample_token(last, temperature, top_k, top_p, keys=step_keys(row_seeds[live], t))
+        keys = _mix32(row_seeds[live] ^ _mix32(t + 0x5EED))  # (rows,) the keys of step t's draws
+        tok, lp = sample_token(last, temperature, top_k, top_p, keys=keys)
         ids[live, t] = torch.where(done[live], pad_id, tok)
         logprobs[live, t] = torch.where(done[live], 0.0, lp)
         done[live] |= tok == eos_id
@@ -302,10 +297,7 @@ def rollout(model, input_ids, video_embeds, eos_id, pad_id=None, attention_mask=
 def concat_rollouts(rolls):
     """Rollouts of several batches of prompts as one, completions right-padded to the longest."""
     T = max(r.completion_ids.shape[1] for r in rolls)
-
-    def cat(name):
-        return torch.cat([F.pad(getattr(r, name), (0, T - getattr(r, name).shape[1])) for r in rolls])
-
+    cat = lambda name: torch.cat([F.pad(getattr(r, name), (0, T - getattr(r, name).shape[1])) for r in rolls])
     return Rollout(cat("completion_ids"), cat("mask"), cat("logprobs"), torch.cat([r.truncated for r in rolls]),
                    rolls[0].group_size)
 
@@ -453,9 +445,7 @@ class Sampler:
 
     def rollout(self, input_ids, video_features, eos_id, **kw):
         """`rollout` from frozen vision features (P, T*728, 1152) through this model's connector."""
-        model = self.model
-        was_training = model.training
-        model.eval()
+        was_training, model = self.model.training, self.model.eval()
         try:
             with torch.no_grad():
                 return rollout(model, input_ids, model.connect(video_features), eos_id, decode=self.decode, **kw)
