@@ -1,17 +1,15 @@
 """Cold-start SFT and GRPO for TinyLLaVA-Video, on a CPU, one GPU or several (torchrun).
 
 The paper's recipe in two stages:
-  1. cold start: supervised fine-tuning on a handful of reasoning answers (lr 1e-5, constant, 1 epoch,
-     4 samples per optimizer step),
-     so the model learns to think in <think> tags and answer in <answer> tags;
-  2. GRPO: for each question sample G = 8 answers, reward them (accuracy, format, thinking length),
-     and push the policy towards the better-than-average ones, with a KL leash to the frozen start
-     model (per-token KL clamped to [-100, 100]; lr 1e-6, cosine with 3% warmup, 8 prompts per optimizer step).
+  1. cold start: supervised fine-tuning on a handful of reasoning answers (lr 1e-5, constant, 1 epoch, 4
+     samples per optimizer step), so the model learns to think in <think> tags and answer in <answer> tags;
+  2. GRPO (grpo.py): for each question sample G = 8 answers, reward them, and push the policy towards the
+     better-than-average ones, with a KL leash to the frozen start model (per-token KL clamped to [-100, 100];
+     lr 1e-6, cosine with 3% warmup, 8 prompts per optimizer step).
 
 The vision tower is frozen in both stages: its features are computed once per video and shared by the
-rollout, the reference and the policy passes. The reference model is a frozen copy of the connector
-and decoder. Weights stay in fp32 (the paper's lr 1e-6 is below bf16's resolution), compute runs in
-bf16 on a GPU.
+rollout, the reference and the policy passes. Weights stay in fp32 (the paper's lr 1e-6 is below bf16's
+resolution), compute runs in bf16 on a GPU.
 
     python train.py                                   # the CPU demo: synthetic videos, SFT, then GRPO
     python train.py --stage sft --init BASE_DIR --data nextqa-coldstart-16.json --out runs/sft
@@ -151,11 +149,12 @@ def check_config(cfg):
 # ----------------------------------------------------------------------------- model, data, optimizer
 
 
-def load_model(cfg, device):
-    """The policy and its tokenizer, from a checkpoint or from parts, with fp32 master weights."""
-    model = (M.TinyLLaVA.from_pretrained(cfg.init, device=device, dtype=torch.float32) if cfg.init else
+def load_model(cfg, device, path=None):
+    """The policy and its tokenizer, from a checkpoint (`path`, else --init) or from parts, in fp32."""
+    path = path or cfg.init
+    model = (M.TinyLLaVA.from_pretrained(path, device=device, dtype=torch.float32) if path else
              M.TinyLLaVA.from_parts(cfg.vision, cfg.llm, connector=cfg.connector, device=device, dtype=torch.float32))
-    return model, D.Tokenizer(cfg.init or cfg.llm, model.config.text.vocab_size)
+    return model, D.Tokenizer(path or cfg.llm, model.config.text.vocab_size)
 
 
 def freeze_vision(model):
@@ -223,19 +222,16 @@ def autocast(device):
 
 def sft_step(model, tok, samples, load, cfg, device):
     """Cross-entropy on the answer tokens, accumulated over micro-batches. -> metrics."""
-    model.train()
-    freeze_vision(model)
+    freeze_vision(model.train())
     total_tokens, total_loss, n = 0, 0.0, 0
-    batches = [samples[i:i + cfg.micro_batch] for i in range(0, len(samples), cfg.micro_batch)]
-    denom = sum(len(b) for b in batches)
-    for batch in batches:
-        batch, pixels = load(batch)
+    for a in range(0, len(samples), cfg.micro_batch):
+        batch, pixels = load(samples[a:a + cfg.micro_batch])
         if not batch:
             continue
-        ids, labels, mask = D.collate_sft([tok.sft_ids(s.question, s.solution, cfg.max_len) for s in batch], tok.pad_id)
-        ids, labels, mask, pixels = ids.to(device), labels.to(device), mask.to(device), pixels.to(device)
+        pairs = [tok.sft_ids(s.question, s.solution, cfg.max_len) for s in batch]
+        ids, labels, mask = (t.to(device) for t in D.collate_sft(pairs, tok.pad_id))
         with torch.no_grad():
-            feats = model.vision_features(pixels)
+            feats = model.vision_features(pixels.to(device))
         with autocast(device):
             x, xmask = model.embed(ids, model.connect(feats), mask)  # (B, L-1+Q, d): the video replaced one id
             # The last L positions line up with ids and labels: position j after the placeholder is j + Q-1
@@ -245,7 +241,7 @@ def sft_step(model, tok, samples, load, cfg, device):
         tok_loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], reduction="none", ignore_index=-100)
         valid = (labels[:, 1:] != -100).float()
         per_sample = (tok_loss * valid).sum(1) / valid.sum(1).clamp(min=1)
-        loss = per_sample.sum() / denom
+        loss = per_sample.sum() / len(samples)  # accumulated: the mean over all the step's samples
         if not torch.isfinite(loss):
             return {"nan": 1.0}
         loss.backward()
@@ -276,16 +272,14 @@ class Experience:
     times: dict  # phase -> seconds
 
     def micro_batches(self, n, pad_id):
-        """Slices of n prompts, each padded only as much as its own rows need (a single prompt has
-        no padding, so the policy's attention runs unmasked): (ids, pmask, features, completions,
-        their mask, rows)."""
+        """Slices of n prompts, each padded only as much as its own rows need (a single prompt has no padding,
+        so the policy's attention runs unmasked): (ids, pmask, features, completions, their mask, rows, T)."""
         G_ = self.rollout.group_size
         for a in range(0, len(self.prompt_ids), n):
-            ids, pmask = D.collate_prompts(self.prompt_ids[a:a + n], pad_id)
+            ids, pmask = (t.to(self.features.device) for t in D.collate_prompts(self.prompt_ids[a:a + n], pad_id))
             rows = slice(a * G_, (a + len(ids)) * G_)
             T = int(self.rollout.mask[rows].sum(1).max())  # drop the columns every row has finished by
-            dev = self.features.device
-            yield (ids.to(dev), pmask.to(dev), self.features[a:a + n], self.rollout.completion_ids[rows, :T],
+            yield (ids, pmask, self.features[a:a + n], self.rollout.completion_ids[rows, :T],
                    self.rollout.mask[rows, :T], rows, T)
 
 
@@ -350,8 +344,7 @@ def update(model, exp, cfg, pad_id, apply_update):
     step were one batch. Between passes `apply_update()` takes an optimizer step (the caller takes
     the last one). -> {"loss", "kl", "clip_ratio"} and "nan" if a loss was not finite."""
     device = exp.features.device
-    model.train()
-    freeze_vision(model)
+    freeze_vision(model.train())
     n_prompts = len(exp.prompt_ids)
     losses, kls, clips = [], [], []
     for update in range(cfg.updates_per_rollout):
@@ -436,13 +429,8 @@ def train(cfg):
         was = f"{state.get('world_size', 1)} process(es){' with --fsdp' if state.get('fsdp') else ''}"
         raise RunError(f"{resume_from} was written by {was}; resume it the same way "
                        f"(this run: {world}{' with --fsdp' if cfg.fsdp else ''})")
-    if resume_from:
-        model = M.TinyLLaVA.from_pretrained(resume_from, device=device, dtype=torch.float32)
-        tok_file = tokenizer_file(resume_from)
-        tok = D.Tokenizer(resume_from, model.config.text.vocab_size)
-    else:
-        model, tok = load_model(cfg, device)
-        tok_file = tokenizer_file(cfg.init or cfg.llm)
+    model, tok = load_model(cfg, device, resume_from)
+    tok_file = tokenizer_file(resume_from or cfg.init or cfg.llm)
     os.makedirs(cfg.out, exist_ok=True)
     freeze_vision(model)
     model.language_model.model.gradient_checkpointing = cfg.grad_checkpointing and device.type == "cuda"
@@ -450,9 +438,9 @@ def train(cfg):
     ref = None
     if cfg.stage == "grpo" and cfg.beta > 0:
         if resume_from:  # the reference is the start model, not the resumed one
-            ref = M.TinyLLaVA.from_pretrained(cfg.init or os.path.join(cfg.out, "reference"), device=device, dtype=torch.float32)
+            ref = M.TinyLLaVA.from_pretrained(cfg.init or os.path.join(cfg.out, "reference"), device=device,
+                                              dtype=torch.float32).requires_grad_(False)  # in eval mode
             ref.vision_tower = model.vision_tower
-            ref.requires_grad_(False).eval()
         else:
             ref = G.frozen_copy(model)
             if not cfg.init and rank == 0:  # a fresh connector: keep the reference to resume against it
@@ -519,8 +507,7 @@ def train(cfg):
 
     curve_keys = ["loss"] if cfg.stage == "sft" else ["reward", "accuracy", "format", "kl", "completion_length"]
     bar = tqdm(range(start, total), initial=start, total=total, desc=cfg.stage, dynamic_ncols=True, disable=rank > 0)
-    record = {}
-    seconds = []  # wall time of each step this process ran
+    record, seconds = {}, []  # seconds: wall time of each step this process ran
     for step in bar:
         t_step = time.perf_counter()
         batch = step_samples(samples, step, cfg)[rank * share:(rank + 1) * share]
@@ -576,11 +563,10 @@ def parse_args(argv=None):
     p.add_argument("--demo", action="store_true", help="run the CPU demo (only --out, --seed, --device apply)")
     for f in fields(TrainConfig):  # every field a flag, its help and choices from the field
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        if f.type in (bool, "bool"):
+        if f.type is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
         else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(flag, type=typ, default=f.default, help=meta["help"], choices=meta["choices"])
+            p.add_argument(flag, type=f.type, default=f.default, help=meta["help"], choices=meta["choices"])
     return p.parse_args(argv), p
 
 
@@ -603,12 +589,9 @@ def main(argv=None):
             raise RunError("--data is required (the CPU demo runs with no flags at all, or with --demo)")
         train(TrainConfig(**{k: v for k, v in vars(args).items() if k != "demo"}))
         return 0
-    except (RunError, D.DataError, D.VideoError, M.CheckpointError) as e:
+    except (RunError, D.DataError, D.VideoError, M.CheckpointError, Diverged) as e:
         print(f"train.py: {e}", file=sys.stderr)
-        return 2
-    except Diverged as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(e, Diverged) else 2
     finally:
         teardown_distributed()
 
