@@ -297,8 +297,7 @@ def concat_rollouts(rolls):
 def completion_mask(ids, eos_id):
     """(N, T) -> float mask, 1 up to and including each row's first eos (all 1 without eos)."""
     is_eos = (ids == eos_id).long()
-    after = is_eos.cumsum(1) - is_eos  # eos tokens strictly before each position
-    return (after == 0).float()
+    return (is_eos.cumsum(1) - is_eos == 0).float()  # no eos strictly before the position
 
 
 def completion_logprobs(model, input_ids, video_embeds, completion_ids, completion_mask, attention_mask=None,

@@ -368,13 +368,12 @@ def update(model, exp, cfg, pad_id, apply_update):
 
 def optimizer_step(optimizer, params, sampler, max_grad_norm):
     """Clip, step, and refresh the sampler. -> False, and no update, when the gradient is not finite."""
-    if max_grad_norm and not torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)):
-        optimizer.zero_grad(set_to_none=True)
-        return False
-    optimizer.step()
+    finite = not max_grad_norm or bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)))
+    if finite:
+        optimizer.step()
+        sampler.refresh()  # the next rollout samples from the updated policy
     optimizer.zero_grad(set_to_none=True)
-    sampler.refresh()  # the next rollout samples from the updated policy
-    return True
+    return finite
 
 
 def grpo_step(model, sampler, ref, tok, samples, load, cfg, device, gen, apply_update):
@@ -385,8 +384,7 @@ def grpo_step(model, sampler, ref, tok, samples, load, cfg, device, gen, apply_u
         return {"skipped_step": 1.0}
     t = time.perf_counter()
     out = update(model, exp, cfg, tok.pad_id, apply_update)
-    times = {**exp.times, "policy": time.perf_counter() - t}
-    times["step"] = time.perf_counter() - t0
+    times = {**exp.times, "policy": time.perf_counter() - t, "step": time.perf_counter() - t0}
     metrics = G.step_metrics(exp.rollout, exp.texts, exp.scores, cfg.group_size, kl=out.get("kl"), times=times)
     metrics.update(loss=out.get("loss", float("nan")), clip_ratio=out.get("clip_ratio", 0.0), example=exp.texts[0])
     if out.get("nan"):
