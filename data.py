@@ -246,10 +246,9 @@ class Tokenizer:
             self.tok, file = slow_tokenizer(path), os.path.join(path, "vocab.json")
         else:
             raise FileNotFoundError(f"{file}: no such tokenizer file (nor vocab.json and merges.txt beside it)")
-        self.eos_id = self.tok.token_to_id(EOS)
+        self.eos_id = self.pad_id = self.tok.token_to_id(EOS)
         if self.eos_id is None:
             raise DataError(f"{file}: the vocabulary has no {EOS} token")
-        self.pad_id = self.eos_id
         self.vocab_size = self.tok.get_vocab_size()
         if max_vocab is not None and self.vocab_size > max_vocab:
             raise DataError(f"{file}: {self.vocab_size} tokens, more than the model's {max_vocab} embeddings")
