@@ -343,13 +343,11 @@ def update(model, exp, cfg, pad_id, apply_update):
     over micro-batches of prompts and weighted so the loss is the mean over prompts, as if the whole
     step were one batch. Between passes `apply_update()` takes an optimizer step (the caller takes
     the last one). -> {"loss", "kl", "clip_ratio"} and "nan" if a loss was not finite."""
-    device = exp.features.device
     freeze_vision(model.train())
-    n_prompts = len(exp.prompt_ids)
     losses, kls, clips = [], [], []
     for update in range(cfg.updates_per_rollout):
         for ids, pmask, feats, comp, cmask, rows, T in exp.micro_batches(cfg.micro_batch, pad_id):
-            with autocast(device):
+            with autocast(exp.features.device):
                 logp = G.completion_logprobs(model, ids, model.connect(feats), comp, cmask, pmask, cfg.temperature)
                 old = exp.rollout.logprobs[rows, :T] if cfg.updates_per_rollout > 1 else None
                 ref = None if exp.ref_logp is None else exp.ref_logp[rows, :T]
@@ -359,7 +357,7 @@ def update(model, exp, cfg, pad_id, apply_update):
                                        max_completion_length=cfg.max_new_tokens, kl_clamp=100.0 if cfg.kl_clamp else None)
             if not torch.isfinite(loss):
                 return {"nan": 1.0}
-            (loss * len(ids) / n_prompts).backward()
+            (loss * len(ids) / len(exp.prompt_ids)).backward()
             losses.append(lm["loss"]), kls.append(lm["kl"]), clips.append(lm["clip_ratio"])
         if update + 1 < cfg.updates_per_rollout:
             apply_update()
