@@ -245,8 +245,7 @@ def run(args):
     train.freeze_vision(policy)
     policy.language_model.model.gradient_checkpointing = True
     sampler = grpo.Sampler(policy, dtype, compile=not args.no_compile)
-    reference = train.make_reference(policy)
-    reference.connector.to(dtype), reference.language_model.to(dtype)
+    reference = grpo.frozen_copy(policy, dtype)
     policy.train()
     ids, pixels = inputs(config, shapes, device, args.seed)
     model, lm = sampler.model, sampler.model.language_model
