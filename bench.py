@@ -4,23 +4,22 @@
                                  # 512 video tokens, G = 8 completions of 512 new tokens
     python bench.py --tiny       # tiny shapes: the same code end to end on a CPU, in seconds
 
-A GRPO step for one prompt: encode the video once; sample G completions (prefill the prompt once, then
-one decode step of the whole group per token); the completions' log-probs under the frozen reference;
-the policy's forward and backward (fp32 master weights, bf16 compute, gradient checkpointing, vision
-tower frozen); an AdamW step; copying the new weights into the bf16 sampler. Each phase is timed on its
-own, and the whole step end to end. Weights are random (speed does not depend on them) and eos id -1 is
-never sampled, so every run does the same work. First, the fast decode step is checked against the
-eager one under greedy decoding.
+A GRPO step for one prompt: encode the video once; sample G completions (prefill the prompt once, then one
+decode step of the whole group per token); the completions' log-probs under the frozen reference; the policy's
+forward and backward (fp32 master weights, bf16 compute, gradient checkpointing, vision tower frozen); an AdamW
+step; copying the new weights into the bf16 sampler. Each phase is timed on its own, and the whole step end to
+end, after checking the fast decode step against the eager one under greedy decoding. Weights are random (speed
+does not depend on them) and eos id -1 is never sampled, so every run does the same work.
 
 Each figure is compared with two things measured in the same run:
-  - its floor: the time to move the bytes it must move at the device-to-device copy bandwidth, or to
-    do its matrix-product FLOPs at the measured matmul rate, whichever is longer. A decode step of the
-    group reads every decoder weight once (6.2 GB for Qwen2.5-3B in bf16) plus its context's keys and
-    values: about 2.1 ms on an H100. "of floor" is floor / time.
+  - its floor: the time to move the bytes it must move at the device-to-device copy bandwidth, or to do its
+    matrix-product FLOPs at the measured matmul rate. A decode step of the group reads every decoder weight
+    once (6.2 GB for Qwen2.5-3B in bf16) plus its context's keys and values: about 2.1 ms on an H100.
+    "of floor" is floor / time.
   - a peer: Hugging Face `generate` on the same decoder and weights, eager and with its static cache
     (compiled on CUDA), same batch and prompt length. "speed-up" is peer time / our time.
-Timings are medians over --repeats runs after --warmup runs, CUDA events on CUDA, perf_counter on CPU.
-The table is printed and written as JSON (--json).
+Timings are medians over --repeats runs after --warmup runs (CUDA events on CUDA, perf_counter on CPU), printed
+and written as JSON (--json).
 """
 
 import argparse
@@ -45,43 +44,11 @@ from grpo import completion_logprobs, group_advantages, grpo_loss
 NEVER = -1  # an eos id no token has: every completion runs to its full length
 
 
-# ----------------------------------------------------------------------------- shapes and models
+# ----------------------------------------------------------------------------- shapes, timing, floors
 
 PUBLISHED = dict(frames=16, text_tokens=108, group=8, new_tokens=512, prompts=8, decode_steps=64, check_steps=32)
 TINY = dict(frames=4, text_tokens=12, group=8, new_tokens=64, prompts=8, decode_steps=16, check_steps=24)
 NEXTQA_STEPS = 687  # the paper's GRPO run: 5,496 NextQA prompts, 8 per step
-
-
-def build_models(config, device, dtype, seed, compile):
-    """The policy (fp32, connector and decoder trained), the sampler (a `dtype` copy that decodes the
-    rollouts) and the frozen reference, as train.py builds them."""
-    torch.manual_seed(seed)
-    with torch.device(device):
-        policy = M.TinyLLaVA(config)
-    train.freeze_vision(policy)
-    policy.language_model.model.gradient_checkpointing = True
-    sampler = grpo.Sampler(policy, dtype, compile=compile)
-    reference = train.make_reference(policy)
-    reference.connector.to(dtype), reference.language_model.to(dtype)
-    return policy.train(), sampler, reference
-
-
-class StandIn:
-    """What `train.collect` reads from the data side, without files: one fixed prompt for every sample,
-    its video in memory, completions never decoded (equal rewards: the advantages are the noise alone)."""
-    eos_id, pad_id = NEVER, 0
-
-    def __init__(self, ids, pixels):
-        self.ids, self.pixels = ids[0].tolist(), pixels.cpu()
-
-    def prompt_ids(self, question, max_len):
-        return self.ids
-
-    def decode(self, ids):
-        return ""
-
-    def __call__(self, samples):  # the video loader
-        return samples, self.pixels.expand(len(samples), *self.pixels.shape[1:])
 
 
 def inputs(config, shapes, device, seed):
@@ -94,16 +61,13 @@ def inputs(config, shapes, device, seed):
     return ids.to(device), pixels.to(device)
 
 
-# ----------------------------------------------------------------------------- timing
-
-
 def log(msg):
     print(f"[bench] {msg}", flush=True)
 
 
 class Clock:
     """Marks on the device's timeline: CUDA events on CUDA (the GPU's time, host gaps included),
-    perf_counter on CPU. `ms(a, b)` after `sync()`."""
+    perf_counter on CPU."""
 
     def __init__(self, device):
         self.cuda = device.type == "cuda"
@@ -115,46 +79,40 @@ class Clock:
         e.record()
         return e
 
+    def ms(self, a, b):  # once the device is synchronized
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
     def sync(self):
         if self.cuda:
             torch.cuda.synchronize()
 
-    def ms(self, a, b):
-        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+    def once(self, fn, *args):
+        """Milliseconds of one fn(*args), the device idle before and after."""
+        self.sync()
+        start = self.mark()
+        fn(*args)
+        end = self.mark()
+        self.sync()
+        return self.ms(start, end)
 
 
-def timed(clock, fn, setup=None, warmup=1, repeats=3):
-    """Median milliseconds of fn(setup()) over `repeats` runs, after `warmup` runs; setup is not timed."""
-    times = []
-    for i in range(warmup + repeats):
-        arg = setup() if setup else None
-        clock.sync()
-        start = clock.mark()
-        fn(arg) if setup else fn()
-        end = clock.mark()
-        clock.sync()
-        if i >= warmup:
-            times.append(clock.ms(start, end))
-    return statistics.median(times)
-
-
-# ----------------------------------------------------------------------------- floors
+def timed(clock, fn, setup=lambda: (), warmup=1, repeats=3):
+    """Median milliseconds of fn(*setup()) over `repeats` runs, after `warmup` runs; setup is not timed."""
+    return statistics.median([clock.once(fn, *setup()) for _ in range(warmup + repeats)][warmup:])
 
 
 def copy_bandwidth(clock, device):
     """Bytes moved per second by a device-to-device copy (read + write)."""
     n = (1 << 30 if device.type == "cuda" else 1 << 26) // 4
     src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
-    ms = timed(clock, lambda: dst.copy_(src), warmup=2, repeats=5)
-    return 2 * 4 * n / (ms / 1e3)
+    return 2 * 4 * n / (timed(clock, lambda: dst.copy_(src), warmup=2, repeats=5) / 1e3)
 
 
 def matmul_rate(clock, device, dtype):
     """FLOP/s of one large matrix product in `dtype`."""
     n = 8192 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    ms = timed(clock, lambda: a @ b, warmup=2, repeats=5)
-    return 2 * n**3 / (ms / 1e3)
+    return 2 * n**3 / (timed(clock, lambda: a @ b, warmup=2, repeats=5) / 1e3)
 
 
 def count_flops(fn):
@@ -165,7 +123,6 @@ def count_flops(fn):
 
 
 # ----------------------------------------------------------------------------- correctness first
-
 
 @torch.no_grad()
 def check_decode(model, eager_step, fast_step, embeds, mask, group, steps, max_len, tol):
@@ -198,28 +155,19 @@ def check_decode(model, eager_step, fast_step, embeds, mask, group, steps, max_l
 
 # ----------------------------------------------------------------------------- Hugging Face peers
 
-
-def hf_peer(lm, device, dtype):
-    """transformers' Qwen2ForCausalLM with our decoder's config and weights (same names)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+def hf_peers(lm, clock, embeds, group, new_tokens):
+    """transformers' Qwen2ForCausalLM with our decoder's config and weights (same names), its greedy `generate`
+    of `group` rows from the same prompt embeddings forced to `new_tokens`, eager and with its static cache
+    (compiled on CUDA) -> {name: (total ms including its prefill, ms per decode step)}, the step from a mark
+    at every step's logits."""
+    from transformers import LogitsProcessor, LogitsProcessorList, Qwen2Config, Qwen2ForCausalLM
     config = Qwen2Config(**dataclasses.asdict(lm.cfg), attn_implementation="sdpa")  # the same field names
-    with torch.device(device):
-        hf = Qwen2ForCausalLM(config)
-    hf = hf.to(dtype).eval().requires_grad_(False)
-    missing, unexpected = hf.load_state_dict(lm.state_dict(), strict=False)
+    with torch.device(embeds.device):
+        hf = Qwen2ForCausalLM(config).to(embeds.dtype).eval().requires_grad_(False)
+    missing, unexpected = hf.load_state_dict(lm.state_dict(), strict=False)  # a tied lm_head is tied by transformers
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise RuntimeError(f"bench.py: our decoder's keys do not match transformers' Qwen2: "
                            f"missing {missing}, unexpected {unexpected}")
-    if lm.cfg.tie_word_embeddings and hf.lm_head.weight.data_ptr() != hf.model.embed_tokens.weight.data_ptr():
-        hf.lm_head.weight = hf.model.embed_tokens.weight
-    return hf
-
-
-def time_hf_generate(hf, clock, embeds, group, new_tokens, static, warmup_tokens):
-    """Greedy `generate` of `group` rows from the same prompt embeddings, forced to `new_tokens`:
-    (total ms including its prefill, ms per decode step from a mark at every step's logits)."""
-    from transformers import LogitsProcessor, LogitsProcessorList
 
     class StepMarks(LogitsProcessor):  # called once per step with that step's logits
         def __init__(self):
@@ -229,76 +177,87 @@ def time_hf_generate(hf, clock, embeds, group, new_tokens, static, warmup_tokens
             self.marks.append(clock.mark())
             return scores
 
-    rows = embeds.expand(group, -1, -1)
-    attention_mask = torch.ones(rows.shape[:2], dtype=torch.long, device=rows.device)
-    extra = dict(cache_implementation="static") if static else {}
+    rows, peers = embeds.expand(group, -1, -1), {}
+    for name, static in (("HF generate, eager", False), ("HF generate, static cache", True)):
+        name += " + compile" if static and clock.cuda else ""
+        log(f"{name}: {group} x {new_tokens} tokens" + (" (the first run compiles)" if static and clock.cuda else ""))
+        kw = dict(inputs_embeds=rows, attention_mask=torch.ones(rows.shape[:2], dtype=torch.long, device=rows.device),
+                  do_sample=False, eos_token_id=0, pad_token_id=0, cache_implementation="static" if static else None)
 
-    def run(n, marks=None):
-        return hf.generate(inputs_embeds=rows, attention_mask=attention_mask, max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, eos_token_id=0, pad_token_id=0,
-                           logits_processor=LogitsProcessorList([marks] if marks else []), **extra)
+        @torch.no_grad()
+        def run(n, marks=()):  # min_new_tokens: exactly n tokens
+            hf.generate(max_new_tokens=n, min_new_tokens=n, logits_processor=LogitsProcessorList(marks), **kw)
 
-    with torch.no_grad():
-        run(warmup_tokens)  # a static cache is sized by prompt + new tokens: warm up at full length
-        marks = StepMarks()
-        clock.sync()
-        start = clock.mark()
-        run(new_tokens, marks)  # min_new_tokens: exactly new_tokens tokens
-        end = clock.mark()
-        clock.sync()
-    per_step = clock.ms(marks.marks[0], marks.marks[-1]) / (len(marks.marks) - 1)
-    return clock.ms(start, end), per_step
+        run(new_tokens if static else 4)  # a static cache is sized by prompt + new tokens: warm up at full length
+        steps = StepMarks()
+        total = clock.once(run, new_tokens, [steps])
+        peers[name] = total, clock.ms(steps.marks[0], steps.marks[-1]) / (len(steps.marks) - 1)
+        log(f"{name}: {total:.0f} ms in all, {peers[name][1]:.2f} ms per step")
+    return peers
 
 
 # ----------------------------------------------------------------------------- the benchmark
 
 # One H100, published shapes, G = 8, 512 new tokens: the decode step near its 2.1 ms floor, a GRPO
 # step of 8 prompts in 15 s (the 687-step NextQA run in under 3 hours), all of it within 80 GB.
-TARGETS = dict(decode_ms=3.0, decode_of_floor=0.70, decode_speedup=2.5, grpo_step_ms_per_prompt=4000.0, grpo_step_ms=15000.0,
-               nextqa_hours=3.0, peak_memory_gb=80.0)
+TARGETS = dict(decode_ms=3.0, decode_of_floor=0.70, decode_speedup=2.5, grpo_step_ms_per_prompt=4000.0,
+               grpo_step_ms=15000.0, nextqa_hours=3.0, peak_memory_gb=80.0)
 
 
 def run(args):
     device = torch.device(args.device)
-    shapes = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in (TINY if args.tiny else PUBLISHED).items()}
+    cuda = device.type == "cuda"
+    defaults = TINY if args.tiny else PUBLISHED
+    shapes = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in defaults.items()}
     G, T = shapes["group"], shapes["new_tokens"]
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     clock = Clock(device)
     config = M.config("tiny") if args.tiny else M.TinyLLaVAConfig()
-    result = dict(command="python " + " ".join(["bench.py"] + args.argv), device=describe(device), torch=torch.__version__,
+    threads = torch.get_num_threads()
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {threads} thread{'s' if threads > 1 else ''})"
+    result = dict(command="python " + " ".join(["bench.py"] + args.argv),
+                  device=torch.cuda.get_device_name(device) if cuda else cpu, torch=torch.__version__,
                   dtype=str(dtype).replace("torch.", ""), shapes=shapes)
     measured = {}  # name -> (ms, floor ms, what bounds the floor)
 
-    def time_it(name, fn, setup=None, per=1, floor_ms=None, bound="compute"):
+    def time_it(name, fn, setup=lambda: (), per=1, floor_ms=None, bound="compute"):
         ms = timed(clock, fn, setup, warmup=args.warmup, repeats=args.repeats) / per
         if floor_ms is None:  # FLOP-bound: its matrix-product FLOPs at the measured rate
             floor_ms = count_flops(fn) / flop_rate * 1e3
         measured[name] = (ms, floor_ms, bound)
         log(f"{name}: {ms:.2f} ms (floor {floor_ms:.3f} ms)")
+        return ms, floor_ms
 
     log(f"device {result['device']}, {'tiny' if args.tiny else 'published'} shapes {shapes}, {result['dtype']}")
-    if device.type == "cpu" and not args.tiny:
+    if not cuda and not args.tiny:
         log("the published shapes are far too slow for a CPU: --tiny is meant for CPUs")
     bandwidth, flop_rate = copy_bandwidth(clock, device), matmul_rate(clock, device, dtype)
     result.update(copy_bandwidth_gbps=bandwidth / 1e9, matmul_tflops=flop_rate / 1e12)
     log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, {result['dtype']} matmul {flop_rate / 1e12:.2f} TFLOP/s")
 
+    # The policy (fp32, connector and decoder trained), the sampler (a `dtype` copy that decodes the
+    # rollouts) and the frozen reference, as train.py builds them.
     log("building the policy (fp32), the sampler and the reference")
-    policy, sampler, reference = build_models(config, device, dtype, args.seed, compile=not args.no_compile)
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        policy = M.TinyLLaVA(config)
+    train.freeze_vision(policy)
+    policy.language_model.model.gradient_checkpointing = True
+    sampler = grpo.Sampler(policy, dtype, compile=not args.no_compile)
+    reference = grpo.frozen_copy(policy, dtype)
+    policy.train()
     ids, pixels = inputs(config, shapes, device, args.seed)
     model, lm = sampler.model, sampler.model.language_model
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-6, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(trainable, lr=1e-6, fused=cuda)
     gen = torch.Generator(device).manual_seed(args.seed)
 
     # -------------------------------------------------- the sampler: encode, prefill, decode, rollout
     with torch.no_grad():
         features = model.vision_features(pixels)  # the tower is frozen: computed once, used by all three models
-        video = model.connect(features)
-        embeds, mask = model.embed(ids, video)
-    L = embeds.shape[1]
-    result["shapes"]["prompt_length"] = L
+        embeds, mask = model.embed(ids, model.connect(features))
+    L = result["shapes"]["prompt_length"] = embeds.shape[1]
     decoder_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
     c = config.text
     kv_bytes_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype.itemsize
@@ -322,8 +281,7 @@ def run(args):
         encode_flops = count_flops(lambda: reference.connect(reference.vision_features(pixels)))
         prefill_flops = count_flops(lambda: reference.language_model.model(embeds.to(dtype), mask))
     time_it("encode video (SigLIP + connector)", encode, floor_ms=encode_flops / flop_rate * 1e3)
-    time_it(f"prefill, 1 x {L} tokens", prefill, floor_ms=prefill_flops / flop_rate * 1e3)
-    prefill_floor = measured[f"prefill, 1 x {L} tokens"][1]
+    _, prefill_floor = time_it(f"prefill, 1 x {L} tokens", prefill, floor_ms=prefill_flops / flop_rate * 1e3)
 
     # The sampler's step is what rollouts run: compiled unless --no-compile; the eager step is the oracle.
     eager_step = lm.decode_step
@@ -343,28 +301,26 @@ def run(args):
     def group_cache(step):  # a prefilled group cache, one step taken (on CUDA that step captures the graph)
         cache, tok = prefill().repeat_interleave(G), torch.zeros(G, dtype=torch.long, device=device)
         step(tok, cache)
-        return cache, tok
+        return tok, cache
 
     @torch.no_grad()
-    def n_steps(step, cache_tok):
+    def n_steps(step, tok, cache):
         for _ in range(n):
-            step(cache_tok[1], cache_tok[0])
+            step(tok, cache)
 
-    fast_name = f"decode step, G={G}, fast (compiled{' + CUDA graph' if device.type == 'cuda' else ''})"
+    fast_name = f"decode step, G={G}, fast (compiled{' + CUDA graph' if cuda else ''})"
     eager_name = f"decode step, G={G}, eager"
     for name, step in ((fast_name, fast_step), (eager_name, eager_step)):
         time_it(name, partial(n_steps, step), partial(group_cache, step), per=n, floor_ms=step_floor, bound="memory")
     sampler.decode = fast_step
 
-    def sample():
-        return sampler.rollout(ids, features, NEVER, pad_id=0, group_size=G, max_new_tokens=T, generator=gen)
-
+    sample = partial(sampler.rollout, ids, features, NEVER, pad_id=0, group_size=G, max_new_tokens=T, generator=gen)
     rollout_name = f"rollout {G} x {T} (prefill once + {T} steps)"
     time_it(rollout_name, sample, floor_ms=prefill_floor + T * step_floor, bound="memory")
 
     # -------------------------------------------------- the training side, phase by phase
     r = sample()
-    advantages = group_advantages(torch.randn(G, device=device, generator=gen), G)  # no tokenizer here: random rewards
+    advantages = group_advantages(torch.randn(G, device=device, generator=gen), G)  # no tokenizer: random rewards
 
     @torch.no_grad()
     def reference_logprobs():
@@ -379,98 +335,89 @@ def run(args):
         loss, _ = grpo_loss(logp, None, ref_logp, advantages, r.mask)
         loss.backward()
 
-    def optimizer_step():
-        train.optimizer_step(optimizer, trainable, sampler, max_grad_norm=1.0)
-
+    optimizer_step = partial(train.optimizer_step, optimizer, trainable, sampler, max_grad_norm=1.0)
     n_train = sum(p.numel() for p in trainable)
     time_it(f"reference log-probs, {G} x {L + T} tokens", reference_logprobs)
     time_it(f"policy forward + backward, {G} x {L + T} tokens (checkpointed)", policy_backward)
     # AdamW reads parameters, gradients and both moments, and writes all but the gradients: 28 bytes each.
-    time_it(f"AdamW step + sampler refresh, {n_train:,} fp32 parameters", lambda _: optimizer_step(), setup=policy_backward,
-            floor_ms=(28 + (dtype.itemsize + 4 if sampler.model is not policy else 0)) * n_train / bandwidth * 1e3, bound="memory")
-    phases = [name for name in measured if not name.startswith(("prefill", "decode"))]  # the rollout row holds the prefill
+    adamw_bytes = (28 + (dtype.itemsize + 4 if sampler.model is not policy else 0)) * n_train
+    time_it(f"AdamW step + sampler refresh, {n_train:,} fp32 parameters", lambda _: optimizer_step(),
+            setup=lambda: (policy_backward(),), floor_ms=adamw_bytes / bandwidth * 1e3, bound="memory")
+    phases = [name for name in measured if not name.startswith(("prefill", "decode"))]  # the rollout holds the prefill
 
     # -------------------------------------------------- the whole step: train.py's own collect + update
     P = shapes["prompts"]
-    stand_in = StandIn(ids, pixels)
+    # What train.collect reads from the data side, without files: one fixed prompt for every sample, its video
+    # in memory, completions never decoded (equal rewards: the advantages are the noise alone).
+    prompt, video = ids[0].tolist(), pixels.cpu()
+    tok = SimpleNamespace(eos_id=NEVER, pad_id=0, prompt_ids=lambda question, max_len: prompt, decode=lambda c: "")
+    load = lambda batch: (batch, video.expand(len(batch), *video.shape[1:]))  # noqa: E731
     samples = [SimpleNamespace(question="", solution="A") for _ in range(P)]
     del r, ref_logp
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    step_names = {}
+    step_ms = []
     for rb in sorted({1, P}):
         cfg = train.TrainConfig(stage="grpo", group_size=G, max_new_tokens=T, prompts_per_step=P, micro_batch=1,
                                 rollout_batch=rb, max_len=10**6)
 
         def grpo_step(cfg=cfg):
-            train.grpo_step(policy, sampler, reference, stand_in, samples, stand_in, cfg, device, gen, optimizer_step)
+            train.grpo_step(policy, sampler, reference, tok, samples, load, cfg, device, gen, optimizer_step)
             optimizer_step()
 
-        name = step_names[rb] = f"GRPO step, {P} prompts, rollout batch {rb}"
-        time_it(name, grpo_step, floor_ms=P * sum(measured[k][1] for k in phases), bound="sum of phases")
-    result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
-    best_step = min(measured[n][0] for n in step_names.values())
-    result["projected_nextqa_hours"] = NEXTQA_STEPS * best_step / 3.6e6
-    log(f"the paper's GRPO run, {NEXTQA_STEPS} steps of {P} prompts at {best_step / 1e3:.2f} s: {result['projected_nextqa_hours']:.2f} h")
+        step_ms.append(time_it(f"GRPO step, {P} prompts, rollout batch {rb}", grpo_step,
+                               floor_ms=P * sum(measured[k][1] for k in phases), bound="sum of phases")[0])
+    result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
+    best_step = min(step_ms)
+    hours = result["projected_nextqa_hours"] = NEXTQA_STEPS * best_step / 3.6e6
+    log(f"the paper's GRPO run, {NEXTQA_STEPS} steps of {P} prompts at {best_step / 1e3:.2f} s: {hours:.2f} h")
 
     # -------------------------------------------------- the peers, once the training side is gone
     del policy, reference, optimizer, trainable, sampler
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.empty_cache()
-    peers = {}  # name -> (generate ms in all, ms per decode step)
-    hf_T = args.hf_new_tokens or T
+    peers, hf_T = {}, args.hf_new_tokens or T  # peers: name -> (generate ms in all, ms per decode step)
     try:
         import transformers
         result["hf"] = "skipped (--no-hf)" if args.no_hf else transformers.__version__
     except ImportError:
         result["hf"] = "transformers is not installed"
     if not args.no_hf and "transformers" in sys.modules:
-        hf = hf_peer(lm, device, dtype)
-        for name, static in (("HF generate, eager", False), ("HF generate, static cache" + (" + compile" if device.type == "cuda" else ""), True)):
-            log(f"{name}: {G} x {hf_T} tokens" + (" (the first run compiles)" if static and device.type == "cuda" else ""))
-            peers[name] = time_hf_generate(hf, clock, embeds, G, hf_T, static, warmup_tokens=hf_T if static else 4)
-            log(f"{name}: {peers[name][0]:.0f} ms in all, {peers[name][1]:.2f} ms per step")
-        del hf
+        peers = hf_peers(lm, clock, embeds.to(dtype), G, hf_T)
 
     # -------------------------------------------------- the rows
+    def row(name, ms, floor_ms, bound, peer=None, peer_ms=None):
+        return dict(name=name, ms=ms, floor_ms=floor_ms, bound=bound, of_floor=floor_ms / ms, peer=peer,
+                    peer_ms=peer_ms, speedup=peer_ms / ms if peer_ms else None)
+
     best = min(peers, key=lambda k: peers[k][1]) if peers else None
-    peer_of = {fast_name: (best, peers[best][1]) if best else None,
-               rollout_name: (best, peers[best][0] * T / hf_T) if best else None}  # scaled if the peers made fewer tokens
-    result["rows"] = []
+    # the best peer beside our decode step and our rollout (its time scaled if the peers made fewer tokens)
+    peer_of = {fast_name: (best, peers[best][1]), rollout_name: (best, peers[best][0] * T / hf_T)} if best else {}
+    result["rows"] = rows = []
     for name, (ms, floor_ms, bound) in measured.items():
-        peer, peer_ms = peer_of.get(name) or (None, None)
-        result["rows"].append(dict(name=name, ms=ms, floor_ms=floor_ms, bound=bound, of_floor=floor_ms / ms, peer=peer,
-                                   peer_ms=peer_ms, speedup=peer_ms / ms if peer_ms else None))
+        rows.append(row(name, ms, floor_ms, bound, *peer_of.get(name, ())))
         if name == eager_name:  # the peers' own decode steps, right below ours
-            for peer, (_, per_step) in peers.items():
-                result["rows"].append(dict(name=f"decode step, G={G}, {peer}", ms=per_step, floor_ms=step_floor, bound="memory",
-                                           of_floor=step_floor / per_step, peer=None, peer_ms=None, speedup=None))
+            rows += [row(f"decode step, G={G}, {p}", ms, step_floor, "memory") for p, (_, ms) in peers.items()]
     if not args.tiny:
-        fast, step = measured[fast_name], min(measured[n][0] for n in step_names.values())
-        got = dict(decode_ms=fast[0], decode_of_floor=fast[1] / fast[0], decode_speedup=peer_of[fast_name][1] / fast[0] if best else None,
-                   grpo_step_ms_per_prompt=step / P, grpo_step_ms=step, nextqa_hours=result["projected_nextqa_hours"],
+        fast_ms, fast_floor = measured[fast_name][:2]
+        got = dict(decode_ms=fast_ms, decode_of_floor=fast_floor / fast_ms,
+                   decode_speedup=peer_of[fast_name][1] / fast_ms if best else None,
+                   grpo_step_ms_per_prompt=best_step / P, grpo_step_ms=best_step, nextqa_hours=hours,
                    peak_memory_gb=result["peak_memory_gb"])
+        higher = ("decode_of_floor", "decode_speedup")  # the other targets are upper bounds
         result["targets"] = {k: dict(target=v, measured=got[k], met=None if got[k] is None else
-                                     (got[k] >= v if k in ("decode_of_floor", "decode_speedup") else got[k] <= v)) for k, v in TARGETS.items()}
+                                     (got[k] >= v if k in higher else got[k] <= v)) for k, v in TARGETS.items()}
     return result
 
 
-def describe(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    n = torch.get_num_threads()
-    return f"CPU ({platform.processor() or platform.machine()}, {n} thread{'s' if n > 1 else ''})"
-
-
 # ----------------------------------------------------------------------------- the report
-
 
 def table(result):
     lines = [f"{result['device']}, torch {result['torch']}, {result['dtype']}, shapes {result['shapes']}",
              f"copy bandwidth {result['copy_bandwidth_gbps']:.1f} GB/s, matmul {result['matmul_tflops']:.2f} TFLOP/s",
              "", f"{'phase':<58} {'ms':>10} {'floor ms':>10} {'of floor':>9}  {'peer':<34} {'peer ms':>10} {'speed-up':>8}"]
+    cell = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
     for r in result["rows"]:
-        cell = lambda v, f: format(v, f) if v is not None else "-"
         lines.append(f"{r['name']:<58} {cell(r['ms'], '10.2f')} {cell(r['floor_ms'], '10.3f'):>10} "
                      f"{cell(r['of_floor'] and 100 * r['of_floor'], '8.1f') + ('%' if r['of_floor'] else ''):>9}  "
                      f"{r['peer'] or '-':<34} {cell(r['peer_ms'], '10.2f'):>10} {cell(r['speedup'], '7.2f') + ('x' if r['speedup'] else ''):>8}")

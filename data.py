@@ -8,7 +8,7 @@ The published model saw 16 frames picked with `np.linspace(0, N-1, 16).astype(in
 frames, each resized with Pillow's bicubic filter (which antialiases when shrinking; OpenCV's INTER_CUBIC
 does not, and differs by a few percent of the range on a 720p frame). Both are reproduced here without
 Pillow. Then the datasets of the paper (NextQA GRPO rows, cold-start conversations, plain multiple
-choice), batching, and a synthetic video task small enough to train on a laptop CPU.
+choice) and batching.
 """
 
 import json
@@ -54,18 +54,14 @@ def _read(path, wanted=None):
     in `wanted` and stopping after the last of them; wanted=None decodes everything to count the frames.
     -> ({index: RGB frame}, number of frames decoded)."""
     cap, keep, n = _open(path), {}, 0
-    stop = max(wanted) if wanted else None
+    stop = max(wanted) if wanted else float("inf")
     try:
-        while cap.grab():
+        while n <= stop and cap.grab():
             if wanted and n in wanted:
                 ok, frame = cap.retrieve()
                 if ok:
-                    if frame.ndim == 2:  # grayscale
-                        frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
-                    keep[n] = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+                    keep[n] = cv2.cvtColor(frame, cv2.COLOR_GRAY2RGB if frame.ndim == 2 else cv2.COLOR_BGR2RGB)
             n += 1
-            if stop is not None and n > stop:
-                break
     finally:
         cap.release()
     return keep, n
@@ -75,15 +71,11 @@ def sample_frames(path, num_frames=16, max_frames=None):
     """(T, H, W, 3) uint8 RGB frames of a video file, spread uniformly over all its frames.
 
     num_frames=None with max_frames: the "fps mode", one frame a second up to max_frames
-    (min(max_frames, max(1, int(duration_s))))."""
-    def pick(n, fps):
-        if num_frames is not None:
-            return frame_indices(n, num_frames)
-        if not max_frames:
-            raise ValueError("sample_frames: give num_frames, or num_frames=None with max_frames")
-        duration = n / fps if fps and fps > 0 else n  # no frame rate: assume one frame a second
-        return frame_indices(n, min(max_frames, max(1, int(duration))))
-
+    (min(max_frames, max(1, int(duration_s))); no frame rate: one frame a second)."""
+    if num_frames is None and not max_frames:
+        raise ValueError("sample_frames: give num_frames, or num_frames=None with max_frames")
+    pick = lambda n, fps: frame_indices(n, num_frames if num_frames is not None else
+                                        min(max_frames, max(1, int(n / fps if fps and fps > 0 else n))))
     return read_frames(path, pick)[0]
 
 
@@ -94,15 +86,14 @@ def read_frames(path, pick):
     cap = _open(path)
     reported, fps = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), cap.get(cv2.CAP_PROP_FPS)
     cap.release()
-    n = reported if reported > 0 else _read(path)[1]
-    for attempt in range(2):
+    for attempt in range(2):  # the reported count, else (or if its frames do not decode) the count by decoding
+        n = reported if attempt == 0 and reported > 0 else _read(path)[1]
         if n <= 0:
             break
         idx = np.asarray(pick(n, fps))
         frames, _ = _read(path, set(idx.tolist()))
         if all(i in frames for i in idx):
             return np.stack([frames[i] for i in idx]), idx
-        n = _read(path)[1] if attempt == 0 else 0  # the reported count was wrong: count by decoding, try again
     raise VideoError(f"{path}: no decodable frame")
 
 
@@ -127,8 +118,7 @@ def resize_weights(size_in, size_out):
     stretch = max(scale, 1.0)
     support = 2.0 * stretch
     K = int(np.ceil(support)) * 2 + 1
-    idx = np.zeros((size_out, K), np.int64)
-    w = np.zeros((size_out, K), np.int32)
+    idx, w = np.zeros((size_out, K), np.int64), np.zeros((size_out, K), np.int32)
     for o in range(size_out):
         center = (o + 0.5) * scale
         lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), size_in)
@@ -177,8 +167,8 @@ def load_video(path, num_frames=16, max_frames=None, size=384):
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-GRPO_SUFFIX = " Output the thinking process in <think> </think> and final answer (option) in <answer> </answer> tags."
-REASON_SUFFIX = "\nOutput the thinking process in <think> </think> and final answer (option) in <answer> </answer> tags."
+THINK_ANSWER = "Output the thinking process in <think> </think> and final answer (option) in <answer> </answer> tags."
+GRPO_SUFFIX, REASON_SUFFIX = " " + THINK_ANSWER, "\n" + THINK_ANSWER  # NextQA's GRPO rows; the evaluation's
 OPTION_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 EOS = "<|endoftext|>"  # Qwen2.5: end of text, also the padding token; there is no BOS
 
@@ -192,11 +182,8 @@ def build_prompt(question):
 
 def format_options(options):
     """["sit down", "run"] -> "A. sit down\\nB. run" (options already lettered "A. ..." are kept)."""
-    lines = []
-    for i, o in enumerate(options):
-        letter = chr(ord("A") + i)
-        lines.append(o if o.startswith(f"{letter}.") else f"{letter}. {o}")
-    return "\n".join(lines)
+    letters = [chr(ord("A") + i) for i in range(len(options))]
+    return "\n".join(o if o.startswith(f"{a}.") else f"{a}. {o}" for a, o in zip(letters, options))
 
 
 def mc_question(question, options, mode="reason"):
@@ -237,9 +224,9 @@ def slow_tokenizer(folder):
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    tok.add_tokens([AddedToken(t["content"], special=t.get("special", True), lstrip=t.get("lstrip", False),
-                               rstrip=t.get("rstrip", False), normalized=t.get("normalized", False),
-                               single_word=t.get("single_word", False)) for _, t in sorted(added.items())])
+    flags = ("lstrip", "rstrip", "normalized", "single_word")
+    tok.add_tokens([AddedToken(t["content"], special=t.get("special", True), **{k: t.get(k, False) for k in flags})
+                    for _, t in sorted(added.items())])
     return tok
 
 
@@ -259,10 +246,9 @@ class Tokenizer:
             self.tok, file = slow_tokenizer(path), os.path.join(path, "vocab.json")
         else:
             raise FileNotFoundError(f"{file}: no such tokenizer file (nor vocab.json and merges.txt beside it)")
-        self.eos_id = self.tok.token_to_id(EOS)
+        self.eos_id = self.pad_id = self.tok.token_to_id(EOS)
         if self.eos_id is None:
             raise DataError(f"{file}: the vocabulary has no {EOS} token")
-        self.pad_id = self.eos_id
         self.vocab_size = self.tok.get_vocab_size()
         if max_vocab is not None and self.vocab_size > max_vocab:
             raise DataError(f"{file}: {self.vocab_size} tokens, more than the model's {max_vocab} embeddings")
@@ -345,9 +331,7 @@ def _rows(path):
 
 
 def _grpo_sample(row, path, line, root):
-    problem = _field(row, "problem", path, line)
-    solution = _field(row, "solution", path, line)
-    video = _field(row, "video_filename", path, line)
+    problem, solution, video = (_field(row, k, path, line) for k in ("problem", "solution", "video_filename"))
     meta = {k: v for k, v in row.items() if k not in ("problem", "solution", "video_filename")}
     return Sample(os.path.join(root, video), problem + GRPO_SUFFIX, solution, {**meta, "line": line})
 
@@ -382,17 +366,13 @@ def read_samples(path, root=None, errors="raise", mode="reason"):
         try:
             if isinstance(row, DataError):
                 raise row
-            if isinstance(row, dict) and "conversations" in row:
-                samples.append(_coldstart_sample(row, path, line, root))
-            elif isinstance(row, dict) and "problem" in row:
-                samples.append(_grpo_sample(row, path, line, root))
-            elif isinstance(row, dict) and "options" in row:
-                samples.append(_mc_sample(row, path, line, root, mode))
-            else:
+            if not isinstance(row, dict) or not {"conversations", "problem", "options"} & set(row):
                 raise DataError(f"{path}:{line}: not a known row format (needs 'conversations', 'problem' or 'options')")
-            if "<image>" in samples[-1].question:  # the prompt template puts the video first, alone
-                samples.pop()
+            s = (_coldstart_sample(row, path, line, root) if "conversations" in row else
+                 _grpo_sample(row, path, line, root) if "problem" in row else _mc_sample(row, path, line, root, mode))
+            if "<image>" in s.question:  # the prompt template puts the video first, alone
                 raise DataError(f"{path}:{line}: the question contains <image> (the video goes before the question)")
+            samples.append(s)
         except DataError as e:
             if errors == "raise":
                 raise

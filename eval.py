@@ -93,7 +93,6 @@ def load_clip(sample, num_frames, size):
 
 # ----------------------------------------------------------------------------- the original answer parser
 
-
 def parse_original(text, choices, rng):
     """The original scripts' parser -> (letter or None, whether it was a random guess). Inside the first
     <answer>\\s*(.*?)\\s*</answer> (the dot does not match a newline): its first character if that is one of
@@ -136,11 +135,11 @@ def read_json(path, what):
             raise D.DataError(f"{path}: not valid JSON ({e})") from None
 
 
-def letter_of(answer, options, where):
-    """The letter of `answer`, an option's text, among `options`."""
-    if answer not in options:
-        raise D.DataError(f"{where}: answer {answer!r} is not one of the options {options}")
-    return chr(ord("A") + options.index(answer))
+def letter_of(answer, among, where, what="options"):
+    """The letter of `answer` by its place among the options (their texts, or the benchmark's own letters)."""
+    if answer not in among:
+        raise D.DataError(f"{where}: answer {answer!r} is not one of the {what} {among}")
+    return chr(ord("A") + among.index(answer))
 
 
 def mc_sample(video, question, options, letter, mode, body=None, choices=None, **meta):
@@ -254,9 +253,8 @@ def read_videomme(root, mode, protocol="clean"):
             letters = [str(o).split(".")[0] for o in need(row, "options", where)]
             meta = dict(body=f"{question}\nOptions:\n" + "\n".join(map(str, row["options"])), choices=letters,
                         frames_rule="unique")
-        if answer not in letters:
-            raise D.DataError(f"{where}: answer {answer!r} is not one of the option letters {letters}")
-        letter = answer if protocol == "original" else chr(ord("A") + letters.index(answer))
+        letter = letter_of(answer, letters, where, "option letters")  # checked under both protocols
+        letter = answer if protocol == "original" else letter  # the original keeps the benchmark's own letter
         samples.append(mc_sample(os.path.join(root, "data", f"{video_id}.mp4"), question, options, letter, mode,
                                  line=str(row.get("question_id", i)), duration=need(row, "duration", where),
                                  task_type=row.get("task_type"), **meta))
@@ -311,11 +309,10 @@ def read_mmvu(root, mode, protocol="clean"):
         else:
             choices = {k: v for k, v in choices.items() if str(v).strip()}
         answer = str(need(item, "answer", where)).strip()
-        if answer not in choices:
-            raise D.DataError(f"{where}: answer {answer!r} is not one of the choices {list(choices)}")
+        letter = letter_of(answer, list(choices), where, "choices")  # checked under both protocols
+        letter = answer if protocol == "original" else letter  # the original keeps the benchmark's own letter
         video = need(item, "video", where)
         video = video.split(MMVU_URL, 1)[1] if MMVU_URL in video else video
-        letter = answer if protocol == "original" else chr(ord("A") + list(choices).index(answer))
         samples.append(mc_sample(os.path.join(root, video), question, [str(v) for v in choices.values()], letter,
                                  mode, line=str(item.get("id", i)),
                                  subject=(item.get("metadata") or {}).get("subject", "all"), **meta))
@@ -323,16 +320,11 @@ def read_mmvu(root, mode, protocol="clean"):
 
 
 # name: (reader, the meta field each table row groups by, how the benchmark's own average is taken)
-BENCHMARKS = {
-    "mvbench": (read_mvbench, "task", "micro"),
-    "videomme": (read_videomme, "duration", "micro"),
-    "mlvu": (read_mlvu, "task", "macro"),
-    "mmvu": (read_mmvu, "subject", "micro"),
-}
+BENCHMARKS = {"mvbench": (read_mvbench, "task", "micro"), "videomme": (read_videomme, "duration", "micro"),
+              "mlvu": (read_mlvu, "task", "macro"), "mmvu": (read_mmvu, "subject", "micro")}
 
 
 # ----------------------------------------------------------------------------- averages and the table
-
 
 def summarize(records, group, average, order=(), missing=()):
     """Accuracy per group (task, duration or subject) and the benchmark's average: "micro" over all answered
@@ -355,17 +347,12 @@ def summarize(records, group, average, order=(), missing=()):
         guess = g.pop("guess")
         g["accuracy"] = g["correct"] / g["total"] if g["total"] else None
         g["guessed"] = (g["correct"] + guess) / g["total"] if g["total"] else None
+    out = {"average_kind": average, "groups": groups,
+           **{key: sum(g[key] for g in groups.values()) for key in ("correct", "total", "unparsed", "missing")}}
     answered = [g for g in groups.values() if g["total"]]
-    out = {"average_kind": average, "groups": groups}
-    for key in ("correct", "total", "unparsed", "missing"):
-        out[key] = sum(g[key] for g in groups.values())
+    weights = [1 if average == "macro" else g["total"] for g in answered]  # macro: each group alike
     for key, field in (("average", "accuracy"), ("average_guessed", "guessed")):
-        if not answered:
-            out[key] = None
-        elif average == "macro":
-            out[key] = sum(g[field] for g in answered) / len(answered)
-        else:
-            out[key] = sum(g[field] * g["total"] for g in answered) / out["total"]
+        out[key] = sum(w * g[field] for w, g in zip(weights, answered)) / sum(weights) if answered else None
     return out
 
 
@@ -374,17 +361,12 @@ def format_table(title, summary, group):
     def pct(x):
         return f"{'-':>5}" if x is None else f"{100 * x:5.1f}"
 
+    def row(name, g):
+        return (f"{str(name):<{width}}  {pct(g['accuracy'])}  {g['correct']:>6}/{g['total']:<6}  "
+                f"{g['unparsed']:>8}  {g['missing']:>7}  {pct(g['guessed']):>9}")
+
     width = max([len(str(n)) for n in summary["groups"]] + [28])
     head = f"{group:<{width}}  {'acc %':>5}  {'correct/total':>13}  {'unparsed':>8}  {'missing':>7}  {'guessed %':>9}"
-    lines = [title, head, "-" * len(head)]
-    rows = list(summary["groups"].items())
-    rows.append((f"average ({summary['average_kind']})", {**summary, "accuracy": summary["average"],
-                                                          "guessed": summary["average_guessed"]}))
-    for i, (name, g) in enumerate(rows):
-        if i == len(rows) - 1:
-            lines.append("-" * len(head))
-        lines.append(f"{str(name):<{width}}  {pct(g['accuracy'])}  {g['correct']:>6}/{g['total']:<6}  "
-                     f"{g['unparsed']:>8}  {g['missing']:>7}  {pct(g['guessed']):>9}")
-    return "\n".join(lines)
-
-
+    average = {**summary, "accuracy": summary["average"], "guessed": summary["average_guessed"]}
+    return "\n".join([title, head, "-" * len(head), *(row(n, g) for n, g in summary["groups"].items()),
+                      "-" * len(head), row(f"average ({summary['average_kind']})", average)])

@@ -78,14 +78,12 @@ THINK_CHARS_FOR_FULL_FORMAT = 1200
 
 def _answer(text):
     """The stripped text inside the first <answer></answer>, or the whole stripped text."""
-    text = text.strip()
     m = ANSWER.search(text)
     return (m.group(1) if m else text).strip()
 
 
 def accuracy_reward(completion, solution):
-    """1.0 if the completion's answer equals the solution's, or the solution is the answer's first
-    character ("B. sit down" for solution "B"); else 0.0. Case-sensitive."""
+    """1.0 if the answer equals the solution's or its first character does ("B. sit down", "B"), case-sensitive."""
     answer, truth = _answer(completion), _answer(solution)
     return 1.0 if answer == truth or (answer and truth == answer[0]) else 0.0
 
@@ -144,14 +142,12 @@ def group_advantages(rewards, group_size, noise_std=0.02, scale="group", generat
     """rewards (N,) -> (r - group mean) / (std + 1e-4) + N(0, noise_std^2), (N,). scale "group": each
     group's unbiased std (the paper); "batch": the batch's; "none": no division (Dr. GRPO)."""
     r = _groups(rewards.float(), group_size, "group_advantages")
-    centred = r - r.mean(1, keepdim=True)
-    if scale == "group":
-        centred = centred / (r.std(1, keepdim=True) + 1e-4)
-    elif scale == "batch":
-        centred = centred / (r.std() + 1e-4)
-    elif scale != "none":
+    if scale not in ("group", "batch", "none"):
         raise ValueError(f"group_advantages: scale must be 'group', 'batch' or 'none', got {scale!r}")
-    adv = centred.flatten()
+    adv = r - r.mean(1, keepdim=True)
+    if scale != "none":
+        adv = adv / ((r.std(1, keepdim=True) if scale == "group" else r.std()) + 1e-4)
+    adv = adv.flatten()
     if noise_std:
         device = adv.device if generator is None else generator.device  # draw where the generator lives
         adv = adv + noise_std * torch.randn(adv.shape, generator=generator, device=device).to(adv.device)
@@ -167,8 +163,8 @@ def zero_variance_groups(rewards, group_size):
 def shuffle_frames(pixel_values, generator=None):
     """(B, T, 3, H, W) -> the same frames in a random order, a different permutation per row (T-GRPO)."""
     B, T = pixel_values.shape[:2]
-    device = "cpu" if generator is None else generator.device
-    order = torch.stack([torch.randperm(T, generator=generator, device=device) for _ in range(B)])
+    order = torch.stack([torch.randperm(T, generator=generator, device=getattr(generator, "device", "cpu"))
+                         for _ in range(B)])
     rows = torch.arange(B, device=pixel_values.device)[:, None]
     return pixel_values[rows, order.to(pixel_values.device)]
 
@@ -210,20 +206,12 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-def step_keys(row_seeds, t):
-    """(N,) row seeds and a decode step t -> (N,) keys for that step's draws."""
-    return _mix32(row_seeds ^ _mix32(torch.full_like(row_seeds, t + 0x5EED)))
-
-
 def sample_token(logits, temperature=1.0, top_k=50, top_p=1.0, generator=None, keys=None):
-    """logits (N, V) -> tokens (N,) and their log-probs under logits / temperature (top-k and top-p
-    only cut the tail sampled from); temperature 0 is greedy.
-
-    The Gumbel-max trick, argmax(logit + Gumbel noise) over the kept tokens, samples exactly
-    softmax(kept logits). Row n's noise for token v is a hash of (keys[n], v): a row's sample never
-    depends on which rows share the batch, so a rollout samples the same completions whether its
-    prompts decode together or apart, and whether finished rows were dropped. keys (N,) ints; None:
-    drawn from `generator`."""
+    """logits (N, V) -> tokens (N,) and their log-probs under logits / temperature (top-k and top-p only cut
+    the tail sampled from); temperature 0 is greedy. Gumbel-max: argmax(logit + Gumbel noise) over the kept
+    tokens samples exactly softmax(kept logits). Row n's noise for token v is a hash of (keys[n], v), so a
+    row's sample never depends on which rows share the batch: a rollout samples the same completions whether
+    its prompts decode together or apart, finished rows dropped or not. keys (N,) ints; None: from `generator`."""
     logits = logits.float()
     if temperature == 0:
         tok = logits.argmax(-1)
@@ -262,11 +250,9 @@ def rollout(model, input_ids, video_embeds, eos_id, pad_id=None, attention_mask=
     embeds, mask = model.embed(input_ids, video_embeds, attention_mask)  # (P, L-1+Q, d)
     if not mask[:, -1].all():
         raise ValueError("rollout needs left-padded prompts: every row's last position must be real")
-    P, G = embeds.shape[0], group_size
-    device = embeds.device
+    P, G, device = embeds.shape[0], group_size, embeds.device
     if seeds is None:
-        device_g = "cpu" if generator is None else generator.device
-        seeds = torch.randint(0, 2**31, (P,), generator=generator, device=device_g)
+        seeds = torch.randint(0, 2**31, (P,), generator=generator, device=getattr(generator, "device", "cpu"))
     rows = torch.arange(P * G, device=device)
     row_seeds = _mix32(seeds.to(device).repeat_interleave(G) * G + rows % G)  # sample g of prompt p
     cache = model.new_cache(P, embeds.shape[1] + max_new_tokens)
@@ -277,7 +263,8 @@ def rollout(model, input_ids, video_embeds, eos_id, pad_id=None, attention_mask=
     done = torch.zeros(P * G, dtype=torch.bool, device=device)
     live = rows  # the rows still in the batch (all of them until half have finished)
     for t in range(max_new_tokens):
-        tok, lp = sample_token(last, temperature, top_k, top_p, keys=step_keys(row_seeds[live], t))
+        keys = _mix32(row_seeds[live] ^ _mix32(t + 0x5EED))  # (rows,) the keys of step t's draws
+        tok, lp = sample_token(last, temperature, top_k, top_p, keys=keys)
         ids[live, t] = torch.where(done[live], pad_id, tok)
         logprobs[live, t] = torch.where(done[live], 0.0, lp)
         done[live] |= tok == eos_id
@@ -302,10 +289,7 @@ def rollout(model, input_ids, video_embeds, eos_id, pad_id=None, attention_mask=
 def concat_rollouts(rolls):
     """Rollouts of several batches of prompts as one, completions right-padded to the longest."""
     T = max(r.completion_ids.shape[1] for r in rolls)
-
-    def cat(name):
-        return torch.cat([F.pad(getattr(r, name), (0, T - getattr(r, name).shape[1])) for r in rolls])
-
+    cat = lambda name: torch.cat([F.pad(getattr(r, name), (0, T - getattr(r, name).shape[1])) for r in rolls])
     return Rollout(cat("completion_ids"), cat("mask"), cat("logprobs"), torch.cat([r.truncated for r in rolls]),
                    rolls[0].group_size)
 
@@ -313,8 +297,7 @@ def concat_rollouts(rolls):
 def completion_mask(ids, eos_id):
     """(N, T) -> float mask, 1 up to and including each row's first eos (all 1 without eos)."""
     is_eos = (ids == eos_id).long()
-    after = is_eos.cumsum(1) - is_eos  # eos tokens strictly before each position
-    return (after == 0).float()
+    return (is_eos.cumsum(1) - is_eos == 0).float()  # no eos strictly before the position
 
 
 def completion_logprobs(model, input_ids, video_embeds, completion_ids, completion_mask, attention_mask=None,
@@ -361,15 +344,12 @@ def completion_logprobs(model, input_ids, video_embeds, completion_ids, completi
 
 
 class FastDecode:
-    """A drop-in `decode_step(tokens, cache)` with the eager one's results, faster: `rollout`'s `decode`.
-    compile: `step_logits` through torch.compile (fused kernels); cuda_graph: capture the step as a
-    CUDA graph and replay it (None: when on CUDA). No gradients: it is for sampling.
-
-    The graph is captured the first time the step meets a cache (once per rollout: it reads that
-    cache's tensors at their addresses) and replayed for every later step on it. The capture is
-    explicit, not torch.compile(mode="reduce-overhead"): its graph trees run without graphs a function
-    that mutates inputs at addresses they do not own, as a step does the cache, and re-record, up to
-    a limit, for every new cache."""
+    """A drop-in `decode_step(tokens, cache)` with the eager one's results, faster (`rollout`'s `decode`), for
+    sampling (no gradients). compile: `step_logits` through torch.compile (fused kernels); cuda_graph: capture
+    the step as a CUDA graph and replay it (None: when on CUDA). The graph is captured the first time the step
+    meets a cache (once per rollout: it reads that cache's tensors at their addresses), replayed for every later
+    step on it. Explicitly, not by torch.compile(mode="reduce-overhead"): its graph trees run without graphs a
+    function that mutates inputs it does not own, as a step does the cache, and re-record for every new cache."""
 
     def __init__(self, lm, compile=True, cuda_graph=None):
         self.lm, self.cuda_graph = lm, cuda_graph
@@ -415,24 +395,30 @@ class FastDecode:
         return graph, static_tokens, logits
 
 
-class Sampler:
-    """What rollouts sample from, and how: `rollout(...)` with this model and decode step.
+def frozen_copy(model, dtype=None):
+    """A frozen copy of connector + decoder (cast to `dtype`), sharing the model's frozen vision tower:
+    the reference model, and the sampler's low-precision copy."""
+    tower, model.vision_tower = model.vision_tower, None  # shared, not copied
+    try:
+        twin = copy.deepcopy(model).to(dtype)
+    finally:
+        model.vision_tower = tower
+    twin.vision_tower = tower
+    return twin.requires_grad_(False).eval()
 
-    On a GPU the trainable parts (connector + decoder) are copied once in `dtype` (bf16), with a bf16
-    KV cache: a decode step reads 6 GB of weights rather than converting 12 GB of fp32 master weights
-    under autocast; the frozen vision tower is shared. `refresh()` copies the policy's weights in after
-    every optimizer step, in place, so a compiled step stays valid. dtype None (the CPU): the policy
-    samples itself. compile: decode through a FastDecode. own_copy: a copy even in the policy's dtype
-    (a policy sharded with FSDP cannot decode rank by rank)."""
+
+class Sampler:
+    """What rollouts sample from, and how: `rollout(...)` with this model and decode step. On a GPU the
+    trainable parts are copied once in `dtype` (bf16), with a bf16 KV cache: a decode step reads 6 GB of weights
+    rather than converting 12 GB of fp32 master weights under autocast. `refresh()` copies the policy's weights
+    in after every optimizer step, in place, so a compiled step stays valid. dtype None (the CPU): the policy
+    samples itself. compile: decode through a FastDecode. own_copy: a copy even in the policy's dtype (a policy
+    sharded with FSDP cannot decode rank by rank)."""
 
     def __init__(self, policy, dtype=None, compile=False, own_copy=False):
         self.policy, self.model = policy, policy
         if own_copy or (dtype is not None and dtype != policy.language_model.model.embed_tokens.weight.dtype):
-            tower, policy.vision_tower = policy.vision_tower, None  # shared, not copied
-            try:
-                self.model = copy.deepcopy(policy).to(dtype).requires_grad_(False).eval()
-            finally:
-                policy.vision_tower = self.model.vision_tower = tower
+            self.model = frozen_copy(policy, dtype)
         lm = self.model.language_model
         self.decode = FastDecode(lm) if compile else lm.decode_step
 
@@ -445,9 +431,7 @@ class Sampler:
 
     def rollout(self, input_ids, video_features, eos_id, **kw):
         """`rollout` from frozen vision features (P, T*728, 1152) through this model's connector."""
-        model = self.model
-        was_training = model.training
-        model.eval()
+        was_training, model = self.model.training, self.model.eval()
         try:
             with torch.no_grad():
                 return rollout(model, input_ids, model.connect(video_features), eos_id, decode=self.decode, **kw)
@@ -481,9 +465,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.01, loss_type="
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"grpo_loss: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
-    mask = mask.float()
-    if truncated is not None:
-        mask = mask * (~truncated.bool()).float()[:, None]
+    mask = mask.float() if truncated is None else mask.float() * (~truncated.bool()).float()[:, None]
 
     old = logp.detach() if old_logp is None else old_logp
     ratio = torch.exp(logp - old)
@@ -521,12 +503,10 @@ REFLECTION = re.compile(r"\b(?:wait\b|re-?check|let me reconsider)", re.IGNORECA
 
 
 def step_metrics(rollout, completions, scores, group_size, kl=None, times=None):
-    """Floats to log for one step, under TRL's names: reward (mean), reward_std (mean of the groups'
-    stds), reward/<name> (each other entry of `scores`), accuracy, format (share in format),
-    completion_length (tokens up to and including eos) with _min and _max, truncated (share with no
-    eos), zero_std_groups, reflection (share saying "wait", "re-check" or "let me reconsider"), kl
-    when given; with `times` {phase: seconds}, time/<phase> and tokens_per_s (N x steps decoded
-    positions per second of the "rollout" phase)."""
+    """Floats to log for one step, under TRL's names (reward_std: the mean of the groups' stds; format,
+    truncated, zero_std_groups, reflection: shares of completions or groups; completion_length: tokens up to
+    and including eos), kl when given; with `times` {phase: seconds}: time/<phase> and tokens_per_s (N x steps
+    decoded positions per second of the "rollout" phase)."""
     N = rollout.completion_ids.shape[0]
     reward, lengths = scores["reward"].float(), rollout.mask.sum(1).float()
     out = {"reward": reward.mean().item(), "reward_std": reward.view(-1, group_size).std(1).mean().item(),

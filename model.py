@@ -16,12 +16,11 @@ A video becomes text-sized tokens in three steps, and a language model reads the
                                      (B, L - 1 + 512, 151936) logits
 
 Module names follow the published safetensors keys, so a reader can map every tensor to its key
-(weights.py reads and writes the published files: `from_pretrained`, `save_pretrained`).
-
-Sections, in the order data flows: configs, vision encoder, connectors, decoder with its key/value
-cache, the whole model.
+(weights.py reads and writes the published files: `from_pretrained`, `save_pretrained`). Sections
+follow the data: configs, vision encoder, connectors, decoder with its key/value cache, the whole model.
 """
 
+import copy
 import dataclasses
 import math
 import warnings
@@ -44,8 +43,7 @@ IMAGE_TOKEN_INDEX = -200  # the placeholder id in prompt ids; the model puts the
 
 
 def _pick(cls, d):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
+    return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
 
 
 @dataclass
@@ -126,9 +124,8 @@ class TinyLLaVAConfig:
     def to_dict(self):
         d = dict(self.raw)
         # heads, dim_head, ff_mult are not in the published config.json: written only when not the published ones
-        default = ConnectorConfig()
         d.update({k: v for k, v in dataclasses.asdict(self.connector).items()
-                  if k not in ("heads", "dim_head", "ff_mult") or v != getattr(default, k)})
+                  if k not in ("heads", "dim_head", "ff_mult") or v != getattr(ConnectorConfig, k)})
         d.update(hidden_size=self.text.hidden_size, vocab_size=self.text.vocab_size,
                  **{k: getattr(self, k) for k in ("vision_feature_layer", "vision_feature_select_strategy",
                     "image_token_index", "tokenizer_model_max_length", "pad_token", "torch_dtype")})
@@ -138,9 +135,8 @@ class TinyLLaVAConfig:
 
     @property
     def vision_layers_used(self):
-        """How many encoder layers run: hidden_states[k] is the output of layer k (0 = embeddings)."""
-        n, k = self.vision.num_hidden_layers, self.vision_feature_layer
-        return n + 1 + k if k < 0 else k
+        k = self.vision_feature_layer  # layers run: hidden_states[k] is the output of layer k (0: embeddings)
+        return self.vision.num_hidden_layers + 1 + k if k < 0 else k
 
 
 # Named small sizes, for a CPU: "tiny" is `bench.py --tiny`'s (a GRPO step in well under a second),
@@ -227,12 +223,11 @@ class SiglipVisionEncoder(nn.Module):
         self.embeddings = SiglipEmbeddings(cfg)
         self.encoder = nn.Module()  # a bare container, so that keys read encoder.layers.N
         self.encoder.layers = nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(num_layers))
-        self.gradient_checkpointing = False
 
-    def forward(self, pixels):  # (N, 3, H, W) -> (N, P, hidden)
+    def forward(self, pixels):  # (N, 3, H, W) -> (N, P, hidden); frozen in training, so never checkpointed
         x = self.embeddings(pixels)
         for layer in self.encoder.layers:
-            x = checkpoint(layer, x, use_reentrant=False) if self.gradient_checkpointing and self.training else layer(x)
+            x = layer(x)
         return x
 
 
@@ -240,15 +235,11 @@ class SiglipVisionEncoder(nn.Module):
 
 
 def sinusoid_table(n, dim, device=None):
-    """(n, dim) position encoding: sin on even channels, cos on odd, frequencies 10000^(-2i/dim).
-
-    Rounded to fp16, as the original built it; the published weights were trained with that table."""
+    """(n, dim) position encoding: sin on even channels, cos on odd, frequencies 10000^(-2i/dim). Rounded
+    to fp16, as the original built it; the published weights were trained with that table."""
     pos = torch.arange(n, device=device, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    table = torch.zeros(n, dim, device=device, dtype=torch.float32)
-    table[:, 0::2] = torch.sin(pos * freq)
-    table[:, 1::2] = torch.cos(pos * freq)
-    return table.half()
+    angle = pos * torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    return torch.stack([angle.sin(), angle.cos()], dim=-1).flatten(1).half()  # (n, dim/2, 2) -> (n, dim)
 
 
 class PerceiverAttention(nn.Module):
@@ -353,25 +344,19 @@ def apply_rope(x, cos, sin):  # x (B, heads, L, head_dim)
 
 class KVCache:
     """Preallocated keys and values, static shapes so a decode step can be compiled: k, v hold one
-    (B, kv_heads, max_len, head_dim) tensor per layer (one big tensor made torch.compile copy it all
-    every step). All rows write the same slot each step (prompts are left-padded); `valid` (B, max_len)
-    marks real tokens, `next_pos` (B,) each row's next RoPE position. The write slot is kept twice:
-    `pos` on the device, read and advanced by the step itself (no host value baked into the graph),
-    and `length` on the host, advanced by `reserve` (bounds checks without a sync). All updates are
-    in place: a captured CUDA graph reads these tensors at fixed addresses."""
+    (B, kv_heads, max_len, head_dim) tensor per layer (one big tensor made torch.compile copy it all every
+    step). All rows write the same slot each step (prompts are left-padded); `valid` (B, max_len) marks real
+    tokens, `next_pos` (B,) each row's next RoPE position. The write slot is kept twice: `pos` on the device,
+    advanced by the step itself (no host value baked into the graph), and `length` on the host, advanced by
+    `reserve` (bounds checks without a sync). Updates are in place: a CUDA graph reads fixed addresses."""
 
     def __init__(self, cfg, batch, max_len, device=None, dtype=torch.float32):
-        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        shape, n = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim), cfg.num_hidden_layers
+        self.k, self.v = ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)] for _ in "kv")
         self.valid = torch.zeros(batch, max_len, device=device, dtype=torch.bool)
         self.next_pos = torch.zeros(batch, device=device, dtype=torch.long)
         self.pos = torch.zeros((), device=device, dtype=torch.long)  # the next slot to write, on the device
-        self.length = 0  # slots written so far, the same for every row (== pos, on the host)
-
-    @property
-    def max_len(self):
-        return self.k[0].shape[2]
+        self.length, self.max_len = 0, max_len  # length: slots written so far, every row (== pos, on the host)
 
     def reserve(self, n):  # claim the next n slots on the host, before a step writes them
         if self.length + n > self.max_len:
@@ -385,9 +370,9 @@ class KVCache:
         return self._rows(lambda t: t.index_select(0, rows))
 
     def _rows(self, f):
-        new = KVCache.__new__(KVCache)
+        new = copy.copy(self)  # length and max_len as they are
         new.k, new.v = [f(t) for t in self.k], [f(t) for t in self.v]
-        new.valid, new.next_pos, new.pos, new.length = f(self.valid), f(self.next_pos), self.pos.clone(), self.length
+        new.valid, new.next_pos, new.pos = f(self.valid), f(self.next_pos), self.pos.clone()
         return new
 
 
@@ -395,7 +380,7 @@ class Qwen2Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.heads, self.kv_heads, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, hd
         self.q_proj = nn.Linear(d, self.heads * hd)
         self.k_proj = nn.Linear(d, self.kv_heads * hd)
         self.v_proj = nn.Linear(d, self.kv_heads * hd)
@@ -403,10 +388,8 @@ class Qwen2Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0, slots=None):  # x (B, L, d), mask (B, 1, 8*L, S)
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.heads, -1).transpose(1, 2)  # (B, 16, L, 128)
-        k = self.k_proj(x).view(B, L, self.kv_heads, -1).transpose(1, 2)  # (B, 2, L, 128)
-        v = self.v_proj(x).view(B, L, self.kv_heads, -1).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (p(x).view(B, L, -1, self.hd).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # q (B, 16, L, 128), k and v (B, 2, L, 128)
         if cache is not None:  # write this step's keys/values, attend over all max_len slots
             cache.k[layer].index_copy_(2, slots, k.to(cache.k[layer].dtype))
             cache.v[layer].index_copy_(2, slots, v.to(cache.v[layer].dtype))
@@ -470,47 +453,42 @@ class Qwen2Model(nn.Module):
         after a row's last real token then differ from the masked path's, and nothing reads them."""
         if cache is not None:
             cache.reserve(x.shape[1])
-        elif attention_mask is None or not (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
-            return self.run_layers(x, None, None, causal=True)
+        elif attention_mask is not None and not (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
+            attention_mask = None
         return self.run_layers(x, attention_mask, cache)
 
-    def run_layers(self, x, attention_mask=None, cache=None, causal=False):
-        """`forward` once the cache slots are reserved: tensor operations only, no host values and
-        no syncs, so a decode step is the same graph every time (what grpo.FastDecode compiles)."""
+    def run_layers(self, x, attention_mask=None, cache=None):
+        """`forward` once the cache slots are reserved (no mask and no cache: plain causal). Tensor operations
+        only, no host values and no syncs, so a decode step is the same graph every time (what
+        grpo.FastDecode compiles)."""
         B, L, _ = x.shape
-        if causal:
-            positions = torch.arange(L, device=x.device)[None].expand(B, L)
-            cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-            return self.norm(self._layers(x, cos, sin, None, None, None))
         real = torch.ones(B, L, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
-        if cache is None:
-            slots = torch.arange(L, device=x.device)
-            key_real, key_slots, first_pos = real, slots, 0
-        else:
-            slots = cache.pos + torch.arange(L, device=x.device)  # (L,) the slots these tokens fill
+        slots = torch.arange(L, device=x.device)  # (L,) the slots these tokens fill
+        key_real, key_slots, first_pos = real, slots, 0
+        if cache is not None:
+            slots = cache.pos + slots
             cache.valid.index_copy_(1, slots, real)
             key_real, key_slots = cache.valid, torch.arange(cache.max_len, device=x.device)
             first_pos = cache.next_pos[:, None].clone()  # (B, 1), read before the advance below
             cache.next_pos.add_(real.sum(1))
             cache.pos.add_(L)
         positions = (first_pos + real.cumsum(1) - 1).clamp(min=0)  # (B, L)
-        # (B, L, S): causal over slots, real keys only; every slot sees itself so that rows of
-        # pure padding stay finite instead of a softmax over nothing.
-        causal = key_slots[None, :] <= slots[:, None]
-        mask = (causal[None] & key_real[:, None, :]) | (key_slots[None, :] == slots[:, None])[None]
-        # In the attention's grouped layout: rows j*L + l for the j-th query head of a key/value head.
-        rep = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
-        mask = mask[:, None].repeat(1, 1, rep, 1)  # (B, 1, 8*L, S)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        return self.norm(self._layers(x, cos, sin, mask, cache, slots))
-
-    def _layers(self, x, cos, sin, mask, cache, slots):
+        mask = None
+        if attention_mask is not None or cache is not None:
+            # (B, L, S): causal over slots, real keys only; every slot sees itself so that rows of
+            # pure padding stay finite instead of a softmax over nothing.
+            causal = key_slots[None, :] <= slots[:, None]
+            mask = (causal[None] & key_real[:, None, :]) | (key_slots[None, :] == slots[:, None])[None]
+            # In the attention's grouped layout: rows j*L + l for the j-th query head of a key/value head.
+            rep = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
+            mask = mask[:, None].repeat(1, 1, rep, 1)  # (B, 1, 8*L, S)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache, i, slots)
-        return x
+        return self.norm(x)
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -522,8 +500,7 @@ class Qwen2ForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def logits(self, hidden):  # (..., d) -> (..., vocab)
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return F.linear(hidden, self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
 
     def forward(self, input_ids, attention_mask=None, cache=None):
         return self.logits(self.model(self.model.embed_tokens(input_ids), attention_mask, cache))
@@ -580,17 +557,15 @@ class TinyLLaVA(PublishedWeights, nn.Module):
     def embed(self, input_ids, video_embeds, attention_mask=None):
         """Splice video embeddings at the placeholder: ids (B, L), video (B, Q, d) ->
         embeddings (B, L-1+Q, d) and the attention mask (B, L-1+Q) with the video tokens real."""
-        B, L = input_ids.shape
         where = input_ids == self.config.image_token_index
-        if not torch.equal(where.sum(1), torch.ones(B, dtype=torch.long, device=input_ids.device)):
+        if not (where.sum(1) == 1).all():
             raise ValueError(f"every row of input_ids needs exactly one IMAGE_TOKEN_INDEX "
                              f"({self.config.image_token_index}); found {where.sum(1).tolist()}")
         text = self.language_model.model.embed_tokens(input_ids.masked_fill(where, 0))  # (B, L, d)
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        embeds, masks = [], []
+        embeds, masks, video_mask = [], [], mask.new_ones(video_embeds.shape[1])
         for b, p in enumerate(where.float().argmax(1).tolist()):
             embeds.append(torch.cat([text[b, :p], video_embeds[b], text[b, p + 1:]]))
-            video_mask = torch.ones(video_embeds.shape[1], dtype=torch.bool, device=mask.device)
             masks.append(torch.cat([mask[b, :p], video_mask, mask[b, p + 1:]]))
         return torch.stack(embeds), torch.stack(masks)
 

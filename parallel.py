@@ -1,13 +1,11 @@
 """Several processes, on PyTorch's own engine (torch.distributed; FSDP2 with --fsdp).
 
-`torchrun --nproc_per_node N train.py ...` runs N ranks, one per GPU. Each takes its N-th of every
-step's prompts (whole groups), rolls them out with its own generator and computes its loss, the
-mean over its own prompts; the gradients are then averaged over the ranks (an all-reduce before
-the optimizer step, or FSDP2's reduce-scatter in backward with --fsdp). The ranks hold equal
-shares, so the average is the mean over all the step's prompts: the single-process update.
-Rank 0 alone writes metrics, curves and checkpoints. Every rank must run the same number of
-forward passes under --fsdp (each layer gathers its shards collectively).
-"""
+`torchrun --nproc_per_node N train.py ...` runs N ranks, one per GPU. Each takes its N-th of every step's prompts (whole
+groups), rolls them out with its own generator and computes its loss, the mean over its own prompts; the gradients are
+then averaged over the ranks (an all-reduce before the optimizer step, or FSDP2's reduce-scatter in backward with
+--fsdp). The ranks hold equal shares, so the average is the mean over all the step's prompts: the single-process update.
+Rank 0 alone writes metrics, curves and checkpoints. Every rank must run the same number of forward passes under --fsdp
+(each layer gathers its shards collectively)."""
 
 import os
 
@@ -74,10 +72,9 @@ def gather(obj, world):
 
 
 def reduce_metrics(m, world):
-    """One step's metrics of every rank -> the step's (the same on every rank): sums for counts and
-    throughput, min/max for extremes, the slowest rank's times, rank 0's example, means otherwise
-    (the ranks hold equal shares). A non-finite loss on any rank skips the update on all; the step
-    is skipped only if no rank had a readable video."""
+    """One step's metrics of every rank -> the step's (the same on every rank): sums for counts and throughput, min/max
+    for extremes, the slowest rank's times, rank 0's example, means otherwise (the ranks hold equal shares). A
+    non-finite loss on any rank skips the update on all; the step is skipped only if no rank had a readable video."""
     if world == 1:
         return m
     ms, out = gather(m, world), {}

@@ -101,9 +101,8 @@ def find_checkpoint(out):
 
 
 def prepare_out(cfg, may_change=()):
-    """-> the checkpoint to resume from, or None for a new run. Refuses to overwrite a run without
-    --overwrite, to resume without a checkpoint, and to resume with other settings than `may_change`
-    (naming them)."""
+    """-> the checkpoint to resume from, or None for a new run. Refuses to overwrite a run without --overwrite, to
+    resume without a checkpoint, and to resume with other settings than `may_change` (naming them)."""
     ckpt = find_checkpoint(cfg.out)
     held = [n for n in ("metrics.jsonl", "checkpoint") if os.path.exists(os.path.join(cfg.out, n))]
     if not cfg.resume:

@@ -3,7 +3,6 @@
     python sample.py --ckpt DIR --video clip.mp4 --question "What is the man doing?" --options "sit down" "run"
     python sample.py --ckpt DIR --eval test.jsonl                 # accuracy, predictions.jsonl, resumable
     python sample.py --ckpt DIR --bench mvbench --root MVBench    # or videomme, mlvu, mmvu: the paper's table
-
     python sample.py --ckpt DIR --bench mvbench --root MVBench --protocol original --samples 3  # as the paper did
 
 Two prompt modes, as the paper evaluates: "reason" asks for <think> and <answer> tags and reads the letter
@@ -15,6 +14,7 @@ answered, resumably, with the same code as --eval.
 """
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import json
@@ -33,9 +33,6 @@ import eval as E
 import grpo as G
 import model as M
 from eval import UsageError
-
-
-# ----------------------------------------------------------------------------- loading
 
 
 def load(ckpt, device=None, dtype=None):
@@ -75,7 +72,6 @@ def default_batch_size(model, max_new_tokens, frames):
 
 
 # ----------------------------------------------------------------------------- answers
-
 
 def parse_answer(text, num_options=26, mode="reason"):
     """The option letter a completion chose, or None. reason: the first standalone capital letter inside
@@ -129,7 +125,6 @@ def stream(model, tok, question, pixels, max_new_tokens=512, temperature=0.0, to
 
 # ----------------------------------------------------------------------------- scoring a multiple-choice set
 
-
 def read_predictions(path, run=None):
     """Predictions an interrupted run wrote: {item key: record}. With `run` (the checkpoint and settings
     each record carries), a file holding another run's answers is moved aside to PATH.stale and nothing
@@ -153,14 +148,13 @@ def read_predictions(path, run=None):
 
 def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8, frames=None, max_new_tokens=512,
              progress=True, desc="eval", protocol="clean", seed=0, decode=None, run=None):
-    """Answer every sample (data.Sample, `question` holding the options and the mode's suffix) and compare
-    the letter with `sample.solution`. protocol "clean": greedy, parse_answer; "original" (eval.py's
-    readers): sampled (temperature 1, top-k 50) from a generator seeded with `seed`, and eval.parse_original
-    with its guesses seeded by `seed` and the item, so a command repeats its answers. Each answer is
-    appended to `predictions` as soon as it exists, and items found there with the same `run` are not
-    asked again. A video that cannot be read is reported, skipped and counted (asked again next run).
-    -> {"accuracy", "correct", "total", "unparsed", "missing_videos", "tokens_per_s"}, the records (with
-    the exact prompt, the frame indices and the sample's meta but its options) and "missing" samples."""
+    """Answer every sample (data.Sample, `question` holding the options and the mode's suffix) and compare the letter
+    with `sample.solution`. protocol "clean": greedy, parse_answer; "original" (eval.py's readers): sampled (temperature
+    1, top-k 50) from a generator seeded with `seed`, and eval.parse_original with its guesses seeded by `seed` and the
+    item, so a command repeats its answers. Each answer is appended to `predictions` as soon as it exists, and items
+    found there with the same `run` are not asked again. A video that cannot be read is reported, skipped and counted
+    (asked again next run). -> {"accuracy", "correct", "total", "unparsed", "missing_videos", "tokens_per_s"}, the
+    records (with the exact prompt, the frame indices and the sample's meta but its options) and "missing" samples."""
     original = protocol == "original"
     device = next(model.parameters()).device
     sampling = dict(temperature=1.0, top_k=50, top_p=1.0, generator=torch.Generator(device).manual_seed(seed)) if original else {}
@@ -170,14 +164,14 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
     records = [done[k] for k in (sample_key(s) for s in samples) if k in done]
     todo = [s for s in samples if sample_key(s) not in done]
     missing, tokens, seconds = [], 0, 0.0
-    out = open(predictions, "a") if predictions else None
-    if out and out.tell() > 0:
+    out = open(predictions, "a") if predictions else contextlib.nullcontext()
+    if predictions and out.tell() > 0:
         with open(predictions, "rb") as f:
             f.seek(-1, os.SEEK_END)
             if f.read(1) != b"\n":
                 out.write("\n")  # end a line an interruption cut short, so the next answer starts its own
-    try:
-        bar = tqdm(total=len(samples), initial=len(records), desc=desc, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(samples), initial=len(records), desc=desc, disable=not progress, dynamic_ncols=True)
+    with out, bar:
         for i in range(0, len(todo), batch_size):
             batch, pixels, used = [], [], []
             for s in todo[i:i + batch_size]:
@@ -202,10 +196,9 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
             tokens += sum(len(tok.encode(x)) + 1 for x in texts)
             for s, text, idx in zip(batch, texts, used):
                 num_options = len(s.meta.get("options") or []) or 26
-                if original:
-                    pred, guessed = E.parse_original(text, s.meta["choices"], random.Random(f"{seed}:{sample_key(s)}"))
-                else:
-                    pred = parse_answer(text, num_options, mode)
+                rng = random.Random(f"{seed}:{sample_key(s)}")  # the original's guess, repeatable
+                pred, guessed = E.parse_original(text, s.meta["choices"], rng) if original else (
+                    parse_answer(text, num_options, mode), False)
                 # GRPO rows give the solution as "<answer>B</answer>", multiple-choice rows as "B"
                 answer = parse_answer(s.solution, 26, "reason" if "<answer>" in s.solution else "option")
                 r = {"key": sample_key(s), "video": s.video, "answer": answer, "pred": pred,
@@ -214,16 +207,11 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
                      **({"guessed": guessed, "seed": seed} if original else {}),
                      **{k: v for k, v in s.meta.items() if k != "options"}, "run": run}
                 records.append(r)
-                if out:
-                    out.write(json.dumps(r) + "\n")
-                    out.flush()
+                if predictions:
+                    print(json.dumps(r), file=out, flush=True)
             bar.update(len(batch))
             correct = sum(r["correct"] for r in records)
             bar.set_postfix(acc=f"{correct / len(records):.3f}", missing=len(missing), tok_s=f"{tokens / seconds:.0f}")
-        bar.close()
-    finally:
-        if out:
-            out.close()
     correct = sum(r["correct"] for r in records)
     return {"accuracy": correct / max(len(records), 1), "correct": correct, "total": len(records),
             "unparsed": sum(r["pred"] is None for r in records), "missing_videos": len(missing), "records": records,
@@ -260,11 +248,9 @@ def run_benchmark(model, tok, samples, bench, mode, predictions, batch_size, fra
 
 # ----------------------------------------------------------------------------- command line
 
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Answer a question about a video, or score a multiple-choice set or "
-                                            "one of the paper's benchmarks.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Answer a question about a video, or score a multiple-choice set or one "
+                                "of the paper's benchmarks.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = lambda msg: (print(f"sample.py: {msg} (see --help)", file=sys.stderr), sys.exit(2))
     p.add_argument("--ckpt", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.json)")
     p.add_argument("--video", help="video file to ask about")
@@ -277,8 +263,8 @@ def parse_args(argv=None):
     p.add_argument("--protocol", choices=["clean", "original"], default="clean",
                    help="--bench: clean (greedy, strict parser), or original: the paper's own evaluation (its prompts, "
                         "sampled answers, random guess when unparsed, its frames), to reproduce its table")
-    p.add_argument("--samples", type=int, default=1, help="--protocol original: runs with seeds --seed, --seed+1, "
-                                                          "...; their mean and std are reported")
+    p.add_argument("--samples", type=int, default=1,
+                   help="--protocol original: runs with seeds --seed, --seed+1, ...; their mean and std are reported")
     p.add_argument("--seed", type=int, default=0, help="--protocol original: seed of the sampling and the guesses")
     p.add_argument("--root", help="--bench: the benchmark's folder as downloaded; --eval: the directory its videos "
                                   "are relative to (default: the file's)")

@@ -1,17 +1,15 @@
 """Cold-start SFT and GRPO for TinyLLaVA-Video, on a CPU, one GPU or several (torchrun).
 
 The paper's recipe in two stages:
-  1. cold start: supervised fine-tuning on a handful of reasoning answers (lr 1e-5, constant, 1 epoch,
-     4 samples per optimizer step),
-     so the model learns to think in <think> tags and answer in <answer> tags;
-  2. GRPO: for each question sample G = 8 answers, reward them (accuracy, format, thinking length),
-     and push the policy towards the better-than-average ones, with a KL leash to the frozen start
-     model (per-token KL clamped to [-100, 100]; lr 1e-6, cosine with 3% warmup, 8 prompts per optimizer step).
+  1. cold start: supervised fine-tuning on a handful of reasoning answers (lr 1e-5, constant, 1 epoch, 4
+     samples per optimizer step), so the model learns to think in <think> tags and answer in <answer> tags;
+  2. GRPO (grpo.py): for each question sample G = 8 answers, reward them, and push the policy towards the
+     better-than-average ones, with a KL leash to the frozen start model (per-token KL clamped to [-100, 100];
+     lr 1e-6, cosine with 3% warmup, 8 prompts per optimizer step).
 
 The vision tower is frozen in both stages: its features are computed once per video and shared by the
-rollout, the reference and the policy passes. The reference model is a frozen copy of the connector
-and decoder. Weights stay in fp32 (the paper's lr 1e-6 is below bf16's resolution), compute runs in
-bf16 on a GPU.
+rollout, the reference and the policy passes. Weights stay in fp32 (the paper's lr 1e-6 is below bf16's
+resolution), compute runs in bf16 on a GPU.
 
     python train.py                                   # the CPU demo: synthetic videos, SFT, then GRPO
     python train.py --stage sft --init BASE_DIR --data nextqa-coldstart-16.json --out runs/sft
@@ -26,7 +24,6 @@ whose loss or sampled logits stay non-finite stops, keeping the last finite chec
 """
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -152,27 +149,16 @@ def check_config(cfg):
 # ----------------------------------------------------------------------------- model, data, optimizer
 
 
-def load_model(cfg, device):
-    """The policy and its tokenizer, from a checkpoint or from parts, with fp32 master weights."""
-    if cfg.init:
-        model = M.TinyLLaVA.from_pretrained(cfg.init, device=device, dtype=torch.float32)
-    else:
-        model = M.TinyLLaVA.from_parts(cfg.vision, cfg.llm, connector=cfg.connector, device=device, dtype=torch.float32)
-    return model, D.Tokenizer(cfg.init or cfg.llm, model.config.text.vocab_size)
+def load_model(cfg, device, path=None):
+    """The policy and its tokenizer, from a checkpoint (`path`, else --init) or from parts, in fp32."""
+    path = path or cfg.init
+    model = (M.TinyLLaVA.from_pretrained(path, device=device, dtype=torch.float32) if path else
+             M.TinyLLaVA.from_parts(cfg.vision, cfg.llm, connector=cfg.connector, device=device, dtype=torch.float32))
+    return model, D.Tokenizer(path or cfg.llm, model.config.text.vocab_size)
 
 
 def freeze_vision(model):
-    model.vision_tower.requires_grad_(False)
-    model.vision_tower.eval()
-
-
-def make_reference(model):
-    """A frozen copy of connector + decoder; the vision tower is shared (it is frozen anyway)."""
-    tower = model.vision_tower
-    model.vision_tower = None  # not copied
-    ref = copy.deepcopy(model)
-    model.vision_tower = ref.vision_tower = tower
-    return ref.requires_grad_(False).eval()
+    model.vision_tower.requires_grad_(False).eval()
 
 
 def memory_estimate(model, sampler, ref, shards=1):
@@ -193,23 +179,17 @@ def make_schedule(optimizer, cfg, total):
     def factor(step):  # step counts finished optimizer steps
         if step < warm:
             return (step + 1) / warm
-        if cfg.schedule == "constant":
-            return 1.0
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return 1.0 if cfg.schedule == "constant" else 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def data_order(n, epoch, seed):
-    """The sample order of one epoch: a fixed permutation per (seed, epoch), so resuming needs only the step."""
-    return np.random.RandomState(seed * 1000 + epoch).permutation(n)
-
-
 def step_samples(samples, step, cfg):
-    """The samples of optimizer step `step` (epochs wrap around)."""
-    per_epoch = max(1, len(samples) // cfg.prompts_per_step)
-    epoch, i = divmod(step, per_epoch)
-    order = data_order(len(samples), epoch, cfg.seed)
+    """The samples of optimizer step `step`; epochs wrap around, each in a fixed permutation per (seed, epoch),
+    so resuming needs only the step."""
+    epoch, i = divmod(step, max(1, len(samples) // cfg.prompts_per_step))
+    order = np.random.RandomState(cfg.seed * 1000 + epoch).permutation(len(samples))
     return [samples[j] for j in order[i * cfg.prompts_per_step:(i + 1) * cfg.prompts_per_step]]
 
 
@@ -240,39 +220,28 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
-def sft_labels(labels, input_ids, num_video_tokens):
-    """Labels (B, L) -> (B, L-1+Q): -100 for the Q video tokens spliced at the placeholder."""
-    out = []
-    for row, ids in zip(labels, input_ids):
-        p = int((ids == M.IMAGE_TOKEN_INDEX).nonzero()[0, 0])
-        out.append(torch.cat([row[:p], row.new_full((num_video_tokens,), -100), row[p + 1:]]))
-    return torch.stack(out)
-
-
 def sft_step(model, tok, samples, load, cfg, device):
     """Cross-entropy on the answer tokens, accumulated over micro-batches. -> metrics."""
-    model.train()
-    freeze_vision(model)
+    freeze_vision(model.train())
     total_tokens, total_loss, n = 0, 0.0, 0
-    batches = [samples[i:i + cfg.micro_batch] for i in range(0, len(samples), cfg.micro_batch)]
-    denom = sum(len(b) for b in batches)
-    for batch in batches:
-        batch, pixels = load(batch)
+    for a in range(0, len(samples), cfg.micro_batch):
+        batch, pixels = load(samples[a:a + cfg.micro_batch])
         if not batch:
             continue
-        ids, labels, mask = D.collate_sft([tok.sft_ids(s.question, s.solution, cfg.max_len) for s in batch], tok.pad_id)
-        ids, labels, mask, pixels = ids.to(device), labels.to(device), mask.to(device), pixels.to(device)
+        pairs = [tok.sft_ids(s.question, s.solution, cfg.max_len) for s in batch]
+        ids, labels, mask = (t.to(device) for t in D.collate_sft(pairs, tok.pad_id))
         with torch.no_grad():
-            feats = model.vision_features(pixels)
+            feats = model.vision_features(pixels.to(device))
         with autocast(device):
-            x, xmask = model.embed(ids, model.connect(feats), mask)
-            logits = model.language_model.logits(model.language_model.model(x, xmask))
-        labels = sft_labels(labels, ids, x.shape[1] - ids.shape[1] + 1)
+            x, xmask = model.embed(ids, model.connect(feats), mask)  # (B, L-1+Q, d): the video replaced one id
+            # The last L positions line up with ids and labels: position j after the placeholder is j + Q-1
+            # in x, and everything up to the placeholder is prompt (label -100), so no label is moved.
+            logits = model.language_model.logits(model.language_model.model(x, xmask)[:, -ids.shape[1]:])
         # mean over the answer tokens of each sample, then over samples (so long answers do not dominate)
         tok_loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], reduction="none", ignore_index=-100)
         valid = (labels[:, 1:] != -100).float()
         per_sample = (tok_loss * valid).sum(1) / valid.sum(1).clamp(min=1)
-        loss = per_sample.sum() / denom
+        loss = per_sample.sum() / len(samples)  # accumulated: the mean over all the step's samples
         if not torch.isfinite(loss):
             return {"nan": 1.0}
         loss.backward()
@@ -303,16 +272,14 @@ class Experience:
     times: dict  # phase -> seconds
 
     def micro_batches(self, n, pad_id):
-        """Slices of n prompts, each padded only as much as its own rows need (a single prompt has
-        no padding, so the policy's attention runs unmasked): (ids, pmask, features, completions,
-        their mask, rows)."""
+        """Slices of n prompts, each padded only as much as its own rows need (a single prompt has no padding,
+        so the policy's attention runs unmasked): (ids, pmask, features, completions, their mask, rows, T)."""
         G_ = self.rollout.group_size
         for a in range(0, len(self.prompt_ids), n):
-            ids, pmask = D.collate_prompts(self.prompt_ids[a:a + n], pad_id)
+            ids, pmask = (t.to(self.features.device) for t in D.collate_prompts(self.prompt_ids[a:a + n], pad_id))
             rows = slice(a * G_, (a + len(ids)) * G_)
             T = int(self.rollout.mask[rows].sum(1).max())  # drop the columns every row has finished by
-            dev = self.features.device
-            yield (ids.to(dev), pmask.to(dev), self.features[a:a + n], self.rollout.completion_ids[rows, :T],
+            yield (ids, pmask, self.features[a:a + n], self.rollout.completion_ids[rows, :T],
                    self.rollout.mask[rows, :T], rows, T)
 
 
@@ -376,14 +343,11 @@ def update(model, exp, cfg, pad_id, apply_update):
     over micro-batches of prompts and weighted so the loss is the mean over prompts, as if the whole
     step were one batch. Between passes `apply_update()` takes an optimizer step (the caller takes
     the last one). -> {"loss", "kl", "clip_ratio"} and "nan" if a loss was not finite."""
-    device = exp.features.device
-    model.train()
-    freeze_vision(model)
-    n_prompts = len(exp.prompt_ids)
+    freeze_vision(model.train())
     losses, kls, clips = [], [], []
     for update in range(cfg.updates_per_rollout):
         for ids, pmask, feats, comp, cmask, rows, T in exp.micro_batches(cfg.micro_batch, pad_id):
-            with autocast(device):
+            with autocast(exp.features.device):
                 logp = G.completion_logprobs(model, ids, model.connect(feats), comp, cmask, pmask, cfg.temperature)
                 old = exp.rollout.logprobs[rows, :T] if cfg.updates_per_rollout > 1 else None
                 ref = None if exp.ref_logp is None else exp.ref_logp[rows, :T]
@@ -393,7 +357,7 @@ def update(model, exp, cfg, pad_id, apply_update):
                                        max_completion_length=cfg.max_new_tokens, kl_clamp=100.0 if cfg.kl_clamp else None)
             if not torch.isfinite(loss):
                 return {"nan": 1.0}
-            (loss * len(ids) / n_prompts).backward()
+            (loss * len(ids) / len(exp.prompt_ids)).backward()
             losses.append(lm["loss"]), kls.append(lm["kl"]), clips.append(lm["clip_ratio"])
         if update + 1 < cfg.updates_per_rollout:
             apply_update()
@@ -402,13 +366,12 @@ def update(model, exp, cfg, pad_id, apply_update):
 
 def optimizer_step(optimizer, params, sampler, max_grad_norm):
     """Clip, step, and refresh the sampler. -> False, and no update, when the gradient is not finite."""
-    if max_grad_norm and not torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)):
-        optimizer.zero_grad(set_to_none=True)
-        return False
-    optimizer.step()
+    finite = not max_grad_norm or bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)))
+    if finite:
+        optimizer.step()
+        sampler.refresh()  # the next rollout samples from the updated policy
     optimizer.zero_grad(set_to_none=True)
-    sampler.refresh()  # the next rollout samples from the updated policy
-    return True
+    return finite
 
 
 def grpo_step(model, sampler, ref, tok, samples, load, cfg, device, gen, apply_update):
@@ -419,8 +382,7 @@ def grpo_step(model, sampler, ref, tok, samples, load, cfg, device, gen, apply_u
         return {"skipped_step": 1.0}
     t = time.perf_counter()
     out = update(model, exp, cfg, tok.pad_id, apply_update)
-    times = {**exp.times, "policy": time.perf_counter() - t}
-    times["step"] = time.perf_counter() - t0
+    times = {**exp.times, "policy": time.perf_counter() - t, "step": time.perf_counter() - t0}
     metrics = G.step_metrics(exp.rollout, exp.texts, exp.scores, cfg.group_size, kl=out.get("kl"), times=times)
     metrics.update(loss=out.get("loss", float("nan")), clip_ratio=out.get("clip_ratio", 0.0), example=exp.texts[0])
     if out.get("nan"):
@@ -463,13 +425,8 @@ def train(cfg):
         was = f"{state.get('world_size', 1)} process(es){' with --fsdp' if state.get('fsdp') else ''}"
         raise RunError(f"{resume_from} was written by {was}; resume it the same way "
                        f"(this run: {world}{' with --fsdp' if cfg.fsdp else ''})")
-    if resume_from:
-        model = M.TinyLLaVA.from_pretrained(resume_from, device=device, dtype=torch.float32)
-        tok_file = tokenizer_file(resume_from)
-        tok = D.Tokenizer(resume_from, model.config.text.vocab_size)
-    else:
-        model, tok = load_model(cfg, device)
-        tok_file = tokenizer_file(cfg.init or cfg.llm)
+    model, tok = load_model(cfg, device, resume_from)
+    tok_file = tokenizer_file(resume_from or cfg.init or cfg.llm)
     os.makedirs(cfg.out, exist_ok=True)
     freeze_vision(model)
     model.language_model.model.gradient_checkpointing = cfg.grad_checkpointing and device.type == "cuda"
@@ -477,11 +434,11 @@ def train(cfg):
     ref = None
     if cfg.stage == "grpo" and cfg.beta > 0:
         if resume_from:  # the reference is the start model, not the resumed one
-            ref = M.TinyLLaVA.from_pretrained(cfg.init or os.path.join(cfg.out, "reference"), device=device, dtype=torch.float32)
+            ref = M.TinyLLaVA.from_pretrained(cfg.init or os.path.join(cfg.out, "reference"), device=device,
+                                              dtype=torch.float32).requires_grad_(False)  # in eval mode
             ref.vision_tower = model.vision_tower
-            ref.requires_grad_(False).eval()
         else:
-            ref = make_reference(model)
+            ref = G.frozen_copy(model)
             if not cfg.init and rank == 0:  # a fresh connector: keep the reference to resume against it
                 ref.save_pretrained(os.path.join(cfg.out, "reference"))
         if device.type == "cuda":
@@ -546,8 +503,7 @@ def train(cfg):
 
     curve_keys = ["loss"] if cfg.stage == "sft" else ["reward", "accuracy", "format", "kl", "completion_length"]
     bar = tqdm(range(start, total), initial=start, total=total, desc=cfg.stage, dynamic_ncols=True, disable=rank > 0)
-    record = {}
-    seconds = []  # wall time of each step this process ran
+    record, seconds = {}, []  # seconds: wall time of each step this process ran
     for step in bar:
         t_step = time.perf_counter()
         batch = step_samples(samples, step, cfg)[rank * share:(rank + 1) * share]
@@ -603,11 +559,10 @@ def parse_args(argv=None):
     p.add_argument("--demo", action="store_true", help="run the CPU demo (only --out, --seed, --device apply)")
     for f in fields(TrainConfig):  # every field a flag, its help and choices from the field
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        if f.type in (bool, "bool"):
+        if f.type is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
         else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(flag, type=typ, default=f.default, help=meta["help"], choices=meta["choices"])
+            p.add_argument(flag, type=f.type, default=f.default, help=meta["help"], choices=meta["choices"])
     return p.parse_args(argv), p
 
 
@@ -630,12 +585,9 @@ def main(argv=None):
             raise RunError("--data is required (the CPU demo runs with no flags at all, or with --demo)")
         train(TrainConfig(**{k: v for k, v in vars(args).items() if k != "demo"}))
         return 0
-    except (RunError, D.DataError, D.VideoError, M.CheckpointError) as e:
+    except (RunError, D.DataError, D.VideoError, M.CheckpointError, Diverged) as e:
         print(f"train.py: {e}", file=sys.stderr)
-        return 2
-    except Diverged as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(e, Diverged) else 2
     finally:
         teardown_distributed()
 

@@ -1,14 +1,12 @@
-"""The published checkpoint files, read and written as they are: config.json and safetensors (one
-file, or shards with model.safetensors.index.json), under the original code's key names.
+"""The published checkpoint files, read and written as they are: config.json and safetensors (one file, or
+shards with model.safetensors.index.json), under the original code's key names, as `TinyLLaVA`'s methods
+`from_pretrained`, `from_parts` and `save_pretrained`.
 
-Our module names follow the published keys, only under shorter prefixes: our `vision_tower.X` is
-`vision_tower._vision_tower.vision_model.X` in the checkpoint, `connector.X` is `connector._connector.X`,
-and `language_model.X` is `language_model.X` (CHECKPOINT_PREFIXES). Loading never goes through
-`transformers`, builds the model on the meta device and reads each tensor straight into place, and keeps
-the published tensors the model does not use (SigLIP's last layer, its head) to write them back: a file
-loaded and saved again holds every tensor it held. Saving writes into a temporary folder renamed into
-place, so an interrupted save never leaves half a checkpoint. `TinyLLaVA` gets these as methods:
-`from_pretrained`, `from_parts`, `save_pretrained`.
+Our module names follow the published keys under shorter prefixes (CHECKPOINT_PREFIXES): our `vision_tower.X`
+is `vision_tower._vision_tower.vision_model.X` in the checkpoint, `connector.X` is `connector._connector.X`.
+Loading never goes through `transformers`: it builds the model on the meta device, reads each tensor straight
+into place, and keeps the published tensors the model does not use (SigLIP's last layer, its head) to write
+them back, so a file loaded and saved again holds every tensor it held.
 """
 
 import json
@@ -27,7 +25,6 @@ class PublishedWeights:
         """Load a published TinyLLaVA-Video(-R1) directory: config.json plus model.safetensors, or shards
         with model.safetensors.index.json. dtype None keeps the checkpoint's dtype."""
         import model as M  # the model imports this file: imported at call time, not at the top
-
         file = os.path.join(path, "config.json")
         try:
             with torch.device("meta"):
@@ -64,10 +61,9 @@ class PublishedWeights:
         """Read every tensor once, straight into place (the meta model holds no memory, so a 7 GB
         checkpoint is never held twice). One error lists every problem, naming the files."""
         from safetensors import SafetensorError, safe_open
-
         expected = {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
         published = {_rename(k, prefixes): k for k in expected}  # published key -> our key
-        loaded, missing, unexpected, mismatched = {}, [], [], []
+        loaded, unexpected, mismatched = {}, [], []
         vision = prefixes["vision_tower."]
         for file in files:
             name = os.path.basename(file)
@@ -123,9 +119,8 @@ class PublishedWeights:
         """Write config.json and safetensors (sharded with an index above max_shard_bytes) in the
         published layout, into a temporary directory renamed into place, so an interrupted save never
         leaves a half-written checkpoint at `path`. state_dict: the tensors to write, keyed as ours
-        (e.g. gathered whole from FSDP shards); default this model's."""
+        (e.g. gathered whole from FSDP shards); default this model's. Other files there are kept."""
         from safetensors.torch import save_file
-
         state = {k: v.detach().contiguous().cpu() for k, v in self.published_state_dict(state_dict).items()}
         shards, size = [[]], 0
         for k, v in state.items():
@@ -149,9 +144,9 @@ class PublishedWeights:
             self.config.torch_dtype = _dtype_name(next(iter(state.values())).dtype, self.config.torch_dtype)
             _write_json(os.path.join(tmp, "config.json"), self.config.to_dict())
             if os.path.isdir(path):  # keep any other files (tokenizer, optimizer state) already there
-                for name in os.listdir(path):
+                for name in set(os.listdir(path)) - set(os.listdir(tmp)):
                     src = os.path.join(path, name)
-                    if not name.startswith("model") and name != "config.json" and not os.path.exists(os.path.join(tmp, name)):
+                    if not name.startswith("model"):
                         (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, name))
                 os.rename(path, tmp + ".old")
                 os.rename(tmp, path)
@@ -163,11 +158,8 @@ class PublishedWeights:
             raise
 
 
-CHECKPOINT_PREFIXES = {  # our module prefix -> published key prefix
-    "vision_tower.": "vision_tower._vision_tower.vision_model.",
-    "connector.": "connector._connector.",
-    "language_model.": "language_model.",
-}
+CHECKPOINT_PREFIXES = {"vision_tower.": "vision_tower._vision_tower.vision_model.",  # ours -> published
+                       "connector.": "connector._connector.", "language_model.": "language_model."}
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -181,7 +173,7 @@ def _dtype_name(dtype, default):  # the config says which dtype the weights are:
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint that cannot be loaded: one message naming the file and every bad key."""
 
 
 def _read_json(path):
@@ -203,8 +195,7 @@ def _checkpoint_files(path):
     """The safetensors files of a checkpoint directory: the index's shards, or model.safetensors."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        shards = sorted(set(_read_json(index)["weight_map"].values()))
-        files = [os.path.join(path, s) for s in shards]
+        files = [os.path.join(path, s) for s in sorted(set(_read_json(index)["weight_map"].values()))]
         absent = [f for f in files if not os.path.exists(f)]
         if absent:
             raise CheckpointError(f"{index} names shards that are missing: {', '.join(absent)}")

@@ -176,7 +176,7 @@ def test_one_step_the_same_however_it_is_batched_or_compiled(task):
     model, tok = train.load_model(train.TrainConfig(init=task["init"]), torch.device("cpu"))
     samples = D.read_samples(task["grpo"])[0][:3]
     load = train.VideoLoader(4, model.config.vision.image_size)
-    ref = train.make_reference(model)
+    ref = train.G.frozen_copy(model)
     results = {}
     for temperature in (0.0, 1.0):
         for rb, compiled in ((1, False), (3, False), (3, True)):
@@ -193,3 +193,26 @@ def test_one_step_the_same_however_it_is_batched_or_compiled(task):
             if temperature:  # (log-probs at temperature 0 are not defined)
                 assert (other.ref_logp - base.ref_logp).abs().max() <= 1e-5
     assert len(set(results[1.0, 3, False].texts)) > 1
+
+
+def test_sft_loss_is_the_answer_cross_entropy_with_the_video_spliced_in():
+    """sft_step's loss by hand: the full model's logits (L-1+Q positions), labels spliced like the ids (-100 on the
+    Q video tokens), next-token cross-entropy averaged over each answer, then over samples."""
+    from types import SimpleNamespace
+    from conftest import tiny_model
+    model = tiny_model(connector={"connector_type": "mlp2x_gelu"})  # Q = 2 frames x 3 patches
+    img = M.IMAGE_TOKEN_INDEX
+    pairs = [([5, 6, img, 7, 8, 9, 10], [-100] * 5 + [9, 10]), ([5, img, 7, 11, 12, 13], [-100] * 3 + [11, 12, 13])]
+    tok = SimpleNamespace(pad_id=0, sft_ids=lambda question, answer, max_len: pairs[int(question)])
+    pixels = torch.randn(2, 2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    load = lambda batch: (batch, pixels[[int(s.question) for s in batch]])
+    samples = [D.Sample("video.mp4", str(i), "") for i in range(2)]
+    got = train.sft_step(model, tok, samples, load, train.TrainConfig(stage="sft", micro_batch=2), torch.device("cpu"))
+    want = []
+    with torch.no_grad():
+        for (ids, labels), px in zip(pairs, pixels):
+            logits = model(torch.tensor([ids]), px[None])[0]
+            p, Q = ids.index(img), logits.shape[0] - len(ids) + 1
+            spliced = torch.tensor(labels[:p] + [-100] * Q + labels[p + 1:])
+            want.append(torch.nn.functional.cross_entropy(logits[:-1], spliced[1:], ignore_index=-100))
+    assert Q == 6 and got["loss"] == pytest.approx(torch.stack(want).mean().item(), rel=1e-5)
