@@ -187,10 +187,6 @@ def synthetic_tokenizer(paths, vocab_size=512):
 
 
 # ----------------------------------------------------------------------------- the demo
-# `python train.py` with no flags: the whole method on synthetic videos, small enough for a laptop CPU.
-# A ~1M-parameter model learns from scratch to answer four kinds of questions about 8-frame clips
-# (colour, direction of motion, which colour came first, how many flashes): a short cold start on a few
-# reasoning answers, then GRPO on many questions with only the reward to learn from.
 
 
 def demo_config(vocab_size):
@@ -205,9 +201,9 @@ def demo_config(vocab_size):
         raw={"num_frames": DEMO["frames"]})
 
 
-# The base stage runs 2 epochs: after one, direction and flashes are not yet seen on every seed.
+# The base stage runs 3 epochs: after 2, direction or flashes were still unseen on some seeds.
 DEMO = dict(frames=8, n_train=2000, n_coldstart=64, n_test=200, n_captions=4000,
-            base=dict(lr=1e-3, epochs=2, prompts_per_step=16, micro_batch=16),
+            base=dict(lr=1e-3, epochs=3, prompts_per_step=16, micro_batch=16),
             sft=dict(lr=1e-3, epochs=12, prompts_per_step=8, micro_batch=8),
             grpo=dict(lr=2e-4, steps=450, prompts_per_step=8, micro_batch=8, group_size=8, max_new_tokens=40, beta=0.01))
 
