@@ -11,6 +11,7 @@ Pillow. Then the datasets of the paper (NextQA GRPO rows, cold-start conversatio
 choice) and batching.
 """
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -49,11 +50,11 @@ def _open(path):
     return cap
 
 
-def _read(path, wanted=None):
+def _read(path, wanted=None, cap=None):
     """Decode sequentially (seeking is unreliable on some codecs), keeping only the frames whose index is
     in `wanted` and stopping after the last of them; wanted=None decodes everything to count the frames.
-    -> ({index: RGB frame}, number of frames decoded)."""
-    cap, keep, n = _open(path), {}, 0
+    `cap`: the file already opened, at its first frame. -> ({index: RGB frame}, number of frames decoded)."""
+    cap, keep, n = cap if cap is not None else _open(path), {}, 0
     stop = max(wanted) if wanted else float("inf")
     try:
         while n <= stop and cap.grab():
@@ -83,17 +84,18 @@ def read_frames(path, pick):
     """-> ((T, H, W, 3) uint8 RGB, indices): the frames pick(n, fps) -> indices chooses among the n frames
     of a video file. The container's frame count is trusted only if the chosen frames decode; otherwise
     the real count is taken from a full sequential pass and the frames read again."""
-    cap = _open(path)
+    cap = _open(path)  # also decodes the first pass: opening a file costs as much as decoding a small clip
     reported, fps = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), cap.get(cv2.CAP_PROP_FPS)
-    cap.release()
     for attempt in range(2):  # the reported count, else (or if its frames do not decode) the count by decoding
         n = reported if attempt == 0 and reported > 0 else _read(path)[1]
         if n <= 0:
             break
         idx = np.asarray(pick(n, fps))
-        frames, _ = _read(path, set(idx.tolist()))
+        frames, cap = _read(path, set(idx.tolist()), cap)[0], None  # _read releases it
         if all(i in frames for i in idx):
             return np.stack([frames[i] for i in idx]), idx
+    if cap is not None:
+        cap.release()
     raise VideoError(f"{path}: no decodable frame")
 
 
@@ -112,6 +114,7 @@ def _cubic(x, a=-0.5):
 PRECISION_BITS = 22  # Pillow computes 8-bit resizes in fixed point: weights scaled by 2**22, int32 sums
 
 
+@functools.lru_cache(maxsize=16)  # the same few sizes every video: computing the taps took half of preprocessing
 def resize_weights(size_in, size_out):
     """Taps of Pillow's bicubic filter: indices (out, K) and fixed-point weights (out, K), rows zero-padded."""
     scale = size_in / size_out
