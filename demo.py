@@ -7,9 +7,9 @@ its direction, which colour appears first, how many times a circle flashes), fou
 ~1M-parameter model of the published architecture (frozen random vision tower, the group resampler with
 one group per frame, 3-layer decoder) learns them from scratch in three stages through train.py: a base
 stage on plain descriptions of separate videos (standing in for the pretraining that gave the published
-base model its sight), the cold start on 64 reasoning answers (with as many descriptions replayed), then
-GRPO on 2,000 questions with only the reward to learn from. Both checkpoints are then asked 200 held-out
-questions; the summary is the last line printed, as JSON.
+base model its sight), the cold start on 64 reasoning answers, then GRPO on 2,000 questions with only the
+reward to learn from. Both checkpoints are then asked 200 held-out questions; the summary is the last
+line printed, as JSON.
 """
 
 import json
@@ -122,14 +122,12 @@ def _write_video(path, frames):
 def make_synthetic(out_dir, n_train=2000, n_coldstart=64, n_test=200, seed=0, n_captions=0):
     """Write the synthetic task to out_dir: videos/, grpo.jsonl (NextQA GRPO format), coldstart.json
     (cold-start format, with reasoning), heldout.jsonl (GRPO format) and test.jsonl (plain multiple
-    choice) for the same held-out videos, captions.json (cold-start format, n_captions more videos of their
-    own: each question answered with a plain description of its video, no letter; it stands in for the
-    pretraining that gave the published base model its sight) and replay.json (the cold-start answers
-    followed by as many captions: what the demo's cold start trains on).
+    choice) for the same held-out videos, and captions.json (cold-start format, n_captions more videos of their
+    own: each question answered with a plain description of its video, no letter; it stands in for the pretraining that gave the published base model its sight).
     Deterministic in `seed`; skipped if already written with the same settings.
-    -> {"root", "grpo", "coldstart", "heldout", "test", "captions", "replay"} paths."""
+    -> {"root", "grpo", "coldstart", "heldout", "test", "captions"} paths."""
     names = {"grpo": "grpo.jsonl", "coldstart": "coldstart.json", "heldout": "heldout.jsonl", "test": "test.jsonl",
-             "captions": "captions.json", "replay": "replay.json"}
+             "captions": "captions.json"}
     paths = {"root": out_dir, **{k: os.path.join(out_dir, v) for k, v in names.items()}}
     settings = {"n_train": n_train, "n_coldstart": n_coldstart, "n_test": n_test, "n_captions": n_captions, "seed": seed, "version": 8}
     meta_path = os.path.join(out_dir, "meta.json")
@@ -170,12 +168,10 @@ def make_synthetic(out_dir, n_train=2000, n_coldstart=64, n_test=200, seed=0, n_
         json.dump([{"video": r["video"], "task": r["task"], "conversations": [
             {"from": "human", "value": "<image>\n" + r["problem"] + D.GRPO_SUFFIX},
             {"from": "gpt", "value": f"<think>{r['why']}</think> <answer>{r['letter']}</answer>"}]} for r in cold], f, indent=1)
-    described = [{"video": r["video"], "task": r["task"], "conversations": [
-        {"from": "human", "value": "<image>\n" + r["problem"]}, {"from": "gpt", "value": r["why"]}]} for r in captions]
     with open(paths["captions"], "w") as f:  # what the base model learns to see, on videos of their own
-        json.dump(described, f, indent=1)
-    with open(paths["coldstart"]) as f, open(paths["replay"], "w") as g:
-        json.dump(json.load(f) + described[:n_coldstart], g)
+        json.dump([{"video": r["video"], "task": r["task"], "conversations": [
+            {"from": "human", "value": "<image>\n" + r["problem"]},
+            {"from": "gpt", "value": r["why"]}]} for r in captions], f, indent=1)
     with open(meta_path, "w") as f:
         json.dump(settings, f)
     return paths
@@ -185,7 +181,7 @@ def synthetic_tokenizer(paths, vocab_size=512):
     """Train (once) and load the small tokenizer of the synthetic task, saved as ROOT/tokenizer.json."""
     path = os.path.join(paths["root"], "tokenizer.json")
     if not os.path.exists(path):
-        texts = [D.build_prompt(s.question) + " " + s.solution for f in (paths["replay"], paths["grpo"]) for s in D.read_samples(f)[0]]
+        texts = [D.build_prompt(s.question) + " " + s.solution for f in (paths["coldstart"], paths["grpo"]) for s in D.read_samples(f)[0]]
         D.train_tokenizer(texts, path, vocab_size)
     return D.Tokenizer(path)
 
@@ -228,10 +224,7 @@ def demo(out, seed, device=""):
     # plain descriptions of separate videos plays that part (on the GRPO videos themselves it would
     # memorise their answers). Then the paper's two stages.
     train.train(train.TrainConfig(stage="sft", init=init, data=paths["captions"], out=os.path.join(out, "base"), **common, **DEMO["base"]))
-    # The cold start replays as many base descriptions as it has answers: on its 64 answers alone, 12
-    # epochs left the flash count's letter wrong on some seeds (the reasoning counted right, the answer
-    # letter did not follow it), and GRPO did not always recover it.
-    train.train(train.TrainConfig(stage="sft", init=os.path.join(out, "base", "checkpoint"), data=paths["replay"],
+    train.train(train.TrainConfig(stage="sft", init=os.path.join(out, "base", "checkpoint"), data=paths["coldstart"],
                       out=os.path.join(out, "sft"), **common, **DEMO["sft"]))
     train.train(train.TrainConfig(stage="grpo", init=os.path.join(out, "sft", "checkpoint"), data=paths["grpo"],
                       out=os.path.join(out, "grpo"), **common, **DEMO["grpo"]))
