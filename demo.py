@@ -90,14 +90,17 @@ def render(task, answer, rng):
             if t >= t2:
                 _square(frames[t], x2, y2, side, second)
         why = f"The {answer} square is there from the start and the {second} one comes later, so {answer} is first."
-    elif task == "count":  # a circle shown on k frames, never two in a row
+    elif task == "count":  # a large circle shown on k frames, never two in a row
+        # Large (a third of the frame) so each flash stands out in its frame's 4 latents. With an eighth of
+        # the frame, a development cold start counted 7 of 12 one-flash clips as two, and 8 of 12 three-flash
+        # clips as four; its GRPO model then answered B (two) to every one-flash clip.
         k = int(answer)
         while True:
             shown = np.sort(rng.choice(FRAMES, k, replace=False))
             if np.all(np.diff(shown) > 1):
                 break
-        r = rng.randint(12, 15)
-        x, y = rng.randint(17, SIZE - 17, 2)
+        r = rng.randint(20, 25)
+        x, y = rng.randint(24, SIZE - 24, 2)
         for t in shown:
             cv2.circle(frames[t], (int(x), int(y)), int(r), (255, 255, 255), -1)
         why = f"The circle flashes {k} times."
@@ -129,7 +132,7 @@ def make_synthetic(out_dir, n_train=2000, n_coldstart=64, n_test=200, seed=0, n_
     names = {"grpo": "grpo.jsonl", "coldstart": "coldstart.json", "heldout": "heldout.jsonl", "test": "test.jsonl",
              "captions": "captions.json"}
     paths = {"root": out_dir, **{k: os.path.join(out_dir, v) for k, v in names.items()}}
-    settings = {"n_train": n_train, "n_coldstart": n_coldstart, "n_test": n_test, "n_captions": n_captions, "seed": seed, "version": 8}
+    settings = {"n_train": n_train, "n_coldstart": n_coldstart, "n_test": n_test, "n_captions": n_captions, "seed": seed, "version": 9}
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path) and all(os.path.exists(p) for p in paths.values()):
         with open(meta_path) as f:
