@@ -125,8 +125,9 @@ def _write_video(path, frames):
 def make_synthetic(out_dir, n_train=2000, n_coldstart=64, n_test=200, seed=0, n_captions=0):
     """Write the synthetic task to out_dir: videos/, grpo.jsonl (NextQA GRPO format), coldstart.json
     (cold-start format, with reasoning), heldout.jsonl (GRPO format) and test.jsonl (plain multiple
-    choice) for the same held-out videos, and captions.json (cold-start format, n_captions more videos of their
-    own: each question answered with a plain description of its video, no letter; it stands in for the pretraining that gave the published base model its sight).
+    choice) for the same held-out videos, and captions.json (cold-start format, n_captions more videos of
+    their own: each question answered with a plain description of its video, no letter; it stands in for
+    the pretraining that gave the published base model its sight).
     Deterministic in `seed`; skipped if already written with the same settings.
     -> {"root", "grpo", "coldstart", "heldout", "test", "captions"} paths."""
     names = {"grpo": "grpo.jsonl", "coldstart": "coldstart.json", "heldout": "heldout.jsonl", "test": "test.jsonl",
