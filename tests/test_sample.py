@@ -2,10 +2,13 @@
 interrupted run from its predictions file (on conftest.py's miniature MLVU, generation scripted)."""
 
 import json
+import os
 
 import pytest
+import torch
 
 import eval as E
+import grpo as G
 import sample
 from conftest import mlvu, run, scripted
 
@@ -46,3 +49,39 @@ def test_mlvu_resumes_a_partial_run(ckpt, tmp_path, monkeypatch, capsys):
     assert calls == [3]  # only the 3 unanswered items are asked again
     assert json.load(open(tmp_path / "mlvu.summary.json")) == first and first["average"] == 1.0
 
+
+
+# ----------------------------------------------------------------------------- the single-question command
+
+
+def test_single_question_prints_generates_answer_stops_at_eos_and_honours_mode(ckpt, tmp_path, capsys):
+    """`sample.py --video --question` prints what `generate` answers (greedy), for the prompt of --mode, and
+    stops at eos: the model is made to emit eos a few tokens in (its output row a scaled copy of the token it
+    first emits there), so a command that ran on would print more."""
+    import shutil
+
+    import data as D
+    from conftest import write_video
+    video = write_video(str(tmp_path / "v.mp4"), n=8)
+    model, tok = sample.load(ckpt)
+    pixels = D.load_video(video, num_frames=4, size=model.config.vision.image_size)[None]
+    q, options = "What happens in the video?", ["red", "blue"]
+    prompts = {mode: D.mc_question(q, options, mode) for mode in ("reason", "option")}
+    W = model.language_model.model.embed_tokens.weight  # tied: also the output rows
+    with torch.no_grad():
+        for p in model.language_model.parameters():  # 20x the init, so greedy answers are not one token repeated
+            p.mul_(20 if p.ndim == 2 else 1)
+        ids = G.rollout(model, torch.tensor([tok.prompt_ids(prompts["option"])]), model.encode_video(pixels), -1,
+                        group_size=1, max_new_tokens=12, temperature=0).completion_ids[0].tolist()
+        k = next(k for k in range(3, 12) if ids[k] not in ids[:k])  # a token first emitted after 3 others
+        W[tok.eos_id] = 1.05 * W[ids[k]]
+    want = {m: sample.generate(model, tok, [p], pixels, max_new_tokens=12)[0] for m, p in prompts.items()}
+    assert want["option"] == tok.decode(ids[:k]) != tok.decode(ids)  # generate stops at eos
+    assert want["reason"] != want["option"]  # the mode changes the prompt enough to change the answer
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    shutil.copy(os.path.join(ckpt, "tokenizer.json"), tmp_path / "ckpt")
+    for mode in ("option", "reason"):
+        code, out, err = run(["--ckpt", str(tmp_path / "ckpt"), "--video", video, "--question", q, "--options", *options,
+                              "--mode", mode, "--max-new-tokens", "12", "--frames", "4"], capsys)
+        assert code == 0, err
+        assert out == want[mode] + "\n", mode
