@@ -159,7 +159,7 @@ def test_slow_tokenizer_files_load_with_tokenizers_alone(tmp_path):
     tokenizer_config.json, special_tokens_map.json, no tokenizer.json. A small byte-level BPE vocabulary is
     trained here with Qwen2's pre-tokenizer; transformers' Qwen2Tokenizer on the same files is the reference."""
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-    transformers = pytest.importorskip("transformers")
+    import transformers  # the reference: missing, the test fails rather than skips
     texts = [D.build_prompt(D.mc_question("What does the café owner do (at 12:45)?", ["sit down", "run"])),
              "<think>I'll count: 1, 22, 333 ... it's 3!</think>\n\n<answer>B</answer>", "naïve  \t tabs\r\nend"] * 4
     bpe = Tokenizer(models.BPE())

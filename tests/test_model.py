@@ -10,11 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel  # missing: fail, not skip
 
 import model as M
-
-transformers = pytest.importorskip("transformers")
-from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel  # noqa: E402
 
 TEXT = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=True)
@@ -171,6 +169,24 @@ def test_cache_repeat_interleave_shares_a_prefill():
     assert (got - want).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="KV cache full"):
         lm(torch.zeros(3, 4, dtype=torch.long), cache=group)
+
+
+def test_cache_select_rows_keeps_the_rows_asked_for_in_their_order():
+    """Finished samples leave a rollout's batch: rows (2, 0) of a 3-row cache decode on as rows 2 and 0 of
+    the whole one did (left-padded prompts, so valid and next_pos differ per row)."""
+    lm = ours_qwen(hf_qwen())
+    g = torch.Generator().manual_seed(6)
+    ids, nxt = torch.randint(0, 96, (3, 8), generator=g), torch.randint(0, 96, (3, 2), generator=g)
+    mask = torch.tensor([[1] * 8, [0] * 3 + [1] * 5, [0] * 6 + [1] * 2])
+    rows = torch.tensor([2, 0])
+    with torch.no_grad():
+        cache = M.KVCache(lm.cfg, batch=3, max_len=12)
+        lm(ids, mask, cache=cache)
+        part = cache.select_rows(rows)
+        assert torch.equal(part.valid, cache.valid[rows]) and torch.equal(part.next_pos, cache.next_pos[rows])
+        want = lm(nxt, cache=cache)[rows]
+        got = lm(nxt[rows], cache=part)
+    assert (got - want).abs().max() <= 1e-5
 
 
 # ----------------------------------------------------------------------------- vision encoder

@@ -197,7 +197,9 @@ def test_one_step_the_same_however_it_is_batched_or_compiled(task):
 
 def test_sft_loss_is_the_answer_cross_entropy_with_the_video_spliced_in():
     """sft_step's loss by hand: the full model's logits (L-1+Q positions), labels spliced like the ids (-100 on the
-    Q video tokens), next-token cross-entropy averaged over each answer, then over samples."""
+    Q video tokens), next-token cross-entropy averaged over each answer, then over samples; its gradient is that
+    mean's, however the samples are split into micro-batches."""
+    import copy
     from types import SimpleNamespace
     from conftest import tiny_model
     model = tiny_model(connector={"connector_type": "mlp2x_gelu"})  # Q = 2 frames x 3 patches
@@ -207,12 +209,44 @@ def test_sft_loss_is_the_answer_cross_entropy_with_the_video_spliced_in():
     pixels = torch.randn(2, 2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     load = lambda batch: (batch, pixels[[int(s.question) for s in batch]])
     samples = [D.Sample("video.mp4", str(i), "") for i in range(2)]
-    got = train.sft_step(model, tok, samples, load, train.TrainConfig(stage="sft", micro_batch=2), torch.device("cpu"))
+    grads = {}
+    for micro in (2, 1):
+        policy = copy.deepcopy(model)
+        got = train.sft_step(policy, tok, samples, load, train.TrainConfig(stage="sft", micro_batch=micro), torch.device("cpu"))
+        grads[micro] = {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}
     want = []
-    with torch.no_grad():
-        for (ids, labels), px in zip(pairs, pixels):
-            logits = model(torch.tensor([ids]), px[None])[0]
-            p, Q = ids.index(img), logits.shape[0] - len(ids) + 1
-            spliced = torch.tensor(labels[:p] + [-100] * Q + labels[p + 1:])
-            want.append(torch.nn.functional.cross_entropy(logits[:-1], spliced[1:], ignore_index=-100))
-    assert Q == 6 and got["loss"] == pytest.approx(torch.stack(want).mean().item(), rel=1e-5)
+    model.train()
+    for (ids, labels), px in zip(pairs, pixels):
+        logits = model(torch.tensor([ids]), px[None])[0]
+        p, Q = ids.index(img), logits.shape[0] - len(ids) + 1
+        spliced = torch.tensor(labels[:p] + [-100] * Q + labels[p + 1:])
+        want.append(torch.nn.functional.cross_entropy(logits[:-1], spliced[1:], ignore_index=-100))
+    loss = torch.stack(want).mean()
+    assert Q == 6 and got["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    loss.backward()
+    hand = {n: p.grad for n, p in model.named_parameters() if n in grads[2]}
+    assert set(grads[2]) == set(grads[1]) == set(hand) and not any(n.startswith("vision_tower") for n in hand)
+    for micro in (2, 1):
+        assert max(float((grads[micro][n] - hand[n]).abs().max()) for n in hand) <= 1e-5 * max(float(g.abs().max()) for g in hand.values())
+
+
+def test_optimizer_step_refreshes_a_sampler_copy():
+    """A sampler holding its own copy of the policy (bf16 on a GPU, --fsdp) samples from the updated weights
+    after every optimizer step, and not after a skipped (non-finite) one."""
+    from conftest import tiny_model
+    policy = tiny_model(size="tiny")
+    sampler = train.G.Sampler(policy, own_copy=True)
+    assert sampler.model is not policy
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    assert train.optimizer_step(optimizer, params, sampler, max_grad_norm=0)
+    theirs = dict(sampler.model.named_parameters())
+    moved = [n for n, p in policy.named_parameters() if p.requires_grad and not n.startswith("vision_tower")]
+    assert moved and all(torch.equal(theirs[n], dict(policy.named_parameters())[n]) for n in moved)
+    before = {n: theirs[n].clone() for n in moved}
+    for p in params:
+        p.grad = torch.full_like(p, float("nan"))
+    assert not train.optimizer_step(optimizer, params, sampler, max_grad_norm=1.0)
+    assert all(torch.equal(theirs[n], before[n]) for n in moved)
