@@ -20,6 +20,11 @@ import model as M
 import sample
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes over ~5 s (compiles, several runs, processes); "
+                                       "`-m \"not slow\"` skips them for a fast loop")
+
+
 def tiny_model(seed=0, size="test", **parts):
     """A model of the named size (model.CONFIGS; parts as in model.config), its decoder weights 20x the
     0.02 init so that greedy choices are not near-ties."""

@@ -1,9 +1,11 @@
-"""bench.py: its fast-vs-eager decode check catches a wrong step, and `bench.py --tiny` runs end to end and
-writes its table (on CPU: CUDA graphs are exercised only by bench.py on a GPU)."""
+"""bench.py: its fast-vs-eager decode check catches a wrong step, and `bench.py --tiny` runs end to end, compiled
+(so its check compares the compiled step with the eager one), and writes its table (on CPU: CUDA graphs are
+exercised only by bench.py on a GPU)."""
 
 import json
 
 import pytest
+import torch._dynamo.utils
 
 import bench
 from conftest import tiny_model, tiny_prompt
@@ -27,11 +29,15 @@ def test_bench_decode_check_catches_a_wrong_fast_step():
     assert not bad["ok"] and bad["max_abs_logit_diff"] > 1e-2
 
 
-def test_bench_tiny_runs_end_to_end_and_writes_its_table(tmp_path, capsys):
+@pytest.mark.slow  # compiles the decode step: ~20 s, ~60 s with a cold compile cache
+@pytest.mark.filterwarnings("error:torch.compile of the decode step failed")  # no silent fallback to eager
+def test_bench_tiny_runs_end_to_end_compiled_and_writes_its_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     rc = bench.main(["--tiny", "--new-tokens", "12", "--decode-steps", "3", "--check-steps", "8", "--repeats", "1",
-                     "--warmup", "0", "--no-compile", "--prompts", "2", "--json", str(out)])
+                     "--warmup", "0", "--prompts", "2", "--json", str(out)])
     assert rc == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # the fast step was compiled
     result = json.loads(out.read_text())
     assert result["check"]["ok"] and result["check"]["steps"] == 8 and result["check"]["token_mismatches"] == 0
     assert result["shapes"]["group"] == 8 and result["shapes"]["new_tokens"] == 12 and result["shapes"]["prompt_length"] == 12 + 16

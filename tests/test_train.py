@@ -168,11 +168,15 @@ def test_parse_answer(text, mode, want):
     assert sample.parse_answer(text, 4, mode) == want
 
 
+@pytest.mark.slow  # compiles
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.filterwarnings("error:torch.compile of the decode step failed")  # no silent fallback to eager
 def test_one_step_the_same_however_it_is_batched_or_compiled(task):
     """train.collect (what train.py and bench.py both run): the step's prompts decoded one at a time
     or all together, eagerly or through the compiled decode step, give the same completions and
     rewards (greedy: same tokens; sampled: same per-prompt seeds)."""
-    torch.set_num_threads(1)
+    import torch._dynamo.utils
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     model, tok = train.load_model(train.TrainConfig(init=task["init"]), torch.device("cpu"))
     samples = D.read_samples(task["grpo"])[0][:3]
     load = train.VideoLoader(4, model.config.vision.image_size)
@@ -193,6 +197,7 @@ def test_one_step_the_same_however_it_is_batched_or_compiled(task):
             if temperature:  # (log-probs at temperature 0 are not defined)
                 assert (other.ref_logp - base.ref_logp).abs().max() <= 1e-5
     assert len(set(results[1.0, 3, False].texts)) > 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # the compiled sampler did compile
 
 
 def test_sft_loss_is_the_answer_cross_entropy_with_the_video_spliced_in():
