@@ -2,8 +2,10 @@
 type on toy batches worked out on paper (value and gradient), rollouts against naive generation on a
 tiny random model. Nothing is downloaded."""
 
+import contextlib
 import copy
 import math
+import types
 
 import pytest
 import torch
@@ -644,3 +646,81 @@ def test_prompt_shared_by_its_group_equals_the_whole_sequence_per_sample():
     assert shapes == [6, 2, 6]  # 6 whole sequences; then the 2 prompts once, and the 6 completions on them
     assert (a - b).abs().max() <= 1e-5
     assert all((x - y).abs().max() <= 1e-5 * (1 + x.abs().max()) for x, y in zip(ga, gb))
+
+
+class EmulatedCudaGraph:
+    """torch.cuda.CUDAGraph on the CPU, as FastDecode uses it: `with torch.cuda.graph(g)` records the ops
+    (aten level, through a dispatch mode) and leaves no trace, as a capture runs no kernel (the tensors it
+    writes are put back, the tensors it makes hold NaN); `replay()` runs the recorded ops again on the same
+    tensors (the same addresses: results are copied into the captured outputs, views alias as they did)."""
+
+    def __init__(self):
+        self.ops = []
+
+    @contextlib.contextmanager
+    def capture(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        graph, saved = self, {}
+
+        class Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                assert func is not torch.ops.aten._local_scalar_dense.default, "a host sync inside a CUDA graph"
+                schema = func._schema
+                for i, a in enumerate(schema.arguments):  # what the op writes: put back after the capture
+                    value = args[i] if i < len(args) else kwargs.get(a.name)
+                    if a.alias_info is not None and a.alias_info.is_write and isinstance(value, torch.Tensor):
+                        saved.setdefault(id(value), (value, value.clone()))
+                out = func(*args, **kwargs)
+                view = any(r.alias_info is not None for r in schema.returns)
+                graph.ops.append((func, args, kwargs, None if view else out))
+                return out
+
+        with Record():
+            yield
+        for t, before in saved.values():
+            t.copy_(before)
+        for *_, out in self.ops:
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and id(t) not in saved:
+                    t.fill_(float("nan"))
+
+    def replay(self):
+        for func, args, kwargs, out in self.ops:
+            new = func(*args, **kwargs)
+            if out is not None:
+                for t, n in zip(torch.utils._pytree.tree_leaves(out), torch.utils._pytree.tree_leaves(new)):
+                    if isinstance(t, torch.Tensor):
+                        t.copy_(n)
+
+
+def emulate_cuda_graphs(monkeypatch):
+    """FastDecode's CUDA-graph path on the CPU: streams do nothing, graphs are EmulatedCudaGraph."""
+    stream = types.SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", EmulatedCudaGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: g.capture())
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_cuda_graph_decode_replays_what_the_eager_step_does(monkeypatch):
+    """FastDecode's capture-and-replay, run on the CPU with an emulated CUDA graph: the warm-up step before the
+    capture must leave the cache as it found it, and each new cache (rows leaving the batch) a new capture.
+    A rollout through it, 2 prompts x 4 samples with an eos some rows reach, equals the eager one."""
+    emulate_cuda_graphs(monkeypatch)
+    model = tiny_model(size="tiny")
+    ids, video = tiny_prompt(model)
+    ids, video = ids.repeat(2, 1), torch.cat([video, video.flip(1)])
+    with torch.no_grad():
+        probe = rollout(model, ids, video, eos_id=-1, pad_id=0, group_size=4, max_new_tokens=12, temperature=0)
+        seen = set(probe.completion_ids[4].tolist())
+        eos = next(int(t) for t in probe.completion_ids[0, 2:] if int(t) not in seen)
+        eager = rollout(model, ids, video, eos_id=eos, pad_id=0, group_size=4, max_new_tokens=12, temperature=0, check_every=4)
+        fast = G.FastDecode(model.language_model, compile=False, cuda_graph=True)
+        graphed = rollout(model, ids, video, eos_id=eos, pad_id=0, group_size=4, max_new_tokens=12, temperature=0,
+                          decode=fast, check_every=4)
+    assert eager.truncated.any() and not eager.truncated.all()  # some rows left the batch early
+    assert torch.equal(graphed.completion_ids, eager.completion_ids) and torch.equal(graphed.mask, eager.mask)
+    assert (graphed.logprobs - eager.logprobs).abs().max() <= 1e-5
