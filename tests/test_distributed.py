@@ -17,6 +17,7 @@ import train
 from test_train import task, weights  # noqa: F401  (the tiny model and synthetic task)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # starts processes: ~1 min
 
 
 def free_port():
@@ -75,28 +76,43 @@ def injected_rollout(self, input_ids, video_features, eos_id, pad_id, group_size
 real_rollout = G.Sampler.rollout
 
 
+def recording_gradients(out):
+    """Patches train.optimizer_step: rank 0 saves the first step's averaged gradient to OUT/grad.pt. -> undo."""
+    real_step = train.optimizer_step
+
+    def step(optimizer, params, sampler, max_grad_norm):
+        grads = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone() for p in params]
+        path = os.path.join(out, "grad.pt")
+        if (not dist.is_initialized() or dist.get_rank() == 0) and not os.path.exists(path):
+            torch.save(grads, path)
+        return real_step(optimizer, params, sampler, max_grad_norm)
+
+    train.optimizer_step = step
+    return lambda: setattr(train, "optimizer_step", real_step)
+
+
 def grpo_gradient(task, out, **kw):
     """One GRPO step on injected completions; rank 0 saves the averaged gradient to OUT/grad.pt."""
-    real_score, real_step = G.score, train.optimizer_step
+    real_score = G.score
 
     def score(texts, solutions):  # rewards that differ within a group, from the text alone
         return {**real_score(texts, solutions), "reward": torch.tensor([float(len(t) % 5) for t in texts])}
 
-    def step(optimizer, params, sampler, max_grad_norm):
-        grads = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone() for p in params]
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            torch.save(grads, os.path.join(out, "grad.pt"))
-        return real_step(optimizer, params, sampler, max_grad_norm)
-
-    G.Sampler.rollout, G.score, train.optimizer_step = injected_rollout, score, step
+    G.Sampler.rollout, G.score, undo = injected_rollout, score, recording_gradients(out)
     try:
         train.train(config(task, out, "grpo", steps=1, noise_std=0.0, **kw))
     finally:
-        G.Sampler.rollout, G.score, train.optimizer_step = real_rollout, real_score, real_step
+        G.Sampler.rollout, G.score = real_rollout, real_score
+        undo()
 
 
 def sft(task, out, **kw):
-    train.train(config(task, out, "sft", micro_batch=2, **kw))
+    """Two SFT steps; rank 0 saves the first one's averaged gradient to OUT/grad.pt."""
+    undo = recording_gradients(out)
+    try:
+        train.train(config(task, out, "sft", micro_batch=2, **kw))
+    finally:
+        undo()
 
 
 def every_case(task, root):
@@ -123,6 +139,11 @@ def runs(task, tmp_path_factory):
 
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_sft_on_two_ranks_equals_one_process(task, runs, fsdp):
+    """The gradient, not only the weights: after fresh AdamW steps every weight moves by about lr whatever the
+    gradient's size (a gradient twice too large moves it the same)."""
+    one, two = (torch.load(runs / d / "grad.pt", weights_only=True) for d in ("sft-one", f"sft-{fsdp}"))
+    scale = max(float(g.abs().max()) for g in one)
+    assert scale > 1e-4 and max_diff(one, two) <= 1e-5 * scale
     one, two = weights(runs / "sft-one" / "checkpoint"), weights(runs / f"sft-{fsdp}" / "checkpoint")
     assert max_diff(one, weights(task["init"])) > 1e-3  # it trained
     assert max_diff(one, two) <= 1e-5
