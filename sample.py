@@ -121,6 +121,8 @@ def stream(model, tok, question, pixels, max_new_tokens=512, temperature=0.0, to
             yield text[len(shown):]
             shown = text
         logits = (decode or lm.decode_step)(token, cache)
+    if out and tok.decode(out) != shown:  # the end: what an unfinished character held back, as generate decodes it
+        yield tok.decode(out)[len(shown):]
 
 
 # ----------------------------------------------------------------------------- scoring a multiple-choice set

@@ -131,11 +131,12 @@ def test_a_run_is_never_overwritten_or_resumed_by_mistake(task, tmp_path, capsys
     out = tmp_path / "run"
     run(task, out, steps=2)
     metrics = open(out / "metrics.jsonl").read()
+    shutil.copytree(out / "checkpoint", tmp_path / "before")
     base = ["--init", task["init"], "--data", task["grpo"], "--out", str(out), "--frames", "4", "--prompts-per-step", "2",
             "--micro-batch", "2", "--group-size", "3", "--max-new-tokens", "6", "--steps", "2", "--lr", "1e-3"]
     assert train.main(base) == 2
     assert "--overwrite" in one_line(capsys)
-    assert open(out / "metrics.jsonl").read() == metrics and same_weights(out / "checkpoint", out / "checkpoint")
+    assert open(out / "metrics.jsonl").read() == metrics and same_weights(out / "checkpoint", tmp_path / "before")
     assert train.main([*base[:5], str(tmp_path / "typo"), *base[6:], "--resume"]) == 2  # a mistyped OUT
     assert "no checkpoint" in one_line(capsys) and not (tmp_path / "typo" / "metrics.jsonl").exists()
     assert train.main([*base, "--resume", "--seed", "1", "--group-size", "4", "--stage", "sft"]) == 2

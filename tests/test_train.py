@@ -1,6 +1,7 @@
 """train.py and sample.py end to end on a tiny model and a tiny synthetic task (CPU, seconds)."""
 
 import json
+import math
 import os
 import shutil
 
@@ -44,7 +45,7 @@ def weights(path):
     return M.TinyLLaVA.from_pretrained(path, dtype=torch.float32).published_state_dict()
 
 
-def test_sft_then_grpo_then_sample(task, tmp_path, capsys):
+def test_sft_then_grpo_then_sample(task, tmp_path, capsys, monkeypatch):
     m = run(task, tmp_path / "sft", stage="sft", steps=2)
     assert m["loss"] > 0 and m["tokens"] > 0
     before = weights(task["init"])
@@ -53,17 +54,28 @@ def test_sft_then_grpo_then_sample(task, tmp_path, capsys):
     vision = [k for k in before if k.startswith("vision_tower")]
     assert all(torch.equal(before[k], after[k]) for k in vision), "the vision tower is frozen"
 
+    seen, real_update = [], train.update
+    monkeypatch.setattr(train, "update", lambda model, exp, *a, **k: seen.append(exp) or real_update(model, exp, *a, **k))
     m = run(task, tmp_path / "grpo", init=str(tmp_path / "sft" / "checkpoint"))
-    for key in ("reward", "accuracy", "format", "kl", "completion_length", "loss"):
-        assert key in m
     rows = [json.loads(line) for line in open(tmp_path / "grpo" / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1] == json.loads(json.dumps(m))
+    for r, exp in zip(rows, seen):  # the logged metrics are those of what each step learned from
+        assert r["reward"] == pytest.approx(exp.scores["reward"].mean().item())
+        assert r["accuracy"] == pytest.approx(exp.scores["accuracy"].mean().item())
+        assert r["completion_length"] == pytest.approx(exp.rollout.mask.sum(1).mean().item())
+        assert r["example"] == exp.texts[0] and math.isfinite(r["loss"]) and r["kl"] >= 0
+    assert rows[0]["kl"] <= 1e-6 < rows[2]["kl"]  # the policy starts as the reference, then moves away
     assert (tmp_path / "grpo" / "curves.png").stat().st_size > 1000
 
     ckpt = str(tmp_path / "grpo" / "checkpoint")
     video = D.read_samples(task["test"])[0][0].video
+    capsys.readouterr()
     assert sample.main(["--ckpt", ckpt, "--video", video, "--question", "What color?", "--options", "red", "blue",
                         "--max-new-tokens", "5"]) == 0
+    model, tok = sample.load(ckpt)
+    pixels = D.load_video(video, num_frames=4, size=model.config.vision.image_size)[None]
+    answer = sample.generate(model, tok, [D.mc_question("What color?", ["red", "blue"])], pixels, max_new_tokens=5)[0]
+    assert capsys.readouterr().out == answer + "\n"
     preds = tmp_path / "preds.jsonl"
     assert sample.main(["--ckpt", ckpt, "--eval", task["test"], "--predictions", str(preds), "--max-new-tokens", "5"]) == 0
     assert "accuracy" in capsys.readouterr().out
