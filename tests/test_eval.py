@@ -92,9 +92,26 @@ def test_mvbench_reader(tmp_path):
     assert len({sample.sample_key(s) for s in samples}) == 21
 
 
-def test_mvbench_end_to_end(ckpt, tmp_path, capsys):
+def answering(monkeypatch, answers):
+    """The model generates (the real path runs), then some answers are replaced by the ones given (question
+    text -> answer, the longest key found in the question), so the summary can be worked out by hand."""
+    real = sample.generate
+
+    def generate(model, tok, questions, pixels, max_new_tokens=512, **kw):
+        texts = real(model, tok, questions, pixels, max_new_tokens, **kw)
+        keys = [max((k for k in answers if k in q), key=len, default=None) for q in questions]
+        return [answers[k] if k else t for k, t in zip(keys, texts)]
+
+    monkeypatch.setattr(sample, "generate", generate)
+
+
+def test_mvbench_end_to_end(ckpt, tmp_path, capsys, monkeypatch):
     root = str(tmp_path / "MVBench")
     mvbench(root)
+    tasks = list(E.MVBENCH_TASKS)
+    right = set(tasks[::2])  # every item's answer is B ("blue", or "2" of Action Count's second)
+    answering(monkeypatch, {**{f"{t}?": f"<answer>{'B' if t in right else 'A'}</answer>" for t in tasks},
+                            "How many?": "<answer>A</answer>"})
     code, out, err = run(["--ckpt", ckpt, "--bench", "mvbench", "--root", root, "--max-new-tokens", "3",
                           "--batch-size", "8", "--device", "cpu"], capsys)
     assert code == 0, err
@@ -107,8 +124,13 @@ def test_mvbench_end_to_end(ckpt, tmp_path, capsys):
     assert summary["total"] == 20 and summary["missing"] == 1
     assert summary["groups"]["Object Shuffle"] == dict(correct=0, total=0, unparsed=0, missing=1, accuracy=None,
                                                         guessed=None)
-    assert summary["correct"] == sum(r["correct"] for r in rows)
-    assert summary["average"] == pytest.approx(sum(r["correct"] for r in rows) / 20)
+    correct = len(right - {"Object Shuffle"})  # by hand; Action Count's second item is wrong
+    assert summary["correct"] == sum(r["correct"] for r in rows) == correct
+    assert summary["average"] == pytest.approx(correct / 20)
+    for t in tasks:
+        if t not in ("Object Shuffle", "Action Count"):
+            assert summary["groups"][t]["accuracy"] == (1.0 if t in right else 0.0), t
+    assert summary["groups"]["Action Count"]["accuracy"] == (0.5 if "Action Count" in right else 0.0)
     assert summary["unparsed"] == sum(r["pred"] is None for r in rows)
     assert next(r for r in rows if r["task"] == "Action Sequence")["bound"] == [0.5, 2.0]
 
@@ -202,7 +224,7 @@ def test_mlvu_macro_average(ckpt, tmp_path, monkeypatch, capsys):
 # ----------------------------------------------------------------------------- MMVU
 
 
-def test_mmvu_end_to_end(ckpt, tmp_path, capsys):
+def test_mmvu_end_to_end(ckpt, tmp_path, capsys, monkeypatch):
     root = str(tmp_path / "MMVU")
     mmvu(root)
     samples = E.read_mmvu(root, "reason")
@@ -210,6 +232,7 @@ def test_mmvu_end_to_end(ckpt, tmp_path, capsys):
     assert samples[0].video == f"{root}/videos/Chemistry/0.mp4" and samples[1].video == f"{root}/videos/Art/0.mp4"
     assert [s.solution for s in samples] == ["A", "E", "C"] and samples[0].meta["subject"] == "Chemistry"
     preds = str(tmp_path / "mmvu.jsonl")
+    answering(monkeypatch, {"How many grams?": "<answer>A</answer>", "Which style?": "<answer>B</answer>"})
     code, out, err = run(["--ckpt", ckpt, "--bench", "mmvu", "--root", root, "--predictions", preds,
                           "--max-new-tokens", "3"], capsys)
     assert code == 0, err
@@ -217,7 +240,8 @@ def test_mmvu_end_to_end(ckpt, tmp_path, capsys):
     assert len(rows) == 2 and {r["subject"] for r in rows} == {"Chemistry", "Art"}
     summary = json.load(open(tmp_path / "mmvu.summary.json"))
     assert summary["missing"] == 1 and summary["groups"]["Art"]["missing"] == 1
-    assert summary["average"] == pytest.approx(sum(r["correct"] for r in rows) / 2)
+    assert summary["average"] == 0.5 and summary["groups"]["Chemistry"]["accuracy"] == 1.0  # A right, E not B
+    assert summary["groups"]["Art"]["accuracy"] == 0.0
     assert "Chemistry" in out and "Art/9.mp4" in err
     other = str(tmp_path / "MMVU-github")  # the GitHub repository keeps the file in data/
     mmvu(other, "data/validation.json")
