@@ -11,6 +11,7 @@ import pytest
 import data as D
 import demo
 import model as M
+import sample
 import train
 
 
@@ -54,6 +55,8 @@ def test_synthetic_answers_are_in_the_frames(task):
         assert answer in why
 
 
+@pytest.mark.slow  # the whole demo, shortened
+@pytest.mark.usefixtures("one_thread")
 def test_default_run_shortened(tmp_path, monkeypatch, capsys):
     """`python train.py` with no flags, at a few steps per stage: data, tokenizer, base, SFT, GRPO, evaluation."""
     small = dict(frames=8, n_train=16, n_coldstart=8, n_test=8, n_captions=16,
@@ -70,6 +73,14 @@ def test_default_run_shortened(tmp_path, monkeypatch, capsys):
     assert all(0 <= a <= 1 for stage in per_task.values() for a in stage.values())
     assert "one held-out question" in out and "cold start:" in out and "GRPO:" in out
     assert 0 <= summary["sft_accuracy"] <= 1 and 0 <= summary["grpo_accuracy"] <= 1 and summary["n_test"] == 8
+    for stage in ("sft", "grpo"):  # the accuracies are those of the stage's checkpoint, asked through sample.py
+        preds = str(tmp_path / f"{stage}.predictions.jsonl")
+        assert sample.main(["--ckpt", str(tmp_path / stage / "checkpoint"), "--eval", str(tmp_path / "data" / "heldout.jsonl"),
+                            "--frames", "8", "--max-new-tokens", "8", "--batch-size", "50", "--predictions", preds]) == 0
+        rows = [json.loads(line) for line in open(preds)]
+        assert len(rows) == 8 and summary[f"{stage}_accuracy"] == sum(r["correct"] for r in rows) / 8
+        assert per_task[stage] == {t: round(sum(r["correct"] for r in rows if r["task"] == t) /
+                                            sum(r["task"] == t for r in rows), 3) for t in {r["task"] for r in rows}}
     for stage in ("base", "sft", "grpo"):
         assert (tmp_path / stage / "checkpoint" / "model.safetensors").exists()
     assert (tmp_path / "grpo" / "curves.png").exists()
