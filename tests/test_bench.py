@@ -33,6 +33,7 @@ def test_bench_decode_check_catches_a_wrong_fast_step():
 @pytest.mark.filterwarnings("error:torch.compile of the decode step failed")  # no silent fallback to eager
 def test_bench_tiny_runs_end_to_end_compiled_and_writes_its_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
+    torch._dynamo.reset()  # a fresh budget of 8 recompilations: every earlier test's model counted against it
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     rc = bench.main(["--tiny", "--new-tokens", "12", "--decode-steps", "3", "--check-steps", "8", "--repeats", "1",
                      "--warmup", "0", "--prompts", "2", "--json", str(out)])

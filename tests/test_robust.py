@@ -55,6 +55,7 @@ class Payload:
         return (open, (self.flag, "w"))  # creates the flag file when unpickled
 
 
+@pytest.mark.slow
 def test_resume_never_unpickles(task, tmp_path):
     out, flag = tmp_path / "run", tmp_path / "pwned"
     run(task, out, steps=3, stop_after=1)
@@ -87,6 +88,7 @@ def answers(path):
     return {r["key"]: r["output"] for r in map(json.loads, open(path)) if "key" in r}
 
 
+@pytest.mark.slow
 def test_eval_resumes_only_the_same_checkpoint_and_settings(task, tmp_path, capsys):
     a, b = other_checkpoint(task, tmp_path / "A", 1), other_checkpoint(task, tmp_path / "B", 2)
     shared, alone = str(tmp_path / "shared.jsonl"), str(tmp_path / "alone.jsonl")
@@ -127,6 +129,7 @@ def test_bench_answers_are_redone_for_new_weights_or_settings(ckpt, tmp_path, mo
 # ----------------------------------------------------------------------------- 3. runs are not overwritten or mixed up
 
 
+@pytest.mark.slow
 def test_a_run_is_never_overwritten_or_resumed_by_mistake(task, tmp_path, capsys):
     out = tmp_path / "run"
     run(task, out, steps=2)
@@ -173,6 +176,7 @@ def finite_checkpoint(path):
 
 
 @pytest.mark.parametrize("stage", ["sft", "grpo"])
+@pytest.mark.slow
 def test_divergence_stops_cleanly_and_keeps_the_last_good_checkpoint(task, tmp_path, stage, capsys):
     out = tmp_path / stage
     with pytest.raises(train.Diverged, match="5 non-finite steps in a row"):
@@ -250,6 +254,7 @@ def crash_at(monkeypatch, k):
     return count
 
 
+@pytest.mark.slow
 def test_a_crash_at_every_point_of_a_save_resumes_exactly(task, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     run(task, straight, steps=3)
@@ -281,6 +286,7 @@ def test_a_crash_at_every_point_of_a_save_resumes_exactly(task, tmp_path, monkey
     assert k >= 8 and count[0] >= 8  # every operation of the save was a crash point once
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_resumes_to_identical_weights(task, tmp_path):
     straight = tmp_path / "straight"
     args = dict(steps=6, prompts_per_step=2, micro_batch=1, group_size=3, max_new_tokens=6, save_every=1)
@@ -312,6 +318,7 @@ def test_kill_9_at_random_moments_resumes_to_identical_weights(task, tmp_path):
 # ----------------------------------------------------------------------------- 7. bad rows are caught when read
 
 
+@pytest.mark.slow
 def test_bad_bytes_image_tags_and_a_bom_are_handled_when_read(task, tmp_path):
     good = open(task["grpo"], encoding="utf-8").read().splitlines()
     tagged = json.dumps(dict(json.loads(good[2]), problem="<image>\nWhat colour is the square?"))
