@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+import grpo as G
 import model as M
 import train
 from conftest import tiny_model, tiny_prompt
@@ -105,9 +106,23 @@ def test_dry_run_at_the_published_shapes(tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
 
 
-def test_lora_run_checkpoints_merged_and_resumes_exactly(task, tmp_path, capsys):
+def test_lora_run_checkpoints_merged_and_resumes_exactly(task, tmp_path, capsys, monkeypatch):
+    base, real_collect, ref_err, moved = M.TinyLLaVA.from_pretrained(task["init"], dtype=torch.float32), train.collect, [], []
+
+    def collect(sampler, ref, tok, samples, load, cfg, device, gen):  # the reference's log-probs are the start model's
+        exp = real_collect(sampler, ref, tok, samples, load, cfg, device, gen)
+        with torch.no_grad():
+            for ids, pmask, feats, comp, cmask, rows, T in exp.micro_batches(cfg.micro_batch, tok.pad_id):
+                want = G.completion_logprobs(base, ids, base.connect(feats), comp, cmask, pmask, cfg.temperature)
+                ref_err.append(float((exp.ref_logp[rows, :T] - want).abs().max()))
+                moved.append(float((exp.rollout.logprobs[rows, :T] - want).abs().max()))  # the rollouts: adapters on
+        return exp
+
     common = dict(lora=4, steps=3, compile=False)
+    monkeypatch.setattr(train, "collect", collect)
     run(task, tmp_path / "straight", **{**common, "compile": True})  # adapters in the compiled decode step
+    monkeypatch.undo()
+    assert len(ref_err) == 3 and max(ref_err) <= 1e-5 and moved[0] <= 1e-5 and moved[-1] > 1e-3
     printed = capsys.readouterr().out
     dry = plan(capsys, "--init", task["init"], "--lora", "4", "--frames", "4", "--prompts-per-step", "2",
                "--micro-batch", "2", "--group-size", "3", "--max-new-tokens", "6", "--lr", "1e-3", "--no-compile")[1]
