@@ -588,9 +588,9 @@ def _init_weights(m):
 
 
 # ----------------------------------------------------------------------------- LoRA
-# Low-rank adapters on the decoder's seven linear layers a block: y = W x + b + (alpha / r) B A x, A (r, in)
-# Kaiming-uniform, B (out, r) zeros, so fresh adapters change nothing. W and b stay the layer's parameters under
-# their published names (frozen, held once); A and B are fp32 whatever W is (bf16 on a GPU).
+# Adapters on the decoder's seven linear layers a block: y = W x + b + (alpha / r) B A x, A (r, in) Kaiming-uniform,
+# B (out, r) zeros, so fresh adapters change nothing. W and b stay the layer's, under their published names, frozen
+# and held once (bf16 on a GPU); A and B are fp32. `adapters_off` gives back the frozen base: the GRPO reference.
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -599,9 +599,8 @@ class LoRALinear(nn.Linear):
     def __init__(self, base, rank, alpha):
         nn.Module.__init__(self)
         self.in_features, self.out_features, self.weight, self.bias = base.in_features, base.out_features, base.weight, base.bias
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=self.weight.device))
+        self.lora_A = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(rank, self.in_features, device=self.weight.device), a=math.sqrt(5)))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=self.weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scale, self.enabled = alpha / rank, True
 
     def forward(self, x):
@@ -612,14 +611,12 @@ class LoRALinear(nn.Linear):
 
 
 def add_lora(model, rank, alpha):
-    """Adapters on every decoder block's LORA_TARGETS; everything else frozen but the connector. -> model."""
-    model.requires_grad_(False)
-    for layer in model.language_model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name in LORA_TARGETS:
-                if hasattr(parent, name):
-                    setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha))
-    model.connector.requires_grad_(True)
+    """Adapters on every decoder block's LORA_TARGETS; all else frozen but the connector. -> model"""
+    model.requires_grad_(False).connector.requires_grad_(True)
+    for parent in [m for layer in model.language_model.model.layers for m in (layer.self_attn, layer.mlp)]:
+        for name in LORA_TARGETS:
+            if hasattr(parent, name):
+                setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha))
     return model
 
 
@@ -627,9 +624,9 @@ def add_lora(model, rank, alpha):
 def adapters_off(model):
     """Within: `model` is its frozen base (a no-op for a model without adapters)."""
     adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    for m in adapters:
-        m.enabled = False
     try:
+        for m in adapters:
+            m.enabled = False
         yield
     finally:
         for m in adapters:
@@ -638,17 +635,6 @@ def adapters_off(model):
 
 def merge_lora(state_dict, scale):
     """A state dict with adapters (keys ...lora_A, ...lora_B) -> the plain model's, W + scale B A, in fp32."""
-    out = {}
-    for k, v in state_dict.items():
-        if not k.endswith((".lora_A", ".lora_B")):
-            a, b = (state_dict.get(k[:-len("weight")] + n) for n in ("lora_A", "lora_B"))
-            out[k] = v.float() if a is None or not k.endswith(".weight") else v.float() + scale * (b.float() @ a.float())
-    return out
-
-
-def lora_reference(model, connector):
-    """The reference of a LoRA run: `model`'s own modules (no copy) with the start `connector`; run it under
-    `adapters_off`."""
-    ref = copy.copy(model)
-    ref._modules = {**model._modules, "connector": connector}
-    return ref
+    lora = lambda k, n: state_dict.get(k[:-len("weight")] + n) if k.endswith(".weight") else None
+    return {k: v.float() + (scale * lora(k, "lora_B").float() @ lora(k, "lora_A").float() if lora(k, "lora_A") is not None else 0)
+            for k, v in state_dict.items() if not k.endswith((".lora_A", ".lora_B"))}

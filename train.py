@@ -134,8 +134,8 @@ def check_config(cfg):
     c, v = cfg, lambda name: f"--{name.replace('_', '-')} {getattr(cfg, name)!r}"
     bad = [f"{v(n)}: must be >= 1" for n in ("prompts_per_step", "micro_batch", "max_new_tokens", "frames", "save_every",
                                             "max_len", "updates_per_rollout") if getattr(c, n) < 1]
-    bad += [f"{v(n)}: must be >= 0" for n in ("steps", "stop_after", "rollout_batch", "lora", "nproc", "top_k", "weight_decay", "max_grad_norm", "beta",
-                                             "noise_std", "epsilon_low", "epsilon_high") if getattr(c, n) < 0]
+    bad += [f"{v(n)}: must be >= 0" for n in ("steps", "stop_after", "rollout_batch", "top_k", "weight_decay", "max_grad_norm", "beta",
+                                             "noise_std", "epsilon_low", "epsilon_high", "lora", "nproc") if getattr(c, n) < 0]
     bad += [f"{v(f.name)}: must be one of {', '.join(f.metadata['choices'])}" for f in fields(c)
             if f.metadata["choices"] and getattr(c, f.name) not in f.metadata["choices"]]
     bad += [msg for ok, msg in [
@@ -443,8 +443,15 @@ def train(cfg):
     model.language_model.model.gradient_checkpointing = cfg.grad_checkpointing and device.type == "cuda"
 
     start_connector, ref = setup_lora(model, cfg, device, state) if cfg.lora else None, None
-    if cfg.stage == "grpo" and cfg.beta > 0 and not cfg.lora:
-        if resume_from:  # the reference is the start model, not the resumed one
+    # On a GPU the rollouts sample from a bf16 copy of the policy (with --lora: the policy itself); on a CPU from the
+    # policy itself. Under --fsdp the policy is sharded, so the rollouts always sample from a whole copy.
+    sampler = G.Sampler(model, torch.bfloat16 if device.type == "cuda" else None, compile=cfg.compile and cfg.stage == "grpo",
+                        own_copy=cfg.fsdp and cfg.stage == "grpo")
+    if cfg.stage == "grpo" and cfg.beta > 0:
+        if cfg.lora:  # the sampler's decoder (no copy), run with its adapters off (collect), and the start connector
+            ref = copy.copy(sampler.model)
+            ref._modules = {**ref._modules, "connector": start_connector}
+        elif resume_from:  # the reference is the start model, not the resumed one
             ref = M.TinyLLaVA.from_pretrained(cfg.init or os.path.join(cfg.out, "reference"), device=device,
                                               dtype=torch.float32).requires_grad_(False)  # in eval mode
             ref.vision_tower = model.vision_tower
@@ -452,15 +459,8 @@ def train(cfg):
             ref = G.frozen_copy(model)
             if not cfg.init and rank == 0:  # a fresh connector: keep the reference to resume against it
                 ref.save_pretrained(os.path.join(cfg.out, "reference"))
-        if device.type == "cuda":
+        if device.type == "cuda" and not cfg.lora:
             ref.connector.to(torch.bfloat16), ref.language_model.to(torch.bfloat16)
-
-    # On a GPU the rollouts sample from a bf16 copy of the policy; on a CPU from the policy itself.
-    # Under --fsdp the policy is sharded, so the rollouts always sample from a whole copy.
-    sampler = G.Sampler(model, torch.bfloat16 if device.type == "cuda" else None, compile=cfg.compile and cfg.stage == "grpo",
-                        own_copy=cfg.fsdp and cfg.stage == "grpo")
-    if cfg.lora and cfg.stage == "grpo" and cfg.beta > 0:
-        ref = M.lora_reference(sampler.model, start_connector)
     plan = memory_plan(cfg, model.config, world)
     if rank == 0:
         tqdm.write(format_plan(cfg, *plan, world))
@@ -587,12 +587,11 @@ def parse_args(argv=None):
 def dry_run(cfg):
     """--dry-run: the memory plan at --init's shapes, from its config.json alone (no weights, no data). -> 0"""
     check_config(cfg)
-    path = os.path.join(cfg.init, "config.json")
     try:
-        with open(path) as f:
+        with open(os.path.join(cfg.init, "config.json")) as f:
             config = M.TinyLLaVAConfig.from_dict(json.load(f))
     except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise RunError(f"{path}: not a readable TinyLLaVA config ({type(e).__name__}: {e})") from None
+        raise RunError(f"{cfg.init}/config.json: not a readable TinyLLaVA config ({type(e).__name__}: {e})") from None
     world = cfg.nproc or int(os.environ.get("WORLD_SIZE", 1))
     print(format_plan(cfg, *memory_plan(cfg, config, world), world))
     return 0
