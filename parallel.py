@@ -119,6 +119,7 @@ def memory_plan(cfg, config, world):
     layer = 2 * (8 * t.hidden_size + 2 * kv + 4 * t.intermediate_size) + rb * 4 * t.hidden_size  # a token's, one layer
     acts = (t.num_hidden_layers * rb * t.hidden_size + 2 * layer if cfg.grad_checkpointing else t.num_hidden_layers * layer)
     own_sampler = grpo and (not cfg.lora or cfg.fsdp)
+    decoding = min(cfg.rollout_batch or prompts, prompts) * cfg.group_size  # rows decoding together
     parts = {
         "weights": ((2 * (decoder - count(model.language_model, True)) + 4 * trained) / shards if cfg.lora else 4 * trained / shards,
                     "frozen decoder bf16, adapters and connector fp32" if cfg.lora else "fp32 master of connector + decoder"),
@@ -128,8 +129,8 @@ def memory_plan(cfg, config, world):
         "reference": (2 * (connector + (0 if cfg.lora else decoder)) * (grpo and cfg.beta > 0),
                       "the start connector; the decoder with adapters off" if cfg.lora else "bf16 copy"),
         "video features": (2 * prompts * vis_tokens * v.hidden_size, "the step's videos, bf16"),
-        "rollout KV cache": (2 * grpo * min(cfg.rollout_batch or prompts, prompts) * cfg.group_size * seq * t.num_hidden_layers * kv
-                             + 12 * grpo * prompts * cfg.group_size * t.vocab_size, f"bf16, {seq} positions, + logits"),
+        "rollout KV cache": (grpo * decoding * (2 * seq * t.num_hidden_layers * kv + 12 * t.vocab_size), f"bf16, {decoding} rows "
+                             f"of {seq} positions, + logits"),
         "activations": (rows * seq * acts + 2 * cfg.micro_batch * vis_tokens * c.hidden_size * (2 + 6 * c.num_resampler_layers),
                         f"{rows} sequences" + (", checkpointed" if cfg.grad_checkpointing else "")),
         "logits chunks": (14 * rows * min(LOGIT_CHUNK, seq) * t.vocab_size, f"{LOGIT_CHUNK} positions x vocab, fp32"),

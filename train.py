@@ -15,6 +15,7 @@ resolution), compute runs in bf16 on a GPU.
     python train.py --stage sft --init BASE_DIR --data nextqa-coldstart-16.json --out runs/sft
     python train.py --stage grpo --init runs/sft/checkpoint --data nextqa_0-30s.jsonl --root videos --out runs/grpo
     torchrun --nproc_per_node 8 train.py --stage grpo ...     # 8 GPUs: data parallel (+ --fsdp: sharded)
+    python train.py --stage grpo --init CKPT --lora 16 --dry-run  # what one GPU will hold (docs/memory.md), then exit
 
 Every step appends its metrics to OUT/metrics.jsonl and redraws OUT/curves.png; OUT/checkpoint holds
 the latest weights (loadable by sample.py) with the optimizer, scheduler, RNG and data position (JSON and
@@ -587,6 +588,8 @@ def parse_args(argv=None):
 def dry_run(cfg):
     """--dry-run: the memory plan at --init's shapes, from its config.json alone (no weights, no data). -> 0"""
     check_config(cfg)
+    if not cfg.init:
+        raise RunError("--dry-run reads the model's shapes from --init DIR/config.json: give --init")
     try:
         with open(os.path.join(cfg.init, "config.json")) as f:
             config = M.TinyLLaVAConfig.from_dict(json.load(f))
