@@ -511,7 +511,7 @@ def train(cfg):
         if rank == 0:
             if cfg.lora:  # the checkpoint's weights merged; the adapters and the connector as trained, in the state
                 trained = {n: weights[n] for n, p in model.named_parameters() if p.requires_grad}
-                weights = M.merge_lora(weights, cfg.lora_alpha / cfg.lora)
+                weights = M.merge_lora({k: v.cpu() for k, v in weights.items()}, cfg.lora_alpha / cfg.lora)  # fp32 off the GPU
             state = {"step": step, "optimizer": optim, "scheduler": schedule.state_dict(), **ranks[0],
                      "skipped": [s for r in ranks for s in r["skipped"]], "nan_steps": nan_steps, "nan_run": nan_run,
                      "config": asdict(cfg), "world_size": world, "fsdp": cfg.fsdp, **({"ranks": ranks} if world > 1 else {}),
