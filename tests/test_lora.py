@@ -1,7 +1,6 @@
 """LoRA (model.py's adapters, train.py --lora) and the memory plan (train.py --dry-run), on tiny shapes (CPU)."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -106,6 +105,7 @@ def test_dry_run_at_the_published_shapes(tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # three tiny runs, one of them compiling its decode step
 def test_lora_run_checkpoints_merged_and_resumes_exactly(task, tmp_path, capsys, monkeypatch):
     base, real_collect, ref_err, moved = M.TinyLLaVA.from_pretrained(task["init"], dtype=torch.float32), train.collect, [], []
 
@@ -136,8 +136,8 @@ def test_lora_run_checkpoints_merged_and_resumes_exactly(task, tmp_path, capsys,
     frozen = [k for k in a if k.startswith("vision_tower") or (k.startswith("language_model") and ("norm" in k or "embed" in k))]
     assert frozen and all(torch.equal(a[k], start[k]) for k in frozen)
     state = train.load_state(str(ckpt))
-    trained = {n: p for n, p in state["lora"].items()}
-    assert set(trained) == {n for n in trained if n.startswith("connector.") or "lora_" in n}
+    trained, connector = set(state["lora"]), {"connector." + n for n, _ in base.connector.named_parameters()}
+    assert connector <= trained and len([n for n in trained - connector if n.endswith(("lora_A", "lora_B"))]) == len(trained - connector) == 2 * 7 * 2
     assert len(state["optimizer"]["state"]) == len(trained)  # AdamW state of the adapters and the connector only
     rows = [json.loads(line) for line in open(tmp_path / "split" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["kl"] > 0  # the reference is the start, not the policy
