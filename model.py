@@ -20,6 +20,7 @@ Module names follow the published safetensors keys, so a reader can map every te
 follow the data: configs, vision encoder, connectors, decoder with its key/value cache, the whole model.
 """
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -527,7 +528,8 @@ class TinyLLaVA(PublishedWeights, nn.Module):
         self.vision_tower = SiglipVisionEncoder(config.vision, config.vision_layers_used)
         self.connector = build_connector(config.connector)
         self.language_model = Qwen2ForCausalLM(config.text)
-        self.apply(_init_weights)
+        if not self.language_model.model.norm.weight.is_meta:  # on meta (loading, --dry-run) there is nothing to fill
+            self.apply(_init_weights)
         # Published tensors the model does not use (SigLIP's layers above the feature layer, post_layernorm,
         # head), kept as read under their published keys so that save_pretrained writes them back.
         self.unused_tensors = {}
@@ -583,3 +585,56 @@ def _init_weights(m):
             nn.init.zeros_(m.bias)
     elif isinstance(m, Resampler):
         nn.init.normal_(m.latents, std=0.02)
+
+
+# ----------------------------------------------------------------------------- LoRA
+# Adapters on the decoder's seven linear layers a block: y = W x + b + (alpha / r) B A x, A (r, in) Kaiming-uniform,
+# B (out, r) zeros, so fresh adapters change nothing. W and b stay the layer's, under their published names, frozen
+# and held once (bf16 on a GPU); A and B are fp32. `adapters_off` gives back the frozen base: the GRPO reference.
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Linear):
+    def __init__(self, base, rank, alpha):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.weight, self.bias = base.in_features, base.out_features, base.weight, base.bias
+        self.lora_A = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(rank, self.in_features, device=self.weight.device), a=math.sqrt(5)))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=self.weight.device))
+        self.scale, self.enabled = alpha / rank, True
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if not self.enabled:  # the frozen base, exactly
+            return y
+        return y + (self.scale * F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)).to(y.dtype)
+
+
+def add_lora(model, rank, alpha):
+    """Adapters on every decoder block's LORA_TARGETS; all else frozen but the connector. -> model"""
+    model.requires_grad_(False).connector.requires_grad_(True)
+    for parent in [m for layer in model.language_model.model.layers for m in (layer.self_attn, layer.mlp)]:
+        for name in LORA_TARGETS:
+            if hasattr(parent, name):
+                setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha))
+    return model
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """Within: `model` is its frozen base (a no-op for a model without adapters)."""
+    adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    try:
+        for m in adapters:
+            m.enabled = False
+        yield
+    finally:
+        for m in adapters:
+            m.enabled = True
+
+
+def merge_lora(state_dict, scale):
+    """A state dict with adapters (keys ...lora_A, ...lora_B) -> the plain model's, W + scale B A, in fp32."""
+    lora = lambda k, n: state_dict.get(k[:-len("weight")] + n) if k.endswith(".weight") else None
+    return {k: v.float() + (scale * lora(k, "lora_B").float() @ lora(k, "lora_A").float() if lora(k, "lora_A") is not None else 0)
+            for k, v in state_dict.items() if not k.endswith((".lora_A", ".lora_B"))}

@@ -7,6 +7,7 @@ then averaged over the ranks (an all-reduce before the optimizer step, or FSDP2'
 Rank 0 alone writes metrics, curves and checkpoints. Every rank must run the same number of forward passes under --fsdp
 (each layer gathers its shards collectively)."""
 
+import json
 import os
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+import model as M
 from runs import RunError
 
 
@@ -86,3 +88,61 @@ def reduce_metrics(m, world):
     if sum("skipped_step" in r for r in ms) < world:
         out.pop("skipped_step", None)
     return out
+
+
+# ----------------------------------------------------------------------------- the memory plan
+# What one GPU holds for a run's flags, part by part, from the model's config alone (built on the meta device: no
+# weights, no memory). Bytes: fp32 master weights, gradients and AdamW moments of what trains (split over the ranks
+# with --fsdp), bf16 for what is frozen or only samples. The rollout's KV cache and the update's activations are never
+# held at once: the total counts the larger.
+
+PROMPT_TEXT_TOKENS = 128  # the question, its options and the template around the video tokens: an allowance
+LOGIT_CHUNK = 64  # grpo.completion_logprobs' positions a chunk
+
+
+def memory_plan(cfg, config, world):
+    """-> {part: (bytes, what)} and the total bytes, for train.py's `cfg` on `world` processes at `config`'s shapes."""
+    with torch.device("meta"):
+        model = M.TinyLLaVA(config)
+        if cfg.lora:
+            M.add_lora(model, cfg.lora, cfg.lora_alpha)
+    count = lambda m, grad=None: sum(p.numel() for p in m.parameters() if grad is None or p.requires_grad == grad)
+    t, v, c, shards, grpo = config.text, config.vision, config.connector, world if cfg.fsdp else 1, cfg.stage == "grpo"
+    trained = count(model.connector) + (count(model.language_model, True) if cfg.lora else count(model.language_model))
+    decoder, connector = count(model.language_model), count(model.connector)
+    prompts = cfg.prompts_per_step // world  # this rank's share of a step
+    vis_tokens = cfg.frames * ((v.image_size // v.patch_size) ** 2 - (config.vision_feature_select_strategy == "patch"))
+    video = c.num_queries if c.connector_type != "mlp2x_gelu" else vis_tokens
+    seq = min(video + PROMPT_TEXT_TOKENS + cfg.max_new_tokens, cfg.max_len)  # the longest prompt + completion
+    rows, rb = cfg.micro_batch * (cfg.group_size if grpo else 1), 2 if cfg.lora else 4  # rb: the residual stream's bytes
+    kv = 2 * t.num_key_value_heads * t.head_dim
+    layer = 2 * (8 * t.hidden_size + 2 * kv + 4 * t.intermediate_size) + rb * 4 * t.hidden_size  # a token's, one layer
+    acts = (t.num_hidden_layers * rb * t.hidden_size + 2 * layer if cfg.grad_checkpointing else t.num_hidden_layers * layer)
+    own_sampler = grpo and (not cfg.lora or cfg.fsdp)
+    decoding = min(cfg.rollout_batch or prompts, prompts) * cfg.group_size  # rows decoding together
+    parts = {
+        "weights": ((2 * (decoder - count(model.language_model, True)) + 4 * trained) / shards if cfg.lora else 4 * trained / shards,
+                    "frozen decoder bf16, adapters and connector fp32" if cfg.lora else "fp32 master of connector + decoder"),
+        "gradients": (4 * trained / shards, "fp32"), "optimizer": (8 * trained / shards, "AdamW moments, fp32"),
+        "vision tower": ((2 if cfg.lora else 4) * count(model.vision_tower), "frozen"),
+        "sampler": (2 * (decoder + connector) * own_sampler, "bf16 copy the rollouts decode" if own_sampler else "the policy itself"),
+        "reference": (2 * (connector + (0 if cfg.lora else decoder)) * (grpo and cfg.beta > 0),
+                      "the start connector; the decoder with adapters off" if cfg.lora else "bf16 copy"),
+        "video features": (2 * prompts * vis_tokens * v.hidden_size, "the step's videos, bf16"),
+        "rollout KV cache": (grpo * decoding * (2 * seq * t.num_hidden_layers * kv + 12 * t.vocab_size), f"bf16, {decoding} rows "
+                             f"of {seq} positions, + logits"),
+        "activations": (rows * seq * acts + 2 * cfg.micro_batch * vis_tokens * c.hidden_size * (2 + 6 * c.num_resampler_layers),
+                        f"{rows} sequences" + (", checkpointed" if cfg.grad_checkpointing else "")),
+        "logits chunks": (14 * rows * min(LOGIT_CHUNK, seq) * t.vocab_size, f"{LOGIT_CHUNK} positions x vocab, fp32"),
+    }
+    phases = [parts["rollout KV cache"][0], parts["activations"][0] + parts["logits chunks"][0]]
+    return parts, sum(b for b, _ in parts.values()) - min(phases)
+
+
+def format_plan(cfg, parts, total, world):
+    """The plan as lines for a person, the last one JSON: {"total_gb", "parts": {part: GB}}."""
+    how = f"{world} GPU{'s' * (world > 1)}" + (" --fsdp" if cfg.fsdp else " data parallel" if world > 1 else "")
+    head = f"memory plan, one GPU of {how}, {cfg.stage}{f' --lora {cfg.lora}' if cfg.lora else ', full fine-tune'} (estimate):"
+    lines = [head] + [f"  {k:<17}{b / 1e9:7.2f} GB  {what}" for k, (b, what) in parts.items()]
+    lines.append(f"  {'total':<17}{total / 1e9:7.2f} GB  (KV cache or activations + logits: the larger)")
+    return "\n".join(lines + [json.dumps({"total_gb": round(total / 1e9, 2), "parts": {k: round(b / 1e9, 3) for k, (b, _) in parts.items()}})])

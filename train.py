@@ -15,6 +15,7 @@ resolution), compute runs in bf16 on a GPU.
     python train.py --stage sft --init BASE_DIR --data nextqa-coldstart-16.json --out runs/sft
     python train.py --stage grpo --init runs/sft/checkpoint --data nextqa_0-30s.jsonl --root videos --out runs/grpo
     torchrun --nproc_per_node 8 train.py --stage grpo ...     # 8 GPUs: data parallel (+ --fsdp: sharded)
+    python train.py --stage grpo --init CKPT --lora 16 --dry-run  # what one GPU will hold (docs/memory.md), then exit
 
 Every step appends its metrics to OUT/metrics.jsonl and redraws OUT/curves.png; OUT/checkpoint holds
 the latest weights (loadable by sample.py) with the optimizer, scheduler, RNG and data position (JSON and
@@ -24,6 +25,7 @@ whose loss or sampled logits stay non-finite stops, keeping the last finite chec
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -42,7 +44,8 @@ from tqdm import tqdm
 import data as D
 import grpo as G
 import model as M
-from parallel import average_gradients, gather, reduce_metrics, setup_distributed, shard, teardown_distributed
+from parallel import (average_gradients, format_plan, gather, memory_plan, reduce_metrics, setup_distributed, shard,
+                      teardown_distributed)
 from runs import (RunError, append_jsonl, load_state, plot_curves, prepare_out, read_jsonl, tokenizer_file,
                   write_checkpoint)
 
@@ -105,16 +108,21 @@ class TrainConfig:
     resume: bool = option(False, "continue from OUT/checkpoint (same settings; --steps, --stop-after ... may change)")
     overwrite: bool = option(False, "start over in an OUT that already holds a run (its metrics and checkpoint go)")
     fsdp: bool = option(False, "under torchrun: shard the trainable model, its gradients and AdamW state (FSDP2)")
+    lora: int = option(0, "LoRA rank: adapters on the decoder's linear layers, its weights frozen (0: full fine-tune)")
+    lora_alpha: float = option(0.0, "LoRA scale alpha / rank (0: 2 x rank, TinyLLaVA's LoRA recipe)")
+    dry_run: bool = option(False, "print the GPU memory plan of these flags from --init's config.json alone, then exit")
+    nproc: int = option(0, "processes the plan assumes (0: torchrun's WORLD_SIZE, else 1)")
 
     def __post_init__(self):
         self.lr = self.lr or (1e-5 if self.stage == "sft" else 1e-6)
         self.schedule = self.schedule or ("constant" if self.stage == "sft" else "cosine")
         # the original's cold start ran on 4 GPUs x 1 sample, without accumulation
         self.prompts_per_step = self.prompts_per_step or (4 if self.stage == "sft" else 8)
+        self.lora_alpha = self.lora_alpha or 2.0 * self.lora
 
 
 MAY_CHANGE_ON_RESUME = {"steps", "epochs", "stop_after", "save_every", "micro_batch", "device", "grad_checkpointing",
-                        "root", "out", "resume", "overwrite"}
+                        "root", "out", "resume", "overwrite", "dry_run", "nproc"}
 MAX_NONFINITE_IN_A_ROW = 5
 
 
@@ -128,7 +136,7 @@ def check_config(cfg):
     bad = [f"{v(n)}: must be >= 1" for n in ("prompts_per_step", "micro_batch", "max_new_tokens", "frames", "save_every",
                                             "max_len", "updates_per_rollout") if getattr(c, n) < 1]
     bad += [f"{v(n)}: must be >= 0" for n in ("steps", "stop_after", "rollout_batch", "top_k", "weight_decay", "max_grad_norm", "beta",
-                                             "noise_std", "epsilon_low", "epsilon_high") if getattr(c, n) < 0]
+                                             "noise_std", "epsilon_low", "epsilon_high", "lora", "nproc") if getattr(c, n) < 0]
     bad += [f"{v(f.name)}: must be one of {', '.join(f.metadata['choices'])}" for f in fields(c)
             if f.metadata["choices"] and getattr(c, f.name) not in f.metadata["choices"]]
     bad += [msg for ok, msg in [
@@ -161,16 +169,20 @@ def freeze_vision(model):
     model.vision_tower.requires_grad_(False).eval()
 
 
-def memory_estimate(model, sampler, ref, shards=1):
-    """What a GRPO run holds on the device before activations and KV caches, from the parameters
-    (policy, gradients and AdamW state split over `shards` ranks with --fsdp)."""
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad) / shards
-    size = lambda *modules: sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
-    copies = [m for m in (sampler.model, ref) if m is not None and m is not model]  # bf16 on a GPU
-    parts = {"policy": 4 * n, "gradients": 4 * n, "AdamW": 8 * n, "vision tower": size(model.vision_tower),
-             "sampler + reference": size(*[x for m in copies for x in (m.connector, m.language_model)])}
-    return ("memory estimate: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in parts.items())
-            + f"; {sum(parts.values()) / 1e9:.2f} GB + activations and KV cache")
+def setup_lora(model, cfg, device, state=None):
+    """--lora: the decoder frozen (bf16 on a GPU, as is the vision tower) under adapters trained with the connector
+    in fp32; a resumed run's adapters and connector come from its trainer state. -> the start connector, frozen
+    (the reference is the decoder with its adapters off, and this connector)."""
+    if device.type == "cuda":
+        model.language_model.to(torch.bfloat16), model.vision_tower.to(torch.bfloat16)
+    start = copy.deepcopy(model.connector).requires_grad_(False).eval().to(torch.bfloat16 if device.type == "cuda" else None)
+    M.add_lora(model, cfg.lora, cfg.lora_alpha)
+    if state is not None:
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        if trained - set(state["lora"]):
+            raise RunError(f"{cfg.out}/checkpoint: trainer_state lacks {sorted(trained - set(state['lora']))[0]}")
+        model.load_state_dict({k: v.to(device) for k, v in state["lora"].items()}, strict=False)
+    return start
 
 
 def make_schedule(optimizer, cfg, total):
@@ -331,7 +343,7 @@ def collect(sampler, ref, tok, samples, load, cfg, device, gen):
     if ref is not None and cfg.beta > 0:
         t = time.perf_counter()
         exp.ref_logp = torch.zeros_like(ro.logprobs)
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), autocast(device), M.adapters_off(ref):  # LoRA: the reference is the base
             for ids, pmask, feats, comp, cmask, rows, T in exp.micro_batches(cfg.micro_batch, tok.pad_id):
                 exp.ref_logp[rows, :T] = G.completion_logprobs(ref, ids, ref.connect(feats), comp, cmask, pmask, cfg.temperature).float()
         times["reference"] = time.perf_counter() - t
@@ -425,15 +437,22 @@ def train(cfg):
         was = f"{state.get('world_size', 1)} process(es){' with --fsdp' if state.get('fsdp') else ''}"
         raise RunError(f"{resume_from} was written by {was}; resume it the same way "
                        f"(this run: {world}{' with --fsdp' if cfg.fsdp else ''})")
-    model, tok = load_model(cfg, device, resume_from)
+    model, tok = load_model(cfg, device, None if cfg.lora else resume_from)  # LoRA: the base, adapters from the state
     tok_file = tokenizer_file(resume_from or cfg.init or cfg.llm)
     os.makedirs(cfg.out, exist_ok=True)
     freeze_vision(model)
     model.language_model.model.gradient_checkpointing = cfg.grad_checkpointing and device.type == "cuda"
 
-    ref = None
+    start_connector, ref = setup_lora(model, cfg, device, state) if cfg.lora else None, None
+    # On a GPU the rollouts sample from a bf16 copy of the policy (with --lora: the policy itself); on a CPU from the
+    # policy itself. Under --fsdp the policy is sharded, so the rollouts always sample from a whole copy.
+    sampler = G.Sampler(model, torch.bfloat16 if device.type == "cuda" else None, compile=cfg.compile and cfg.stage == "grpo",
+                        own_copy=cfg.fsdp and cfg.stage == "grpo")
     if cfg.stage == "grpo" and cfg.beta > 0:
-        if resume_from:  # the reference is the start model, not the resumed one
+        if cfg.lora:  # the sampler's decoder (no copy), run with its adapters off (collect), and the start connector
+            ref = copy.copy(sampler.model)
+            ref._modules = {**ref._modules, "connector": start_connector}
+        elif resume_from:  # the reference is the start model, not the resumed one
             ref = M.TinyLLaVA.from_pretrained(cfg.init or os.path.join(cfg.out, "reference"), device=device,
                                               dtype=torch.float32).requires_grad_(False)  # in eval mode
             ref.vision_tower = model.vision_tower
@@ -441,15 +460,11 @@ def train(cfg):
             ref = G.frozen_copy(model)
             if not cfg.init and rank == 0:  # a fresh connector: keep the reference to resume against it
                 ref.save_pretrained(os.path.join(cfg.out, "reference"))
-        if device.type == "cuda":
+        if device.type == "cuda" and not cfg.lora:
             ref.connector.to(torch.bfloat16), ref.language_model.to(torch.bfloat16)
-
-    # On a GPU the rollouts sample from a bf16 copy of the policy; on a CPU from the policy itself.
-    # Under --fsdp the policy is sharded, so the rollouts always sample from a whole copy.
-    sampler = G.Sampler(model, torch.bfloat16 if device.type == "cuda" else None, compile=cfg.compile and cfg.stage == "grpo",
-                        own_copy=cfg.fsdp and cfg.stage == "grpo")
-    if cfg.stage == "grpo" and rank == 0:
-        tqdm.write(memory_estimate(model, sampler, ref, world if cfg.fsdp else 1))
+    plan = memory_plan(cfg, model.config, world)
+    if rank == 0:
+        tqdm.write(format_plan(cfg, *plan, world))
     if cfg.fsdp:
         shard(model, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -491,12 +506,16 @@ def train(cfg):
                            "keeps the last finite ones (start over with a lower --lr, --overwrite)")
         ranks = gather({"generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "skipped": load.skipped}, world)
         whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights = get_model_state_dict(model, options=whole) if cfg.fsdp else None
+        weights = get_model_state_dict(model, options=whole) if cfg.fsdp else model.state_dict() if cfg.lora else None
         optim = get_optimizer_state_dict(model, optimizer, options=whole) if cfg.fsdp else optimizer.state_dict()
         if rank == 0:
+            if cfg.lora:  # the checkpoint's weights merged; the adapters and the connector as trained, in the state
+                trained = {n: weights[n] for n, p in model.named_parameters() if p.requires_grad}
+                weights = M.merge_lora({k: v.cpu() for k, v in weights.items()}, cfg.lora_alpha / cfg.lora)  # fp32 off the GPU
             state = {"step": step, "optimizer": optim, "scheduler": schedule.state_dict(), **ranks[0],
                      "skipped": [s for r in ranks for s in r["skipped"]], "nan_steps": nan_steps, "nan_run": nan_run,
-                     "config": asdict(cfg), "world_size": world, "fsdp": cfg.fsdp, **({"ranks": ranks} if world > 1 else {})}
+                     "config": asdict(cfg), "world_size": world, "fsdp": cfg.fsdp, **({"ranks": ranks} if world > 1 else {}),
+                     **({"lora": trained} if cfg.lora else {})}
             write_checkpoint(model, tok_file, state, cfg.out, weights)
         if world > 1:
             dist.barrier()  # no rank runs ahead of a checkpoint being written
@@ -524,7 +543,7 @@ def train(cfg):
             optimizer.zero_grad(set_to_none=True)
         schedule.step()
         if device.type == "cuda":
-            m["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+            m["peak_memory_gb"], m["planned_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9, plan[1] / 1e9
         seconds.append(time.perf_counter() - t_step)
         if len(seconds) == 3 and step + 1 < total and rank == 0:
             tqdm.write(run_budget(seconds, records + [m], step + 1, total))
@@ -566,6 +585,21 @@ def parse_args(argv=None):
     return p.parse_args(argv), p
 
 
+def dry_run(cfg):
+    """--dry-run: the memory plan at --init's shapes, from its config.json alone (no weights, no data). -> 0"""
+    check_config(cfg)
+    if not cfg.init:
+        raise RunError("--dry-run reads the model's shapes from --init DIR/config.json: give --init")
+    try:
+        with open(os.path.join(cfg.init, "config.json")) as f:
+            config = M.TinyLLaVAConfig.from_dict(json.load(f))
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise RunError(f"{cfg.init}/config.json: not a readable TinyLLaVA config ({type(e).__name__}: {e})") from None
+    world = cfg.nproc or int(os.environ.get("WORLD_SIZE", 1))
+    print(format_plan(cfg, *memory_plan(cfg, config, world), world))
+    return 0
+
+
 def main(argv=None):
     """-> exit code: 0 done, 1 diverged, 2 bad flags, data, checkpoint or run folder (one line each)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -581,9 +615,12 @@ def main(argv=None):
             import demo  # the demo drives train(); imported here, not at the top, to avoid a cycle
             demo.demo(args.out, args.seed, args.device)
             return 0
+        cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k != "demo"})
+        if cfg.dry_run:
+            return dry_run(cfg)
         if not args.data:
             raise RunError("--data is required (the CPU demo runs with no flags at all, or with --demo)")
-        train(TrainConfig(**{k: v for k, v in vars(args).items() if k != "demo"}))
+        train(cfg)
         return 0
     except (RunError, D.DataError, D.VideoError, M.CheckpointError, Diverged) as e:
         print(f"train.py: {e}", file=sys.stderr)

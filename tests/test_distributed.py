@@ -120,8 +120,10 @@ def every_case(task, root):
     for fsdp in (False, True):
         sft(task, os.path.join(root, f"sft-{fsdp}"), fsdp=fsdp)
         grpo_gradient(task, os.path.join(root, f"grpo-{fsdp}"), fsdp=fsdp)
-        for name, kw in (("straight", {}), ("split", dict(stop_after=1)), ("split", dict(resume=True))):
-            train.train(config(task, os.path.join(root, f"resume-{fsdp}-{name}"), "grpo", fsdp=fsdp, **kw))
+        grpo_gradient(task, os.path.join(root, f"grpo-lora-{fsdp}"), fsdp=fsdp, lora=2)
+        for lora in (0, 2) if fsdp else (0,):  # LoRA's own save and load under FSDP (without: test_lora.py)
+            for name, kw in (("straight", {}), ("split", dict(stop_after=1)), ("split", dict(resume=True))):
+                train.train(config(task, os.path.join(root, f"resume-{fsdp}-{lora}-{name}"), "grpo", fsdp=fsdp, lora=lora, **kw))
     try:
         sft(task, os.path.join(root, "uneven"), prompts_per_step=3)
     except train.RunError as e:
@@ -133,6 +135,7 @@ def runs(task, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     sft(task, str(root / "sft-one"))
     grpo_gradient(task, str(root / "grpo-one"))
+    grpo_gradient(task, str(root / "grpo-lora-one"), lora=2)
     on_ranks(2, every_case, task, str(root))
     return root
 
@@ -152,16 +155,17 @@ def test_sft_on_two_ranks_equals_one_process(task, runs, fsdp):
 
 
 @pytest.mark.parametrize("fsdp", [False, True])
-def test_grpo_gradient_on_two_ranks_equals_one_process(runs, fsdp):
-    one, two = (torch.load(runs / d / "grad.pt", weights_only=True) for d in ("grpo-one", f"grpo-{fsdp}"))
+@pytest.mark.parametrize("lora", ["", "lora-"])
+def test_grpo_gradient_on_two_ranks_equals_one_process(runs, fsdp, lora):  # LoRA: the adapters' and the connector's
+    one, two = (torch.load(runs / d / "grad.pt", weights_only=True) for d in (f"grpo-{lora}one", f"grpo-{lora}{fsdp}"))
     scale = max(float(g.abs().max()) for g in one)
     assert scale > 1e-4  # the injected rewards do give a gradient
     assert max_diff(one, two) <= 1e-5 * scale
 
 
-@pytest.mark.parametrize("fsdp", [False, True])
-def test_two_ranks_resume_exactly(runs, fsdp):  # each rank's generator, and under FSDP the gathered AdamW state
-    straight, split = (runs / f"resume-{fsdp}-{name}" for name in ("straight", "split"))
+@pytest.mark.parametrize("fsdp, lora", [(False, 0), (True, 0), (True, 2)])
+def test_two_ranks_resume_exactly(runs, fsdp, lora):  # each rank's generator, and under FSDP the gathered AdamW state
+    straight, split = (runs / f"resume-{fsdp}-{lora}-{name}" for name in ("straight", "split"))
     assert max_diff(weights(straight / "checkpoint"), weights(split / "checkpoint")) == 0
     rows = [json.loads(line) for line in open(split / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
