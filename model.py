@@ -468,7 +468,7 @@ class Qwen2Model(nn.Module):
         if cache is not None:
             slots = cache.pos + slots
             cache.valid.index_copy_(1, slots, real)
-            key_real, key_slots = cache.valid, torch.arange(cache.max_len, device=x.device)
+            key_real, key_slots = cache.valid, torch.arange(cache.valid.shape[1], device=x.device)
             first_pos = cache.next_pos[:, None].clone()  # (B, 1), read before the advance below
             cache.next_pos.add_(real.sum(1))
             cache.pos.add_(L)
