@@ -364,7 +364,8 @@ def completion_logprobs(model, input_ids, video_embeds, completion_ids, completi
 class FastDecode:
     """A drop-in `decode_step(tokens, cache)` with the eager one's results, faster, for sampling (no gradients);
     `token_step` is the same for `rollout`'s whole step, the token's choice included. compile: torch.compile (fused
-    kernels), once per process: batch size and cache length are dynamic from the first call. cuda_graph: capture
+    kernels): once, then once more with the sizes that changed (batch, cache length) dynamic, as every cache has
+    the same layout and a batch never shrinks to 1 row (torch.compile specialises it). cuda_graph: capture
     the step as a CUDA graph and replay it (None: when on CUDA). A graph is captured the first time a step meets a
     cache (once per rollout, and when rows leave: it reads that cache's tensors at their addresses), replayed for
     every later step on it. Explicitly, not by torch.compile(mode="reduce-overhead"): its graph trees run without
@@ -374,7 +375,7 @@ class FastDecode:
     def __init__(self, lm, compile=True, cuda_graph=None):
         self.cuda_graph, self.graph = cuda_graph, None  # graph: (cache weakref, key, CUDAGraph, inputs, outputs)
         self.eager = {"logits": lm.step_logits, "token": partial(token_step, lm.step_logits)}
-        fast = partial(torch.compile, fullgraph=True, dynamic=True) if compile else (lambda f: f)
+        fast = partial(torch.compile, fullgraph=True) if compile else (lambda f: f)
         self.fns = {name: fast(f) for name, f in self.eager.items()}
 
     def __call__(self, tokens, cache):
@@ -399,6 +400,8 @@ class FastDecode:
 
     def _step(self, name, cache, tensors, sampling):
         fn = partial(self.fns[name], **sampling)
+        for t in cache.k + cache.v + [cache.valid]:  # the cache length varies from the first call: dynamic
+            torch._dynamo.maybe_mark_dynamic(t, t.ndim // 2)
         if not (tensors[0].is_cuda if self.cuda_graph is None else self.cuda_graph):
             return as_tuple(fn(tensors[0], cache, *tensors[1:]))
         key = (name, tuple(sampling.items()))

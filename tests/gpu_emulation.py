@@ -99,7 +99,8 @@ def emulated_gpu(monkeypatch):
 
     current = {}
     monkeypatch.setattr(train, "on_gpu", lambda device: True)
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: recording(emu, compile(fn, **kw), fn))
+    # dynamo's own backend: the same graphs and guards (recompiles) as inductor's, compiled in no time
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: recording(emu, compile(fn, **{**kw, "backend": "eager"}), fn))
     for name, fake in {"Stream": lambda *a, **k: FakeStream(emu), "CUDAGraph": lambda: FakeGraph(emu),
                        "current_stream": lambda *a: current.get(emu.device) or current.setdefault(emu.device, FakeStream(emu)),
                        "stream": lambda s: contextlib.nullcontext(), "graph": graph,
