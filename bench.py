@@ -24,6 +24,7 @@ and written as JSON (--json).
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -373,7 +374,8 @@ def run(args):
     log(f"the paper's GRPO run, {NEXTQA_STEPS} steps of {P} prompts at {best_step / 1e3:.2f} s: {hours:.2f} h")
 
     # -------------------------------------------------- the peers, once the training side is gone
-    del policy, reference, optimizer, trainable, sampler
+    del policy, reference, optimizer, trainable, sampler, optimizer_step, sample  # the partials held the optimizer
+    gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     peers, hf_T = {}, args.hf_new_tokens or T  # peers: name -> (generate ms in all, ms per decode step)

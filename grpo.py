@@ -62,6 +62,7 @@ import re
 import warnings
 import weakref
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -232,6 +233,19 @@ def sample_token(logits, temperature=1.0, top_k=50, top_p=1.0, generator=None, k
     return tok, logp.gather(1, tok[:, None])[:, 0]
 
 
+def pick_tokens(logits, done, seeds, t, eos_id, pad_id, temperature=1.0, top_k=50, top_p=1.0):
+    """The per-row bookkeeping of a decode step, on the device: logits (rows, V) -> the next tokens, their log-probs
+    and done (rows,), a finished row getting pad_id and 0. Step t's draws are keyed by (seeds (rows,), t (0-d))."""
+    tok, lp = sample_token(logits, temperature, top_k, top_p, keys=_mix32(seeds ^ _mix32(t + 0x5EED)))
+    return torch.where(done, pad_id, tok), torch.where(done, 0.0, lp), done | (tok == eos_id)
+
+
+def token_step(step_logits, tok, cache, done, seeds, t, **sampling):
+    """One decode step of the rows in the batch (tensors in, tensors out: what FastDecode compiles and captures):
+    feed the last tokens (pad where finished), then `pick_tokens`."""
+    return pick_tokens(step_logits(torch.where(done, sampling["pad_id"], tok), cache), done, seeds, t, **sampling)
+
+
 @torch.no_grad()
 def rollout(model, input_ids, video_embeds, eos_id, pad_id=None, attention_mask=None, group_size=8,
             max_new_tokens=512, temperature=1.0, top_k=50, top_p=1.0, generator=None, seeds=None, decode=None,
@@ -245,7 +259,10 @@ def rollout(model, input_ids, video_embeds, eos_id, pad_id=None, attention_mask=
     from `generator`). Every `check_every` steps, once half the rows or more have finished, they
     leave the batch and the cache, so a long straggler costs what it costs alone; no token changes."""
     lm = model.language_model
-    decode = decode or lm.decode_step
+    if isinstance(decode, FastDecode):
+        step = decode.token_step
+    else:
+        step = partial(token_step, decode or lm.decode_step)
     pad_id = eos_id if pad_id is None else pad_id
     embeds, mask = model.embed(input_ids, video_embeds, attention_mask)  # (P, L-1+Q, d)
     if not mask[:, -1].all():
@@ -260,25 +277,26 @@ def rollout(model, input_ids, video_embeds, eos_id, pad_id=None, attention_mask=
     cache, last = cache.repeat_interleave(G), last.repeat_interleave(G, dim=0)  # (P*G, ...)
     ids = torch.full((P * G, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(P * G, max_new_tokens, device=device)
-    done = torch.zeros(P * G, dtype=torch.bool, device=device)
+    sampling = dict(eos_id=eos_id, pad_id=pad_id, temperature=temperature, top_k=top_k, top_p=top_p)
+    steps = torch.arange(max_new_tokens, device=device)
+    done = torch.zeros(P * G, dtype=torch.bool, device=device)  # of the rows in the batch
+    tok, lp, done = pick_tokens(last, done, row_seeds, steps[0], **sampling)
     live = rows  # the rows still in the batch (all of them until half have finished)
     for t in range(max_new_tokens):
-        keys = _mix32(row_seeds[live] ^ _mix32(t + 0x5EED))  # (rows,) the keys of step t's draws
-        tok, lp = sample_token(last, temperature, top_k, top_p, keys=keys)
-        ids[live, t] = torch.where(done[live], pad_id, tok)
-        logprobs[live, t] = torch.where(done[live], 0.0, lp)
-        done[live] |= tok == eos_id
+        if t:
+            tok, lp, done = step(tok, cache, done, row_seeds, steps[t], **sampling)
+        ids[live, t], logprobs[live, t] = tok, lp
         if t + 1 == max_new_tokens:
             break
         # A host sync costs time on a GPU: look only every few steps.
         if (t + 1) % check_every == 0:
-            finished = int(done[live].sum())
+            finished = int(done.sum())
             if finished == len(live):
                 break
-            if 2 * finished >= len(live):  # drop them: a smaller batch, a smaller cache
-                keep = (~done[live]).nonzero()[:, 0]
-                live, cache, tok = live[keep], cache.select_rows(keep), tok[keep]
-        last = decode(torch.where(done[live], pad_id, tok), cache)  # (rows in the batch, V)
+            n = max(2, len(live) - finished)  # never 1 row (one more compile): a finished row may stay
+            if 2 * finished >= len(live) and n < len(live):  # drop them: a smaller batch, a smaller cache
+                keep = done.sort(stable=True)[1][:n]
+                live, cache, tok, done, row_seeds = live[keep], cache.select_rows(keep), tok[keep], done[keep], row_seeds[keep]
     ids, logprobs = ids[:, :t + 1], logprobs[:, :t + 1]
     if not logprobs.isfinite().all():  # one host sync per rollout
         raise FloatingPointError("rollout: non-finite logits (NaN/inf): the model has diverged")
@@ -344,55 +362,82 @@ def completion_logprobs(model, input_ids, video_embeds, completion_ids, completi
 
 
 class FastDecode:
-    """A drop-in `decode_step(tokens, cache)` with the eager one's results, faster (`rollout`'s `decode`), for
-    sampling (no gradients). compile: `step_logits` through torch.compile (fused kernels); cuda_graph: capture
-    the step as a CUDA graph and replay it (None: when on CUDA). The graph is captured the first time the step
-    meets a cache (once per rollout: it reads that cache's tensors at their addresses), replayed for every later
-    step on it. Explicitly, not by torch.compile(mode="reduce-overhead"): its graph trees run without graphs a
-    function that mutates inputs it does not own, as a step does the cache, and re-record for every new cache."""
+    """A drop-in `decode_step(tokens, cache)` with the eager one's results, faster, for sampling (no gradients);
+    `token_step` is the same for `rollout`'s whole step, the token's choice included. compile: torch.compile (fused
+    kernels): once, then once more with the sizes that changed (batch, cache length) dynamic, as every cache has
+    the same layout and a batch never shrinks to 1 row (torch.compile specialises it). cuda_graph: capture
+    the step as a CUDA graph and replay it (None: when on CUDA). A graph is captured the first time a step meets a
+    cache (once per rollout, and when rows leave: it reads that cache's tensors at their addresses), replayed for
+    every later step on it. Explicitly, not by torch.compile(mode="reduce-overhead"): its graph trees run without
+    graphs a function that mutates inputs it does not own, as a step does the cache, and re-record for every new
+    cache. Any failure to compile or capture: one warning, then eager decoding."""
 
     def __init__(self, lm, compile=True, cuda_graph=None):
-        self.lm, self.cuda_graph = lm, cuda_graph
-        self.step = torch.compile(lm.step_logits, fullgraph=True) if compile else lm.step_logits
-        self.graph = None  # (weak reference to the cache, CUDAGraph, its token input, its logits output)
+        self.cuda_graph, self.graph = cuda_graph, None  # graph: (cache weakref, key, CUDAGraph, inputs, outputs)
+        self.eager = {"logits": lm.step_logits, "token": partial(token_step, lm.step_logits)}
+        fast = partial(torch.compile, fullgraph=True) if compile else (lambda f: f)
+        self.fns = {name: fast(f) for name, f in self.eager.items()}
+
+    def __call__(self, tokens, cache):
+        return self._run("logits", cache, tokens)[0]
+
+    def token_step(self, tok, cache, done, seeds, t, **sampling):
+        return self._run("token", cache, tok, done, seeds, t, **sampling)
 
     @torch.no_grad()
-    def __call__(self, tokens, cache):
+    def _run(self, name, cache, *tensors, **sampling):
         cache.reserve(1)  # host-side bounds check and count, outside any compiled or captured code
-        if not (tokens.is_cuda if self.cuda_graph is None else self.cuda_graph):
-            try:
-                return self.step(tokens, cache)
-            except Exception as e:  # e.g. no C++ compiler for inductor on this machine: decode eagerly
-                if self.step == self.lm.step_logits:
-                    raise
-                warnings.warn(f"torch.compile of the decode step failed, decoding eagerly: {str(e).splitlines()[0]}")
-                self.step = self.lm.step_logits
-                return self.step(tokens, cache)
-        if self.graph is None or self.graph[0]() is not cache:
-            self.graph = None  # free the old graph's memory before capturing the new one
-            self.graph = (weakref.ref(cache), *self._capture(tokens, cache))
-        _, graph, static_tokens, logits = self.graph
-        static_tokens.copy_(tokens)
-        graph.replay()
-        return logits.clone()  # the next replay overwrites `logits`
+        graphs = tensors[0].is_cuda if self.cuda_graph is None else self.cuda_graph
+        try:
+            return self._step(name, cache, tensors, sampling)
+        except Exception as e:  # no C++ compiler, a Triton failure on an old GPU, the recompile limit...
+            if self.fns is self.eager and not graphs:
+                raise
+            warnings.warn(f"torch.compile or CUDA graph capture of the decode step failed, decoding eagerly: "
+                          f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+            self.fns, self.cuda_graph, self.graph = self.eager, False, None
+            return self._step(name, cache, tensors, sampling)
 
-    def _capture(self, tokens, cache):
-        static_tokens = tokens.clone()
+    def _step(self, name, cache, tensors, sampling):
+        fn = partial(self.fns[name], **sampling)
+        for t in cache.k + cache.v + [cache.valid]:  # the cache length varies from the first call: dynamic
+            torch._dynamo.maybe_mark_dynamic(t, t.ndim // 2)
+        if not (tensors[0].is_cuda if self.cuda_graph is None else self.cuda_graph):
+            return as_tuple(fn(tensors[0], cache, *tensors[1:]))
+        key = (name, tuple(sampling.items()))
+        if self.graph is None or self.graph[0]() is not cache or self.graph[1] != key:
+            self.graph = None  # free the old graph's memory before capturing the new one
+            self.graph = (weakref.ref(cache), key, *self._capture(fn, cache, tensors))
+        _, _, graph, static, outs = self.graph
+        for s, t in zip(static, tensors):
+            s.copy_(t)
+        graph.replay()
+        return tuple(o.clone() for o in outs)  # the next replay overwrites `outs`
+
+    def _capture(self, fn, cache, tensors):
+        static = [t.clone() for t in tensors]
+        call = lambda: as_tuple(fn(static[0], cache, *static[1:]))  # noqa: E731
         # Warm up once on a side stream (torch.compile compiles, cuBLAS initialises: neither may
         # happen during a capture), then undo the warm-up's writes to the cache. Its keys and values
         # went to the slot the real step writes again; its pos, next_pos and valid are restored.
         saved = [t.clone() for t in (cache.pos, cache.next_pos, cache.valid)]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.step(static_tokens, cache)
-        torch.cuda.current_stream().wait_stream(side)
-        for t, before in zip((cache.pos, cache.next_pos, cache.valid), saved):
-            t.copy_(before)
+        try:
+            with torch.cuda.stream(side):
+                call()
+        finally:
+            torch.cuda.current_stream().wait_stream(side)
+            for t, before in zip((cache.pos, cache.next_pos, cache.valid), saved):
+                t.copy_(before)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):  # records the kernels without running them
-            logits = self.step(static_tokens, cache)
-        return graph, static_tokens, logits
+            outs = call()
+        return graph, static, outs
+
+
+def as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
 
 
 def frozen_copy(model, dtype=None):
@@ -413,14 +458,14 @@ class Sampler:
     rather than converting 12 GB of fp32 master weights under autocast. `refresh()` copies the policy's weights
     in after every optimizer step, in place, so a compiled step stays valid. dtype None (the CPU): the policy
     samples itself. compile: decode through a FastDecode. own_copy: a copy even in the policy's dtype (a policy
-    sharded with FSDP cannot decode rank by rank)."""
+    sharded with FSDP cannot decode rank by rank). cuda_graph: FastDecode's."""
 
-    def __init__(self, policy, dtype=None, compile=False, own_copy=False):
+    def __init__(self, policy, dtype=None, compile=False, own_copy=False, cuda_graph=None):
         self.policy, self.model = policy, policy
         if own_copy or (dtype is not None and dtype != policy.language_model.model.embed_tokens.weight.dtype):
             self.model = frozen_copy(policy, dtype)
         lm = self.model.language_model
-        self.decode = FastDecode(lm) if compile else lm.decode_step
+        self.decode = FastDecode(lm, cuda_graph=cuda_graph) if compile else lm.decode_step
 
     @torch.no_grad()
     def refresh(self):

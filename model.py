@@ -364,8 +364,9 @@ class KVCache:
             raise ValueError(f"KV cache full: {self.length} + {n} tokens > max_len {self.max_len}")
         self.length += n
 
-    def repeat_interleave(self, n):  # B -> B*n: one prefilled prompt shared by a group of G samples
-        return self._rows(lambda t: t.repeat_interleave(n, dim=0))
+    def repeat_interleave(self, n):  # B -> B*n: one prefilled prompt shared by a group of G samples; copies by
+        # index_select, as select_rows (a compiled step guards on the layout: a view would compile it again)
+        return self.select_rows(torch.arange(self.next_pos.shape[0], device=self.pos.device).repeat_interleave(n))
 
     def select_rows(self, rows):  # B -> len(rows): finished samples leave a rollout's batch
         return self._rows(lambda t: t.index_select(0, rows))
@@ -469,7 +470,7 @@ class Qwen2Model(nn.Module):
         if cache is not None:
             slots = cache.pos + slots
             cache.valid.index_copy_(1, slots, real)
-            key_real, key_slots = cache.valid, torch.arange(cache.max_len, device=x.device)
+            key_real, key_slots = cache.valid, torch.arange(cache.valid.shape[1], device=x.device)
             first_pos = cache.next_pos[:, None].clone()  # (B, 1), read before the advance below
             cache.next_pos.add_(real.sum(1))
             cache.pos.add_(L)

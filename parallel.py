@@ -20,16 +20,16 @@ from runs import RunError
 
 
 def setup_distributed(cfg):
-    """-> (rank, world, device). Under torchrun (it sets WORLD_SIZE, RANK, LOCAL_RANK) join the
-    process group: nccl with one GPU per rank, gloo on CPUs. Without torchrun: (0, 1, device)."""
+    """-> (rank, world, device), a CUDA device made the current one. Under torchrun (it sets WORLD_SIZE, RANK,
+    LOCAL_RANK) join the process group: nccl with one GPU per rank, gloo on CPUs. Without torchrun: (0, 1, device)."""
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":  # streams and CUDA graphs are made on the current device: make it this one
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if "WORLD_SIZE" in os.environ else device
+        torch.cuda.set_device(device)
     if "WORLD_SIZE" not in os.environ:
         if cfg.fsdp:
             raise RunError("--fsdp needs torchrun: torchrun --nproc_per_node N train.py --fsdp ...")
         return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device

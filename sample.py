@@ -44,7 +44,11 @@ def load(ckpt, device=None, dtype=None):
     if not has("tokenizer.json") and not has("vocab.json", "merges.txt"):
         raise UsageError(f"checkpoint {ckpt}: no tokenizer.json (nor vocab.json and merges.txt) beside the weights")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if device.type == "cuda":  # CUDA graphs are made on the current device
+        torch.cuda.set_device(device)
+        if not torch.cuda.is_bf16_supported():
+            print("sample.py: this GPU has no bf16 (V100, T4 ...): the model runs in fp32", file=sys.stderr)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32)
     model = M.TinyLLaVA.from_pretrained(ckpt, device=device, dtype=dtype).eval()
     return model, D.Tokenizer(ckpt, model.config.text.vocab_size)
 
@@ -58,17 +62,23 @@ def checkpoint_id(ckpt):
     return f"{os.path.abspath(ckpt)} {h.hexdigest()[:16]}"
 
 
-def default_batch_size(model, max_new_tokens, frames):
-    """Questions answered together: on a GPU as many as the free memory holds (each needs its KV
-    cache and its share of the video encoder's work), at most 256; 8 on a CPU."""
+def default_batch_size(model, max_new_tokens, frames, prompt_tokens=1024):
+    """Questions answered together: on a GPU as many as 60% of the free memory holds, at most 256; 8 on a CPU.
+    A question holds its KV cache and, during its prefill of L = video + prompt tokens over S = L + max_new_tokens
+    slots, the mask (8 L x S, and as large again as the attention's bias), the MLP's three L x intermediate
+    tensors and a few L x hidden ones; the videos are encoded 8 at a time, once for the batch."""
     w = model.language_model.model.embed_tokens.weight
     if not w.is_cuda:
         return 8
-    c = model.config.text
-    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * w.element_size()  # bytes per token
-    per_item = kv * (model.config.connector.num_queries + 1024 + max_new_tokens) + 2 * frames * 729 * 1152 * w.element_size()
+    c, v, e = model.config.text, model.config.vision, w.element_size()
+    L = model.config.connector.num_queries + prompt_tokens
+    S = L + max_new_tokens
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * e  # bytes per token
+    rep = c.num_attention_heads // c.num_key_value_heads
+    per_item = kv * S + rep * L * S * (1 + e) + L * e * (3 * c.intermediate_size + 6 * c.hidden_size)
+    video = 8 * frames * (v.image_size // v.patch_size) ** 2 * e * (4 * v.hidden_size + v.intermediate_size)
     free, _ = torch.cuda.mem_get_info(w.device)
-    return max(1, min(256, int(0.6 * free // per_item)))
+    return max(1, min(256, int((0.6 * free - video) // per_item)))
 
 
 # ----------------------------------------------------------------------------- answers
@@ -99,6 +109,23 @@ def generate(model, tok, questions, pixels, max_new_tokens=512, temperature=0.0,
                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
                    decode=decode)
     return [tok.decode(r[m > 0]) for r, m in zip(ro.completion_ids.cpu(), ro.mask.cpu())]
+
+
+def generate_fitting(fits, model, tok, questions, pixels, *args, **kw):
+    """`generate`, fits["batch"] questions at a time: out of GPU memory, that batch halves (said once) and goes on."""
+    out = []
+    while len(out) < len(questions):
+        n = fits["batch"]
+        try:
+            out += generate(model, tok, questions[len(out):len(out) + n], pixels[len(out):len(out) + n], *args, **kw)
+        except torch.cuda.OutOfMemoryError:
+            if n == 1:
+                raise
+            if not fits.get("halved"):
+                tqdm.write(f"out of GPU memory at batch size {n}: halving it until it fits", file=sys.stderr)
+            fits.update(batch=n // 2, halved=True)
+            torch.cuda.empty_cache()
+    return out
 
 
 @torch.no_grad()
@@ -165,7 +192,7 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
     done = read_predictions(predictions, run) if predictions else {}
     records = [done[k] for k in (sample_key(s) for s in samples) if k in done]
     todo = [s for s in samples if sample_key(s) not in done]
-    missing, tokens, seconds = [], 0, 0.0
+    missing, tokens, seconds, fits = [], 0, 0.0, {"batch": batch_size}
     out = open(predictions, "a") if predictions else contextlib.nullcontext()
     if predictions and out.tell() > 0:
         with open(predictions, "rb") as f:
@@ -190,8 +217,8 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
             t = time.perf_counter()
             for shape in dict.fromkeys(p.shape for p in pixels):  # a clip short of frames ("unique") goes apart
                 at = [j for j, p in enumerate(pixels) if p.shape == shape]
-                answers = generate(model, tok, [batch[j].question for j in at], torch.stack([pixels[j] for j in at]),
-                                   max_new_tokens, decode=decode, **sampling)
+                answers = generate_fitting(fits, model, tok, [batch[j].question for j in at],
+                                           torch.stack([pixels[j] for j in at]), max_new_tokens, decode=decode, **sampling)
                 for j, text in zip(at, answers):
                     texts[j] = text.strip() if original else text
             seconds += time.perf_counter() - t

@@ -173,9 +173,9 @@ def setup_lora(model, cfg, device, state=None):
     """--lora: the decoder frozen (bf16 on a GPU, as is the vision tower) under adapters trained with the connector
     in fp32; a resumed run's adapters and connector come from its trainer state. -> the start connector, frozen
     (the reference is the decoder with its adapters off, and this connector)."""
-    if device.type == "cuda":
-        model.language_model.to(torch.bfloat16), model.vision_tower.to(torch.bfloat16)
-    start = copy.deepcopy(model.connector).requires_grad_(False).eval().to(torch.bfloat16 if device.type == "cuda" else None)
+    if low_precision(device):
+        model.language_model.to(low_precision(device)), model.vision_tower.to(low_precision(device))
+    start = copy.deepcopy(model.connector).requires_grad_(False).eval().to(low_precision(device))
     M.add_lora(model, cfg.lora, cfg.lora_alpha)
     if state is not None:
         trained = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -227,9 +227,20 @@ class VideoLoader:
 # ----------------------------------------------------------------------------- one optimizer step
 
 
+def on_gpu(device):
+    """The GPU layout: checkpointed layers, a compiled sampler replayed as CUDA graphs, fused AdamW, low precision
+    (the tests emulate it on the CPU by replacing this function and torch.cuda's graph and stream calls)."""
+    return device.type == "cuda"
+
+
+def low_precision(device):
+    """The dtype of the sampler, the reference and autocast: bf16 on a GPU that has it; None (fp32) otherwise."""
+    return torch.bfloat16 if on_gpu(device) and torch.cuda.is_bf16_supported() else None
+
+
 def autocast(device):
-    """bf16 compute on a GPU over fp32 weights; plain fp32 on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    """Low-precision compute over fp32 weights on a GPU; plain fp32 on the CPU or a GPU without bf16."""
+    return torch.autocast(device.type, dtype=low_precision(device), enabled=low_precision(device) is not None)
 
 
 def sft_step(model, tok, samples, load, cfg, device):
@@ -412,7 +423,8 @@ def run_budget(seconds, records, done, total):
     split = ", ".join(f"{k[5:]} {np.median([r[k] for r in records[-2:]]):.2f} s" for k in phases)
     hours = lambda s: f"{s / 3600:.2f} h" if s >= 3600 else f"{s / 60:.1f} min"
     return (f"run budget: {per:.2f} s per step" + (f" ({split})" if split else "") +
-            f"; {total} steps ~{hours(per * total)} in all, ~{hours(per * (total - done))} to go")
+            f"; {total} steps ~{hours(per * total)} in all, ~{hours(per * (total - done))} to go "
+            f"(step 1 took {seconds[0]:.1f} s, compiling included)")
 
 
 def train(cfg):
@@ -441,13 +453,17 @@ def train(cfg):
     tok_file = tokenizer_file(resume_from or cfg.init or cfg.llm)
     os.makedirs(cfg.out, exist_ok=True)
     freeze_vision(model)
-    model.language_model.model.gradient_checkpointing = cfg.grad_checkpointing and device.type == "cuda"
+    model.language_model.model.gradient_checkpointing = cfg.grad_checkpointing and on_gpu(device)
 
     start_connector, ref = setup_lora(model, cfg, device, state) if cfg.lora else None, None
-    # On a GPU the rollouts sample from a bf16 copy of the policy (with --lora: the policy itself); on a CPU from the
-    # policy itself. Under --fsdp the policy is sharded, so the rollouts always sample from a whole copy.
-    sampler = G.Sampler(model, torch.bfloat16 if device.type == "cuda" else None, compile=cfg.compile and cfg.stage == "grpo",
-                        own_copy=cfg.fsdp and cfg.stage == "grpo")
+    # On a GPU the rollouts sample from a bf16 copy of the policy (with --lora: the policy itself, its base already
+    # bf16); on a CPU from the policy itself. Under --fsdp the policy is sharded, so the rollouts always sample
+    # from a whole copy. SFT never samples: its sampler is the policy itself.
+    if on_gpu(device) and not low_precision(device) and rank == 0:
+        tqdm.write("this GPU has no bf16 (V100, T4 ...): the sampler, the reference and every pass run in fp32")
+    grpo = cfg.stage == "grpo"
+    sampler = G.Sampler(model, low_precision(device) if grpo else None, compile=cfg.compile and grpo,
+                        own_copy=cfg.fsdp and grpo, cuda_graph=on_gpu(device))
     if cfg.stage == "grpo" and cfg.beta > 0:
         if cfg.lora:  # the sampler's decoder (no copy), run with its adapters off (collect), and the start connector
             ref = copy.copy(sampler.model)
@@ -460,15 +476,15 @@ def train(cfg):
             ref = G.frozen_copy(model)
             if not cfg.init and rank == 0:  # a fresh connector: keep the reference to resume against it
                 ref.save_pretrained(os.path.join(cfg.out, "reference"))
-        if device.type == "cuda" and not cfg.lora:
-            ref.connector.to(torch.bfloat16), ref.language_model.to(torch.bfloat16)
+        if low_precision(device) and not cfg.lora:
+            ref.connector.to(low_precision(device)), ref.language_model.to(low_precision(device))
     plan = memory_plan(cfg, model.config, world)
     if rank == 0:
         tqdm.write(format_plan(cfg, *plan, world))
     if cfg.fsdp:
         shard(model, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda" and not cfg.fsdp)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=on_gpu(device) and not cfg.fsdp)
     total = cfg.steps or max(1, int(cfg.epochs * max(1, len(samples) // cfg.prompts_per_step)))
     schedule = make_schedule(optimizer, cfg, total)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 7919 * rank)  # each rank samples its own
@@ -483,7 +499,11 @@ def train(cfg):
             optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
         mine = state["ranks"][rank] if world > 1 else state
-        gen.set_state(mine["generator"])
+        try:
+            gen.set_state(mine["generator"])
+        except RuntimeError:  # a CUDA generator's state does not fit a CPU one, nor back
+            tqdm.write(f"resuming on {device}, the checkpoint's generator was another device's: sampling will not "
+                       "repeat the draws the original run would have made")
         torch.set_rng_state(mine["torch_rng"])
         start, nan_steps, nan_run, load.skipped = state["step"], state["nan_steps"], state["nan_run"], mine["skipped"]
         if rank == 0:
@@ -542,7 +562,7 @@ def train(cfg):
                 tqdm.write(f"step {step + 1}: non-finite loss, logits or gradient, update skipped ({nan_steps} so far)")
             optimizer.zero_grad(set_to_none=True)
         schedule.step()
-        if device.type == "cuda":
+        if on_gpu(device):
             m["peak_memory_gb"], m["planned_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9, plan[1] / 1e9
         seconds.append(time.perf_counter() - t_step)
         if len(seconds) == 3 and step + 1 < total and rank == 0:
