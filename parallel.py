@@ -71,6 +71,21 @@ def gather(obj, world):
     return out
 
 
+def on_rank0(fn, rank, world, errors=(RunError,)):
+    """fn() on rank 0 alone (it tidies, locks and writes the run folder) -> its result on every rank; an error of
+    `errors` it raises is raised on every rank, so that none waits for a rank that has given up."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except errors as e:
+            error = e
+    result, error = gather((result, error), world)[0]
+    if error is not None:
+        raise error
+    return result
+
+
 def reduce_metrics(m, world):
     """One step's metrics of every rank -> the step's (the same on every rank): sums for counts and throughput, min/max
     for extremes, the slowest rank's times, rank 0's example, means otherwise (the ranks hold equal shares). A

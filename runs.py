@@ -9,18 +9,27 @@ A checkpoint is written beside the old one as checkpoint.tmp, its trainer_state.
 it complete. `find_checkpoint` then swaps it in, and at start-up finishes whatever swap a crash interrupted,
 so some complete checkpoint always survives. The trainer state (optimizer, scheduler, RNG, data position,
 the run's settings) is JSON and safetensors: resuming a run executes nothing from the run folder.
+
+A run folder (and a predictions file) has one writer at a time: OUT/.lock, flocked and naming its holder. SIGTERM and
+SIGINT ask the training loop to stop after the current step and save; a save that fails (a full disk) keeps the last
+checkpoint and ends the run in one line. docs/runs.md tells how each behaves.
 """
 
+import fcntl
 import glob
 import json
 import math
 import os
 import shutil
+import signal
+import socket
+import sys
 from dataclasses import asdict
 
 import cv2
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import data as D
@@ -28,6 +37,99 @@ import data as D
 
 class RunError(Exception):
     """Bad flags, data, checkpoint or run folder: reported in one line (exit code 2) before any work."""
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written (a full disk, any OSError): the run ends in one line (exit code 1)."""
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT: the run stopped after a step and saved it (exit code 128 + the signal's number, as a shell
+    reports a process the signal ended: the job is not done)."""
+
+    def __init__(self, name, step, out):
+        super().__init__(f"stopped by {name} at step {step}; checkpoint saved in {out}; --resume to continue")
+        self.signum = signal.Signals[name].value
+
+
+# ----------------------------------------------------------------------------- one writer, a polite stop, room to save
+
+_held, _stop = {}, {}  # lock path -> its open file while this process writes there; "signal" -> the first stop signal
+
+
+def hold(lock, what):
+    """One writer at a time: an exclusive flock on the file `lock` (OUT/.lock, PREDICTIONS.lock), which names its
+    holder. The OS drops it when the holder dies, even by kill -9, so no lock outlives its process. Held until
+    release(); this process may take it again. Raises RunError naming the holder, having written nothing."""
+    lock = os.path.abspath(lock)
+    if lock in _held:
+        return
+    f = open(lock, "a+")  # created if missing, not truncated: the holder's name stays readable
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunError(f"{what} is in use by {holder}: one writer at a time (wait for it to end, or stop it with "
+                       "SIGTERM: a run saves, then stops)") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _held[lock] = f
+
+
+def release(lock=None):
+    """Let go of one lock (a path given to hold), or of all this process holds."""
+    for path in [os.path.abspath(lock)] if lock else list(_held):
+        if path in _held:
+            _held.pop(path).close()
+
+
+def catch_stop_signals():
+    """SIGTERM (a scheduler's, a spot instance's) and SIGINT (Ctrl-C) stop the run politely instead of at once: they
+    set a flag the training loop reads after each optimizer step; a second signal (during the save, say) changes
+    nothing. -> a function restoring the previous handlers."""
+    def ask(signum, frame):
+        _stop.setdefault("signal", signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, ask) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore():
+        _stop.clear()
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    return restore
+
+
+def stop_requested():
+    """The name of the first stop signal received ("SIGTERM"), or None."""
+    return _stop.get("signal")
+
+
+def human(n):
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def checkpoint_bytes(model, tokenizer_files):
+    """What one checkpoint takes on disk: the weights as stored, AdamW's two fp32 moments per trainable number, the
+    tokenizer files (the JSON and RNG state are small)."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    moments = 8 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return weights + moments + sum(os.path.getsize(f) for f in tokenizer_files)
+
+
+def check_room(out, need, save_every, twice):
+    """Refuse a run whose next checkpoint (`need` bytes) cannot fit on OUT's disk; warn when a new run's second one
+    cannot (`twice`: it will save more than once). A save writes the new checkpoint beside the last one, which goes
+    only once the new one is complete: a resumed run needs room for one more, a new run for two."""
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise RunError(f"{out}: a checkpoint needs {human(need)}, its disk has {human(free)} free: free some space "
+                       "or choose another --out")
+    if twice and free < 2 * need:
+        print(f"warning: {out}: {human(free)} free holds one checkpoint ({human(need)}), not a second one beside it "
+              f"(--save-every {save_every}): the run will stop at its second save, keeping the first", file=sys.stderr)
 
 
 def save_state(state, directory):
@@ -62,16 +164,24 @@ def load_state(directory, tensors=True):
         return unpack(json.load(f))
 
 
-def write_checkpoint(model, tokenizer_files, state, out, weights=None):
+def write_checkpoint(model, tokenizer_files, state, out, weights=None, need=0):
     """OUT/checkpoint, written beside it as checkpoint.tmp, then swapped in by `find_checkpoint`.
-    weights: the model's tensors gathered whole (FSDP), else the model's own."""
+    weights: the model's tensors gathered whole (FSDP), else the model's own. A save that fails (a full disk, any
+    OSError) removes its partial files and raises SaveFailed naming `need` (bytes), what is free and the step kept."""
     tmp = os.path.join(out, "checkpoint.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=weights)
-    for f in tokenizer_files:
-        shutil.copy(f, os.path.join(tmp, os.path.basename(f)))
-    save_state(state, tmp)
-    find_checkpoint(out)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=weights)
+        for f in tokenizer_files:
+            shutil.copy(f, os.path.join(tmp, os.path.basename(f)))
+        save_state(state, tmp)
+        find_checkpoint(out)
+    except (OSError, SafetensorError) as e:
+        last = find_checkpoint(out)  # removes the partial copies; a complete checkpoint.tmp would become the last
+        kept = f"step {load_state(last, tensors=False)['step']} in {last} is intact" if last else "no checkpoint yet"
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SaveFailed(f"saving step {state['step']} failed ({reason}): a checkpoint needs {human(need)}, "
+                         f"{human(shutil.disk_usage(out).free)} free in {out}; {kept} (free space, then --resume)") from None
 
 
 def find_checkpoint(out):
@@ -102,8 +212,13 @@ def find_checkpoint(out):
 
 def prepare_out(cfg, may_change=()):
     """-> the checkpoint to resume from, or None for a new run. Refuses to overwrite a run without --overwrite, to
-    resume without a checkpoint, and to resume with other settings than `may_change` (naming them)."""
-    ckpt = find_checkpoint(cfg.out)
+    resume without a checkpoint, and to resume with other settings than `may_change` (naming them). First takes
+    OUT's lock (a mistyped OUT with --resume is refused, not made)."""
+    ckpt = None
+    if os.path.isdir(cfg.out) or not cfg.resume:
+        os.makedirs(cfg.out, exist_ok=True)
+        hold(os.path.join(cfg.out, ".lock"), f"run folder {cfg.out}")
+        ckpt = find_checkpoint(cfg.out)
     held = [n for n in ("metrics.jsonl", "checkpoint") if os.path.exists(os.path.join(cfg.out, n))]
     if not cfg.resume:
         if held and not cfg.overwrite:

@@ -33,6 +33,7 @@ import eval as E
 import grpo as G
 import model as M
 from eval import UsageError
+from runs import RunError, hold, release
 
 
 def load(ckpt, device=None, dtype=None):
@@ -160,6 +161,8 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
     sampling = dict(temperature=1.0, top_k=50, top_p=1.0, generator=torch.Generator(device).manual_seed(seed)) if original else {}
     frames = frames or int(model.config.raw.get("num_frames", 16))
     size = model.config.vision.image_size
+    if predictions:  # one writer per predictions file: a second would interleave its answers with ours
+        hold(predictions + ".lock", f"predictions file {predictions}")
     done = read_predictions(predictions, run) if predictions else {}
     records = [done[k] for k in (sample_key(s) for s in samples) if k in done]
     todo = [s for s in samples if sample_key(s) not in done]
@@ -212,6 +215,8 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
             bar.update(len(batch))
             correct = sum(r["correct"] for r in records)
             bar.set_postfix(acc=f"{correct / len(records):.3f}", missing=len(missing), tok_s=f"{tokens / seconds:.0f}")
+    if predictions:
+        release(predictions + ".lock")
     correct = sum(r["correct"] for r in records)
     return {"accuracy": correct / max(len(records), 1), "correct": correct, "total": len(records),
             "unparsed": sum(r["pred"] is None for r in records), "missing_videos": len(missing), "records": records,
@@ -351,7 +356,7 @@ def main(argv=None):
             print(piece, end="", flush=True)
         print()
         return 0
-    except (UsageError, D.VideoError, D.DataError, M.CheckpointError, FloatingPointError) as e:
+    except (UsageError, RunError, D.VideoError, D.DataError, M.CheckpointError, FloatingPointError) as e:
         print(f"sample.py: {e}", file=sys.stderr)
         return 2
 
