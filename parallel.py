@@ -72,14 +72,12 @@ def gather(obj, world):
 
 
 def on_rank0(fn, rank, world, errors=(RunError,)):
-    """fn() on rank 0 alone (it tidies, locks and writes the run folder) -> its result on every rank; an error of
-    `errors` it raises is raised on every rank, so that none waits for a rank that has given up."""
-    result, error = None, None
-    if rank == 0:
-        try:
-            result = fn()
-        except errors as e:
-            error = e
+    """fn() on rank 0 alone (it locks, tidies and writes the run folder) -> its result on every rank, or the error of
+    `errors` it raised, raised on every rank: no rank waits for one that has given up."""
+    try:
+        result, error = (fn() if rank == 0 else None), None
+    except errors as e:
+        result, error = None, e
     result, error = gather((result, error), world)[0]
     if error is not None:
         raise error

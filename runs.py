@@ -9,10 +9,7 @@ A checkpoint is written beside the old one as checkpoint.tmp, its trainer_state.
 it complete. `find_checkpoint` then swaps it in, and at start-up finishes whatever swap a crash interrupted,
 so some complete checkpoint always survives. The trainer state (optimizer, scheduler, RNG, data position,
 the run's settings) is JSON and safetensors: resuming a run executes nothing from the run folder.
-
-A run folder (and a predictions file) has one writer at a time: OUT/.lock, flocked and naming its holder. SIGTERM and
-SIGINT ask the training loop to stop after the current step and save; a save that fails (a full disk) keeps the last
-checkpoint and ends the run in one line. docs/runs.md tells how each behaves.
+One writer at a time (OUT/.lock), a stop on SIGTERM that saves, and a full disk met in one line: docs/runs.md.
 """
 
 import fcntl
@@ -44,67 +41,49 @@ class SaveFailed(RuntimeError):
 
 
 class Stopped(Exception):
-    """SIGTERM or SIGINT: the run stopped after a step and saved it (exit code 128 + the signal's number, as a shell
-    reports a process the signal ended: the job is not done)."""
+    """SIGTERM or SIGINT stopped the run after a step, saved (exit code 128 + the signal's number: the job is not done)."""
 
     def __init__(self, name, step, out):
         super().__init__(f"stopped by {name} at step {step}; checkpoint saved in {out}; --resume to continue")
         self.signum = signal.Signals[name].value
 
 
-# ----------------------------------------------------------------------------- one writer, a polite stop, room to save
-
 _held, _stop = {}, {}  # lock path -> its open file while this process writes there; "signal" -> the first stop signal
 
 
 def hold(lock, what):
-    """One writer at a time: an exclusive flock on the file `lock` (OUT/.lock, PREDICTIONS.lock), which names its
-    holder. The OS drops it when the holder dies, even by kill -9, so no lock outlives its process. Held until
-    release(); this process may take it again. Raises RunError naming the holder, having written nothing."""
-    lock = os.path.abspath(lock)
-    if lock in _held:
-        return
-    f = open(lock, "a+")  # created if missing, not truncated: the holder's name stays readable
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise RunError(f"{what} is in use by {holder}: one writer at a time (wait for it to end, or stop it with "
-                       "SIGTERM: a run saves, then stops)") from None
-    f.truncate(0)
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
-    _held[lock] = f
+    """One writer at a time: an exclusive flock on the file `lock` (OUT/.lock, PREDICTIONS.lock) naming its holder,
+    held until release() (this process may take it again). The OS drops it when the holder dies, even by kill -9: no
+    lock outlives its process. Raises RunError naming the holder, having written nothing."""
+    if os.path.abspath(lock) not in _held:
+        f = open(lock, "a+")  # created if missing, not truncated: the holder's name stays readable
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RunError(f"{what} is in use by {f.read().strip() or 'another process'}: one writer at a time (wait "
+                           "for it to end, or stop it with SIGTERM: a run saves, then stops)") from None
+        f.truncate(0), f.write(f"pid {os.getpid()} on {socket.gethostname()}\n"), f.flush()
+        _held[os.path.abspath(lock)] = f
 
 
 def release(lock=None):
     """Let go of one lock (a path given to hold), or of all this process holds."""
     for path in [os.path.abspath(lock)] if lock else list(_held):
-        if path in _held:
-            _held.pop(path).close()
+        _held.pop(path).close() if path in _held else None
 
 
-def catch_stop_signals():
-    """SIGTERM (a scheduler's, a spot instance's) and SIGINT (Ctrl-C) stop the run politely instead of at once: they
-    set a flag the training loop reads after each optimizer step; a second signal (during the save, say) changes
-    nothing. -> a function restoring the previous handlers."""
-    def ask(signum, frame):
-        _stop.setdefault("signal", signal.Signals(signum).name)
-
-    old = {s: signal.signal(s, ask) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def restore():
-        _stop.clear()
-        for s, handler in old.items():
-            signal.signal(s, handler)
-    return restore
+def catch_stop_signals(previous=None):
+    """SIGTERM (a scheduler's, a spot instance's) and SIGINT (Ctrl-C) set a flag the training loop reads after each
+    optimizer step, to save and stop; a second one (during the save, say) changes nothing. -> the previous handlers,
+    which catch_stop_signals(previous) puts back."""
+    _stop.clear()
+    ask = lambda signum, frame: _stop.setdefault("signal", signal.Signals(signum).name)  # noqa: E731
+    return {s: signal.signal(s, (previous or {}).get(s, ask)) for s in (signal.SIGTERM, signal.SIGINT)}
 
 
 def stop_requested():
-    """The name of the first stop signal received ("SIGTERM"), or None."""
-    return _stop.get("signal")
+    return _stop.get("signal")  # the first stop signal's name ("SIGTERM"), or None
 
 
 def human(n):
@@ -112,17 +91,15 @@ def human(n):
 
 
 def checkpoint_bytes(model, tokenizer_files):
-    """What one checkpoint takes on disk: the weights as stored, AdamW's two fp32 moments per trainable number, the
-    tokenizer files (the JSON and RNG state are small)."""
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    moments = 8 * sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return weights + moments + sum(os.path.getsize(f) for f in tokenizer_files)
+    """One checkpoint on disk: the weights as stored, AdamW's two fp32 moments per trainable number, the tokenizer."""
+    return (sum(t.numel() * t.element_size() for t in model.state_dict().values()) + sum(map(os.path.getsize, tokenizer_files))
+            + 8 * sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
 def check_room(out, need, save_every, twice):
     """Refuse a run whose next checkpoint (`need` bytes) cannot fit on OUT's disk; warn when a new run's second one
-    cannot (`twice`: it will save more than once). A save writes the new checkpoint beside the last one, which goes
-    only once the new one is complete: a resumed run needs room for one more, a new run for two."""
+    cannot (`twice`: it saves more than once). A save writes the new checkpoint beside the last, removed only once
+    the new one is complete: a resumed run needs room for one more, a new run for two."""
     free = shutil.disk_usage(out).free
     if free < need:
         raise RunError(f"{out}: a checkpoint needs {human(need)}, its disk has {human(free)} free: free some space "

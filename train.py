@@ -576,7 +576,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, parser = parse_args(argv)
     given = sorted(k for k, v in vars(args).items() if v != parser.get_default(k))
-    restore_signals = catch_stop_signals()
+    previous_handlers = catch_stop_signals()
     try:
         if (args.demo or not argv) and "WORLD_SIZE" in os.environ:
             raise RunError("the demo runs in one process; under torchrun give --data (e.g. the demo's OUT/data files)")
@@ -595,7 +595,7 @@ def main(argv=None):
         print(f"train.py: {e}", file=sys.stderr)
         return 128 + e.signum if isinstance(e, Stopped) else 1 if isinstance(e, (Diverged, SaveFailed)) else 2
     finally:
-        restore_signals(), release(), teardown_distributed()
+        catch_stop_signals(previous_handlers), release(), teardown_distributed()
 
 
 if __name__ == "__main__":

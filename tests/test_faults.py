@@ -174,7 +174,8 @@ def test_a_real_full_disk_a_tiny_tmpfs(task, tmp_path):
                       " ".join([sys.executable, "train.py", *flags(task, mnt / "run", steps=3)]), "echo rc=$? >&2",
                       " ".join([sys.executable, "train.py", *flags(task, mnt / "run", steps=3), "--resume"]),
                       "echo rc=$? >&2", f"cp -a {mnt / 'run'} {kept}"])
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", cmd], cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", cmd], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
     err = [s for s in r.stderr.splitlines() if not re.search(r"\| *\d+/\d+ \[", s) and s.strip()]
     assert r.returncode == 0 and len(err) == 5, r.stderr[-3000:]
     assert err[0].startswith("warning:") and "not a second one beside it" in err[0]
