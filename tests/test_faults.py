@@ -54,7 +54,7 @@ def steps(out):
 @pytest.mark.slow
 def test_one_writer_per_run_folder_a_polite_stop_and_no_stale_lock(task, tmp_path, capsys, one_thread):
     out = tmp_path / "run"
-    first = start("train.py", flags(task, out))
+    first = start("train.py", flags(task, out, save_every=1000))  # no checkpoint but the one the stop saves
     wait_for(lambda: len(steps(out)) >= 2, first)
     owner = f"pid {first.pid} on {socket.gethostname()}\n"
     for extra in ([], ["--resume"], ["--overwrite"]):  # a relaunch that believed the first dead
