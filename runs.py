@@ -52,9 +52,8 @@ _held, _stop = {}, {}  # lock path -> its open file while this process writes th
 
 
 def hold(lock, what):
-    """One writer at a time: an exclusive flock on the file `lock` (OUT/.lock, PREDICTIONS.lock) naming its holder,
-    held until release() (this process may take it again). The OS drops it when the holder dies, even by kill -9: no
-    lock outlives its process. Raises RunError naming the holder, having written nothing."""
+    """One writer: an exclusive flock on `lock` (OUT/.lock, PREDICTIONS.lock) naming its holder, until release() or
+    the holder's death (kill -9 too: no stale lock). Else RunError naming the holder, having written nothing."""
     if os.path.abspath(lock) not in _held:
         f = open(lock, "a+")  # created if missing, not truncated: the holder's name stays readable
         try:
@@ -74,9 +73,8 @@ def release(lock=None):
 
 
 def catch_stop_signals(previous=None):
-    """SIGTERM (a scheduler's, a spot instance's) and SIGINT (Ctrl-C) set a flag the training loop reads after each
-    optimizer step, to save and stop; a second one (during the save, say) changes nothing. -> the previous handlers,
-    which catch_stop_signals(previous) puts back."""
+    """SIGTERM (schedulers, spot instances) and SIGINT set a flag the loop reads after each step, to save and stop; a
+    second signal changes nothing. -> the previous handlers, which catch_stop_signals(previous) puts back."""
     _stop.clear()
     ask = lambda signum, frame: _stop.setdefault("signal", signal.Signals(signum).name)  # noqa: E731
     return {s: signal.signal(s, (previous or {}).get(s, ask)) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -97,9 +95,8 @@ def checkpoint_bytes(model, tokenizer_files):
 
 
 def check_room(out, need, save_every, twice):
-    """Refuse a run whose next checkpoint (`need` bytes) cannot fit on OUT's disk; warn when a new run's second one
-    cannot (`twice`: it saves more than once). A save writes the new checkpoint beside the last, removed only once
-    the new one is complete: a resumed run needs room for one more, a new run for two."""
+    """Refuse a run whose next checkpoint (`need` bytes) cannot fit on OUT's disk, warn when a new run's second one
+    (`twice`: it saves again) cannot: each is written beside the last, which goes once the new one is complete."""
     free = shutil.disk_usage(out).free
     if free < need:
         raise RunError(f"{out}: a checkpoint needs {human(need)}, its disk has {human(free)} free: free some space "
