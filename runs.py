@@ -13,6 +13,7 @@ One writer at a time (OUT/.lock), a stop on SIGTERM that saves, and a full disk 
 """
 
 import fcntl
+import functools
 import glob
 import json
 import math
@@ -70,6 +71,19 @@ def release(lock=None):
     """Let go of one lock (a path given to hold), or of all this process holds."""
     for path in [os.path.abspath(lock)] if lock else list(_held):
         _held.pop(path).close() if path in _held else None
+
+
+def releasing_locks(fn):
+    """fn, letting go of the locks it took when it returns or raises: an in-process caller (the demo, a test) goes on."""
+    @functools.wraps(fn)
+    def call(*args, **kw):
+        before = set(_held)
+        try:
+            return fn(*args, **kw)
+        finally:
+            for lock in set(_held) - before:
+                release(lock)
+    return call
 
 
 def catch_stop_signals(previous=None):

@@ -33,7 +33,7 @@ import eval as E
 import grpo as G
 import model as M
 from eval import UsageError
-from runs import RunError, hold, release
+from runs import RunError, hold, releasing_locks
 
 
 def load(ckpt, device=None, dtype=None):
@@ -147,6 +147,7 @@ def read_predictions(path, run=None):
     return done
 
 
+@releasing_locks
 def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8, frames=None, max_new_tokens=512,
              progress=True, desc="eval", protocol="clean", seed=0, decode=None, run=None):
     """Answer every sample (data.Sample, `question` holding the options and the mode's suffix) and compare the letter
@@ -215,8 +216,6 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
             bar.update(len(batch))
             correct = sum(r["correct"] for r in records)
             bar.set_postfix(acc=f"{correct / len(records):.3f}", missing=len(missing), tok_s=f"{tokens / seconds:.0f}")
-    if predictions:
-        release(predictions + ".lock")
     correct = sum(r["correct"] for r in records)
     return {"accuracy": correct / max(len(records), 1), "correct": correct, "total": len(records),
             "unparsed": sum(r["pred"] is None for r in records), "missing_videos": len(missing), "records": records,

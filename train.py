@@ -43,7 +43,7 @@ import grpo as G
 import model as M
 from parallel import average_gradients, gather, on_rank0, reduce_metrics, setup_distributed, shard, teardown_distributed
 from runs import (RunError, SaveFailed, Stopped, append_jsonl, catch_stop_signals, check_room, checkpoint_bytes,
-                  load_state, plot_curves, prepare_out, read_jsonl, release, stop_requested, tokenizer_file,
+                  load_state, plot_curves, prepare_out, read_jsonl, releasing_locks, stop_requested, tokenizer_file,
                   write_checkpoint)
 
 
@@ -403,6 +403,7 @@ def run_budget(seconds, records, done, total):
             f"; {total} steps ~{hours(per * total)} in all, ~{hours(per * (total - done))} to go")
 
 
+@releasing_locks
 def train(cfg):
     """Run one stage as configured; returns the last step's metrics. Writes everything under cfg.out.
     Raises RunError (or data.DataError, model.CheckpointError) on bad input before any work, Diverged
@@ -548,7 +549,6 @@ def train(cfg):
             break
     if load.skipped and rank == 0:
         tqdm.write(f"{len(load.skipped)} samples skipped: unreadable videos (see metrics.jsonl 'skipped_samples')")
-    release(os.path.join(cfg.out, ".lock"))
     return record
 
 
@@ -595,7 +595,7 @@ def main(argv=None):
         print(f"train.py: {e}", file=sys.stderr)
         return 128 + e.signum if isinstance(e, Stopped) else 1 if isinstance(e, (Diverged, SaveFailed)) else 2
     finally:
-        catch_stop_signals(previous_handlers), release(), teardown_distributed()
+        catch_stop_signals(previous_handlers), teardown_distributed()
 
 
 if __name__ == "__main__":
