@@ -85,7 +85,7 @@ def test_one_writer_per_run_folder_a_polite_stop_and_no_stale_lock(task, tmp_pat
 
 @pytest.mark.slow
 def test_one_writer_per_predictions_file(task, tmp_path, capsys, one_thread):
-    rows = open(task["test"]).read().splitlines() * 2
+    rows = open(task["test"]).read().splitlines() * 8  # long enough to outlast the second's start
     big, preds = tmp_path / "big.jsonl", tmp_path / "preds.jsonl"
     big.write_text("\n".join(rows) + "\n")
     argv = ["--ckpt", task["init"], "--eval", str(big), "--root", os.path.dirname(task["test"]), "--predictions",
