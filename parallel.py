@@ -73,6 +73,19 @@ def gather(obj, world):
     return out
 
 
+def on_rank0(fn, rank, world, errors=(RunError,)):
+    """fn() on rank 0 alone (it locks, tidies and writes the run folder) -> its result on every rank, or the error of
+    `errors` it raised, raised on every rank: no rank waits for one that has given up."""
+    try:
+        result, error = (fn() if rank == 0 else None), None
+    except errors as e:
+        result, error = None, e
+    result, error = gather((result, error), world)[0]
+    if error is not None:
+        raise error
+    return result
+
+
 def reduce_metrics(m, world):
     """One step's metrics of every rank -> the step's (the same on every rank): sums for counts and throughput, min/max
     for extremes, the slowest rank's times, rank 0's example, means otherwise (the ranks hold equal shares). A

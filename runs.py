@@ -9,18 +9,25 @@ A checkpoint is written beside the old one as checkpoint.tmp, its trainer_state.
 it complete. `find_checkpoint` then swaps it in, and at start-up finishes whatever swap a crash interrupted,
 so some complete checkpoint always survives. The trainer state (optimizer, scheduler, RNG, data position,
 the run's settings) is JSON and safetensors: resuming a run executes nothing from the run folder.
+One writer at a time (OUT/.lock), a stop on SIGTERM that saves, and a full disk met in one line: docs/runs.md.
 """
 
+import fcntl
+import functools
 import glob
 import json
 import math
 import os
 import shutil
+import signal
+import socket
+import sys
 from dataclasses import asdict
 
 import cv2
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import data as D
@@ -28,6 +35,89 @@ import data as D
 
 class RunError(Exception):
     """Bad flags, data, checkpoint or run folder: reported in one line (exit code 2) before any work."""
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written (a full disk, any OSError): the run ends in one line (exit code 1)."""
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT stopped the run after a step, saved (exit code 128 + the signal's number: the job is not done)."""
+
+    def __init__(self, name, step, out):
+        super().__init__(f"stopped by {name} at step {step}; checkpoint saved in {out}; --resume to continue")
+        self.signum = signal.Signals[name].value
+
+
+_held, _stop = {}, {}  # lock path -> its open file while this process writes there; "signal" -> the first stop signal
+
+
+def hold(lock, what):
+    """One writer: an exclusive flock on `lock` (OUT/.lock, PREDICTIONS.lock) naming its holder, until release() or
+    the holder's death (kill -9 too: no stale lock). Else RunError naming the holder, having written nothing."""
+    if os.path.abspath(lock) not in _held:
+        f = open(lock, "a+")  # created if missing, not truncated: the holder's name stays readable
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RunError(f"{what} is in use by {f.read().strip() or 'another process'}: one writer at a time (wait "
+                           "for it to end, or stop it with SIGTERM: a run saves, then stops)") from None
+        f.truncate(0), f.write(f"pid {os.getpid()} on {socket.gethostname()}\n"), f.flush()
+        _held[os.path.abspath(lock)] = f
+
+
+def release(lock=None):
+    """Let go of one lock (a path given to hold), or of all this process holds."""
+    for path in [os.path.abspath(lock)] if lock else list(_held):
+        _held.pop(path).close() if path in _held else None
+
+
+def releasing_locks(fn):
+    """fn, letting go of the locks it took when it returns or raises: an in-process caller (the demo, a test) goes on."""
+    @functools.wraps(fn)
+    def call(*args, **kw):
+        before = set(_held)
+        try:
+            return fn(*args, **kw)
+        finally:
+            for lock in set(_held) - before:
+                release(lock)
+    return call
+
+
+def catch_stop_signals(previous=None):
+    """SIGTERM (schedulers, spot instances) and SIGINT set a flag the loop reads after each step, to save and stop; a
+    second signal changes nothing. -> the previous handlers, which catch_stop_signals(previous) puts back."""
+    _stop.clear()
+    ask = lambda signum, frame: _stop.setdefault("signal", signal.Signals(signum).name)  # noqa: E731
+    return {s: signal.signal(s, (previous or {}).get(s, ask)) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
+def stop_requested():
+    return _stop.get("signal")  # the first stop signal's name ("SIGTERM"), or None
+
+
+def human(n):
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def checkpoint_bytes(model, tokenizer_files):
+    """One checkpoint on disk: the weights as stored, AdamW's two fp32 moments per trainable number, the tokenizer."""
+    return (sum(t.numel() * t.element_size() for t in model.state_dict().values()) + sum(map(os.path.getsize, tokenizer_files))
+            + 8 * sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def check_room(out, need, save_every, twice):
+    """Refuse a run whose next checkpoint (`need` bytes) cannot fit on OUT's disk, warn when a new run's second one
+    (`twice`: it saves again) cannot: each is written beside the last, which goes once the new one is complete."""
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise RunError(f"{out}: a checkpoint needs {human(need)}, its disk has {human(free)} free: free some space "
+                       "or choose another --out")
+    if twice and free < 2 * need:
+        print(f"warning: {out}: {human(free)} free holds one checkpoint ({human(need)}), not a second one beside it "
+              f"(--save-every {save_every}): the run will stop at its second save, keeping the first", file=sys.stderr)
 
 
 def save_state(state, directory):
@@ -62,16 +152,24 @@ def load_state(directory, tensors=True):
         return unpack(json.load(f))
 
 
-def write_checkpoint(model, tokenizer_files, state, out, weights=None):
+def write_checkpoint(model, tokenizer_files, state, out, weights=None, need=0):
     """OUT/checkpoint, written beside it as checkpoint.tmp, then swapped in by `find_checkpoint`.
-    weights: the model's tensors gathered whole (FSDP), else the model's own."""
+    weights: the model's tensors gathered whole (FSDP), else the model's own. A save that fails (a full disk, any
+    OSError) removes its partial files and raises SaveFailed naming `need` (bytes), what is free and the step kept."""
     tmp = os.path.join(out, "checkpoint.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=weights)
-    for f in tokenizer_files:
-        shutil.copy(f, os.path.join(tmp, os.path.basename(f)))
-    save_state(state, tmp)
-    find_checkpoint(out)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=weights)
+        for f in tokenizer_files:
+            shutil.copy(f, os.path.join(tmp, os.path.basename(f)))
+        save_state(state, tmp)
+        find_checkpoint(out)
+    except (OSError, SafetensorError) as e:
+        last = find_checkpoint(out)  # removes the partial copies; a complete checkpoint.tmp would become the last
+        kept = f"step {load_state(last, tensors=False)['step']} in {last} is intact" if last else "no checkpoint yet"
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SaveFailed(f"saving step {state['step']} failed ({reason}): a checkpoint needs {human(need)}, "
+                         f"{human(shutil.disk_usage(out).free)} free in {out}; {kept} (free space, then --resume)") from None
 
 
 def find_checkpoint(out):
@@ -102,8 +200,13 @@ def find_checkpoint(out):
 
 def prepare_out(cfg, may_change=()):
     """-> the checkpoint to resume from, or None for a new run. Refuses to overwrite a run without --overwrite, to
-    resume without a checkpoint, and to resume with other settings than `may_change` (naming them)."""
-    ckpt = find_checkpoint(cfg.out)
+    resume without a checkpoint, and to resume with other settings than `may_change` (naming them). First takes
+    OUT's lock (a mistyped OUT with --resume is refused, not made)."""
+    ckpt = None
+    if os.path.isdir(cfg.out) or not cfg.resume:
+        os.makedirs(cfg.out, exist_ok=True)
+        hold(os.path.join(cfg.out, ".lock"), f"run folder {cfg.out}")
+        ckpt = find_checkpoint(cfg.out)
     held = [n for n in ("metrics.jsonl", "checkpoint") if os.path.exists(os.path.join(cfg.out, n))]
     if not cfg.resume:
         if held and not cfg.overwrite:

@@ -33,6 +33,7 @@ import eval as E
 import grpo as G
 import model as M
 from eval import UsageError
+from runs import RunError, hold, releasing_locks
 
 
 def load(ckpt, device=None, dtype=None):
@@ -175,6 +176,7 @@ def read_predictions(path, run=None):
     return done
 
 
+@releasing_locks
 def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8, frames=None, max_new_tokens=512,
              progress=True, desc="eval", protocol="clean", seed=0, decode=None, run=None):
     """Answer every sample (data.Sample, `question` holding the options and the mode's suffix) and compare the letter
@@ -189,6 +191,8 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
     sampling = dict(temperature=1.0, top_k=50, top_p=1.0, generator=torch.Generator(device).manual_seed(seed)) if original else {}
     frames = frames or int(model.config.raw.get("num_frames", 16))
     size = model.config.vision.image_size
+    if predictions:  # one writer per predictions file: a second would interleave its answers with ours
+        hold(predictions + ".lock", f"predictions file {predictions}")
     done = read_predictions(predictions, run) if predictions else {}
     records = [done[k] for k in (sample_key(s) for s in samples) if k in done]
     todo = [s for s in samples if sample_key(s) not in done]
@@ -380,7 +384,7 @@ def main(argv=None):
             print(piece, end="", flush=True)
         print()
         return 0
-    except (UsageError, D.VideoError, D.DataError, M.CheckpointError, FloatingPointError) as e:
+    except (UsageError, RunError, D.VideoError, D.DataError, M.CheckpointError, FloatingPointError) as e:
         print(f"sample.py: {e}", file=sys.stderr)
         return 2
 

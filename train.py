@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
@@ -44,9 +43,10 @@ from tqdm import tqdm
 import data as D
 import grpo as G
 import model as M
-from parallel import (average_gradients, format_plan, gather, memory_plan, reduce_metrics, setup_distributed, shard,
-                      teardown_distributed)
-from runs import (RunError, append_jsonl, load_state, plot_curves, prepare_out, read_jsonl, tokenizer_file,
+from parallel import (average_gradients, format_plan, gather, memory_plan, on_rank0, reduce_metrics, setup_distributed,
+                      shard, teardown_distributed)
+from runs import (RunError, SaveFailed, Stopped, append_jsonl, catch_stop_signals, check_room, checkpoint_bytes,
+                  load_state, plot_curves, prepare_out, read_jsonl, releasing_locks, stop_requested, tokenizer_file,
                   write_checkpoint)
 
 
@@ -427,6 +427,7 @@ def run_budget(seconds, records, done, total):
             f"(step 1 took {seconds[0]:.1f} s, compiling included)")
 
 
+@releasing_locks
 def train(cfg):
     """Run one stage as configured; returns the last step's metrics. Writes everything under cfg.out.
     Raises RunError (or data.DataError, model.CheckpointError) on bad input before any work, Diverged
@@ -443,7 +444,7 @@ def train(cfg):
     if not samples:
         raise RunError(f"no usable samples in {cfg.data}")
 
-    resume_from = gather(prepare_out(cfg, MAY_CHANGE_ON_RESUME) if rank == 0 else None, world)[0]  # rank 0 tidies the run folder
+    resume_from = on_rank0(lambda: prepare_out(cfg, MAY_CHANGE_ON_RESUME), rank, world)  # rank 0 locks and tidies OUT
     state = load_state(resume_from) if resume_from else None
     if state and (state.get("world_size", 1), state.get("fsdp", False)) != (world, cfg.fsdp):
         was = f"{state.get('world_size', 1)} process(es){' with --fsdp' if state.get('fsdp') else ''}"
@@ -481,11 +482,13 @@ def train(cfg):
     plan = memory_plan(cfg, model.config, world)
     if rank == 0:
         tqdm.write(format_plan(cfg, *plan, world))
+    total = cfg.steps or max(1, int(cfg.epochs * max(1, len(samples) // cfg.prompts_per_step)))
+    need = checkpoint_bytes(model, tok_file)
+    on_rank0(lambda: check_room(cfg.out, need, cfg.save_every, not resume_from and total > cfg.save_every), rank, world)
     if cfg.fsdp:
         shard(model, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=on_gpu(device) and not cfg.fsdp)
-    total = cfg.steps or max(1, int(cfg.epochs * max(1, len(samples) // cfg.prompts_per_step)))
     schedule = make_schedule(optimizer, cfg, total)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 7919 * rank)  # each rank samples its own
     load = VideoLoader(cfg.frames, model.config.vision.image_size)
@@ -528,17 +531,15 @@ def train(cfg):
         whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
         weights = get_model_state_dict(model, options=whole) if cfg.fsdp else model.state_dict() if cfg.lora else None
         optim = get_optimizer_state_dict(model, optimizer, options=whole) if cfg.fsdp else optimizer.state_dict()
-        if rank == 0:
-            if cfg.lora:  # the checkpoint's weights merged; the adapters and the connector as trained, in the state
-                trained = {n: weights[n] for n, p in model.named_parameters() if p.requires_grad}
-                weights = M.merge_lora({k: v.cpu() for k, v in weights.items()}, cfg.lora_alpha / cfg.lora)  # fp32 off the GPU
-            state = {"step": step, "optimizer": optim, "scheduler": schedule.state_dict(), **ranks[0],
-                     "skipped": [s for r in ranks for s in r["skipped"]], "nan_steps": nan_steps, "nan_run": nan_run,
-                     "config": asdict(cfg), "world_size": world, "fsdp": cfg.fsdp, **({"ranks": ranks} if world > 1 else {}),
-                     **({"lora": trained} if cfg.lora else {})}
-            write_checkpoint(model, tok_file, state, cfg.out, weights)
-        if world > 1:
-            dist.barrier()  # no rank runs ahead of a checkpoint being written
+        if rank == 0 and cfg.lora:  # the checkpoint's weights merged; the adapters and the connector as trained, in the state
+            trained = {n: weights[n] for n, p in model.named_parameters() if p.requires_grad}
+            weights = M.merge_lora({k: v.cpu() for k, v in weights.items()}, cfg.lora_alpha / cfg.lora)  # fp32 off the GPU
+        trainer_state = lambda: {"step": step, "optimizer": optim, "scheduler": schedule.state_dict(), **ranks[0],
+                                 "skipped": [s for r in ranks for s in r["skipped"]], "nan_steps": nan_steps, "nan_run": nan_run,
+                                 "config": asdict(cfg), "world_size": world, "fsdp": cfg.fsdp, **({"ranks": ranks} if world > 1 else {}),
+                                 **({"lora": trained} if cfg.lora else {})}
+        # no rank runs ahead of a checkpoint being written, nor on when it failed
+        on_rank0(lambda: write_checkpoint(model, tok_file, trainer_state(), cfg.out, weights, need), rank, world, SaveFailed)
 
     curve_keys = ["loss"] if cfg.stage == "sft" else ["reward", "accuracy", "format", "kl", "completion_length"]
     bar = tqdm(range(start, total), initial=start, total=total, desc=cfg.stage, dynamic_ncols=True, disable=rank > 0)
@@ -578,8 +579,11 @@ def train(cfg):
             raise Diverged(f"{nan_run} non-finite steps in a row (to step {step + 1}): the run has diverged; "
                            f"{cfg.out}/checkpoint keeps the last finite weights (start over with a lower --lr, --overwrite)")
         last = step + 1 == total or (cfg.stop_after and step + 1 >= cfg.stop_after)
-        if last or (step + 1) % cfg.save_every == 0:
+        stop = next(filter(None, gather(stop_requested(), world)), None)  # a signal to any rank stops all at this step
+        if last or stop or (step + 1) % cfg.save_every == 0:
             save(step + 1)
+        if stop and not last:
+            raise Stopped(stop, step + 1, os.path.join(cfg.out, "checkpoint"))
         if last:
             break
     if load.skipped and rank == 0:
@@ -621,10 +625,12 @@ def dry_run(cfg):
 
 
 def main(argv=None):
-    """-> exit code: 0 done, 1 diverged, 2 bad flags, data, checkpoint or run folder (one line each)."""
+    """-> exit code: 0 done, 1 diverged or a save failed, 2 bad flags, data, checkpoint or run folder (a folder in use),
+    128 + the signal's number when SIGTERM or SIGINT stopped the run after saving it (143, 130); one line each."""
     argv = sys.argv[1:] if argv is None else argv
     args, parser = parse_args(argv)
     given = sorted(k for k, v in vars(args).items() if v != parser.get_default(k))
+    previous_handlers = catch_stop_signals()
     try:
         if (args.demo or not argv) and "WORLD_SIZE" in os.environ:
             raise RunError("the demo runs in one process; under torchrun give --data (e.g. the demo's OUT/data files)")
@@ -642,11 +648,11 @@ def main(argv=None):
             raise RunError("--data is required (the CPU demo runs with no flags at all, or with --demo)")
         train(cfg)
         return 0
-    except (RunError, D.DataError, D.VideoError, M.CheckpointError, Diverged) as e:
+    except (RunError, D.DataError, D.VideoError, M.CheckpointError, Diverged, SaveFailed, Stopped) as e:
         print(f"train.py: {e}", file=sys.stderr)
-        return 1 if isinstance(e, Diverged) else 2
+        return 128 + e.signum if isinstance(e, Stopped) else 1 if isinstance(e, (Diverged, SaveFailed)) else 2
     finally:
-        teardown_distributed()
+        catch_stop_signals(previous_handlers), teardown_distributed()
 
 
 if __name__ == "__main__":

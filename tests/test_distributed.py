@@ -191,7 +191,7 @@ def test_torchrun_grpo_checkpoints_and_resumes(task, tmp_path):
               "--prompts-per-step", "4", "--group-size", "3", "--max-new-tokens", "6", "--steps", "2", "--no-compile"]
     r = torchrun(*common, "--stop-after", "1")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(os.listdir(out)) == ["checkpoint", "curves.png", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint", "curves.png", "metrics.jsonl"]
     state = train.load_state(os.path.join(out, "checkpoint"))
     assert state["world_size"] == 2 and len(state["ranks"]) == 2 and state["step"] == 1
     assert not torch.equal(state["ranks"][0]["generator"], state["ranks"][1]["generator"])

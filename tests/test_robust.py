@@ -278,7 +278,7 @@ def test_a_crash_at_every_point_of_a_save_resumes_exactly(task, tmp_path, monkey
         run(task, out, steps=3, resume=True)
         assert same_weights(out / "checkpoint", straight / "checkpoint"), f"crash point {k}"
         assert [json.loads(r)["step"] for r in open(out / "metrics.jsonl")] == [1, 2, 3]
-        assert sorted(os.listdir(out)) == ["checkpoint", "curves.png", "metrics.jsonl"], f"crash point {k}"
+        assert sorted(os.listdir(out)) == [".lock", "checkpoint", "curves.png", "metrics.jsonl"], f"crash point {k}"
         assert os.path.exists(out / "checkpoint" / "eval" / "mvbench.reason.jsonl"), f"crash point {k}"
         if not crashed:
             break
