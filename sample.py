@@ -31,7 +31,7 @@ from tqdm import tqdm
 import data as D
 import eval as E
 import grpo as G
-import model as M
+import weights
 from eval import UsageError
 
 
@@ -45,7 +45,7 @@ def load(ckpt, device=None, dtype=None):
         raise UsageError(f"checkpoint {ckpt}: no tokenizer.json (nor vocab.json and merges.txt) beside the weights")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = M.TinyLLaVA.from_pretrained(ckpt, device=device, dtype=dtype).eval()
+    model = weights.from_pretrained(ckpt, device=device, dtype=dtype).eval()
     return model, D.Tokenizer(ckpt, model.config.text.vocab_size)
 
 
@@ -351,7 +351,7 @@ def main(argv=None):
             print(piece, end="", flush=True)
         print()
         return 0
-    except (UsageError, D.VideoError, D.DataError, M.CheckpointError, FloatingPointError) as e:
+    except (UsageError, D.VideoError, D.DataError, weights.CheckpointError, FloatingPointError) as e:
         print(f"sample.py: {e}", file=sys.stderr)
         return 2
 
