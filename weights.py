@@ -96,6 +96,7 @@ def _load(model, files, prefixes, device, dtype, skip=()):
     model.load_state_dict(loaded, strict=False, assign=True)
     model.config.torch_dtype = _dtype_name(next(iter(loaded.values())).dtype, model.config.torch_dtype)
 
+
 def _known_unused(config, key, prefixes):
     """Keys published but deliberately not loaded: SigLIP's layers above the feature layer, its
     post-layernorm and pooling head, a SigLIP text tower, and lm_head when tied."""
@@ -108,11 +109,13 @@ def _known_unused(config, key, prefixes):
         return True
     return key == prefixes["language_model."] + "lm_head.weight" and config.text.tie_word_embeddings
 
+
 def published_state_dict(model, state_dict=None):
     """The model's tensors (or `state_dict`'s, keyed as ours) under their published keys, plus the
     published ones we read but do not use."""
     out = {_rename(k, CHECKPOINT_PREFIXES): v for k, v in (state_dict or model.state_dict()).items()}
     return {**out, **model.unused_tensors}
+
 
 def save_pretrained(model, path, max_shard_bytes=5 * 1024**3, state_dict=None):
     """Write config.json and safetensors (sharded with an index above max_shard_bytes) in the
