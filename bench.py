@@ -205,211 +205,237 @@ TARGETS = dict(decode_ms=3.0, decode_of_floor=0.70, decode_speedup=2.5, grpo_ste
                grpo_step_ms=15000.0, nextqa_hours=3.0, peak_memory_gb=80.0)
 
 
-def run(args):
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    defaults = TINY if args.tiny else PUBLISHED
-    shapes = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in defaults.items()}
-    G, T = shapes["group"], shapes["new_tokens"]
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    clock = Clock(device)
-    config = M.config("tiny") if args.tiny else M.TinyLLaVAConfig()
-    threads = torch.get_num_threads()
-    cpu = f"CPU ({platform.processor() or platform.machine()}, {threads} thread{'s' if threads > 1 else ''})"
-    result = dict(command="python " + " ".join(["bench.py"] + args.argv),
-                  device=torch.cuda.get_device_name(device) if cuda else cpu, torch=torch.__version__,
-                  dtype=str(dtype).replace("torch.", ""), shapes=shapes)
-    measured = {}  # name -> (ms, floor ms, what bounds the floor)
+class Bench:
+    """One run's shapes, clock, floors and figures; run() calls its phases below in order."""
 
-    def time_it(name, fn, setup=lambda: (), per=1, floor_ms=None, bound="compute"):
-        ms = timed(clock, fn, setup, warmup=args.warmup, repeats=args.repeats) / per
+    def __init__(self, args):
+        self.args, self.device = args, torch.device(args.device)
+        self.cuda = cuda = self.device.type == "cuda"
+        defaults = TINY if args.tiny else PUBLISHED
+        self.shapes = shapes = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in defaults.items()}
+        self.G, self.T = shapes["group"], shapes["new_tokens"]
+        self.dtype = dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
+        self.autocast = torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
+        self.clock = Clock(self.device)
+        self.config = M.config("tiny") if args.tiny else M.TinyLLaVAConfig()
+        threads = torch.get_num_threads()
+        cpu = f"CPU ({platform.processor() or platform.machine()}, {threads} thread{'s' if threads > 1 else ''})"
+        self.result = result = dict(command="python " + " ".join(["bench.py"] + args.argv),
+                                    device=torch.cuda.get_device_name(self.device) if cuda else cpu, torch=torch.__version__,
+                                    dtype=str(dtype).replace("torch.", ""), shapes=shapes)
+        self.measured = {}  # name -> (ms, floor ms, what bounds the floor)
+        log(f"device {result['device']}, {'tiny' if args.tiny else 'published'} shapes {shapes}, {result['dtype']}")
+        if not cuda and not args.tiny:
+            log("the published shapes are far too slow for a CPU: --tiny is meant for CPUs")
+        self.bandwidth, self.flop_rate = copy_bandwidth(self.clock, self.device), matmul_rate(self.clock, self.device, dtype)
+        result.update(copy_bandwidth_gbps=self.bandwidth / 1e9, matmul_tflops=self.flop_rate / 1e12)
+        log(f"copy bandwidth {self.bandwidth / 1e9:.1f} GB/s, {result['dtype']} matmul {self.flop_rate / 1e12:.2f} TFLOP/s")
+
+    def time_it(self, name, fn, setup=lambda: (), per=1, floor_ms=None, bound="compute"):
+        ms = timed(self.clock, fn, setup, warmup=self.args.warmup, repeats=self.args.repeats) / per
         if floor_ms is None:  # FLOP-bound: its matrix-product FLOPs at the measured rate
-            floor_ms = count_flops(fn) / flop_rate * 1e3
-        measured[name] = (ms, floor_ms, bound)
+            floor_ms = count_flops(fn) / self.flop_rate * 1e3
+        self.measured[name] = (ms, floor_ms, bound)
         log(f"{name}: {ms:.2f} ms (floor {floor_ms:.3f} ms)")
         return ms, floor_ms
 
-    log(f"device {result['device']}, {'tiny' if args.tiny else 'published'} shapes {shapes}, {result['dtype']}")
-    if not cuda and not args.tiny:
-        log("the published shapes are far too slow for a CPU: --tiny is meant for CPUs")
-    bandwidth, flop_rate = copy_bandwidth(clock, device), matmul_rate(clock, device, dtype)
-    result.update(copy_bandwidth_gbps=bandwidth / 1e9, matmul_tflops=flop_rate / 1e12)
-    log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, {result['dtype']} matmul {flop_rate / 1e12:.2f} TFLOP/s")
+    def build(self):
+        """The policy (fp32, connector and decoder trained), the sampler (a `dtype` copy that decodes the
+        rollouts) and the frozen reference, as train.py builds them; the prompt embedded; the decode floor."""
+        log("building the policy (fp32), the sampler and the reference")
+        args, device, dtype = self.args, self.device, self.dtype
+        torch.manual_seed(args.seed)
+        with torch.device(device):
+            self.policy = policy = M.TinyLLaVA(self.config)
+        train.freeze_vision(policy)
+        policy.language_model.model.gradient_checkpointing = True
+        self.sampler = sampler = grpo.Sampler(policy, dtype, compile=not args.no_compile)
+        self.reference = grpo.frozen_copy(policy, dtype)
+        policy.train()
+        self.ids, self.pixels = inputs(self.config, self.shapes, device, args.seed)
+        self.model, self.lm = model, lm = sampler.model, sampler.model.language_model
+        self.trainable = [p for p in policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=1e-6, fused=self.cuda)
+        self.gen = torch.Generator(device).manual_seed(args.seed)
+        with torch.no_grad():
+            self.features = model.vision_features(self.pixels)  # the tower is frozen: computed once, used by all three models
+            self.embeds, self.mask = model.embed(self.ids, model.connect(self.features))
+        L = self.L = self.result["shapes"]["prompt_length"] = self.embeds.shape[1]
+        decoder_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
+        c = self.config.text
+        kv_bytes_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype.itemsize
+        # A step reads every decoder weight once, and the keys and values of a context of L..L+T tokens.
+        self.step_floor = (decoder_bytes + self.G * kv_bytes_per_token * (L + self.T / 2)) / self.bandwidth * 1e3
+        self.result.update(decoder_gb=decoder_bytes / 1e9, kv_bytes_per_token=kv_bytes_per_token, decode_floor_ms=self.step_floor)
 
-    # The policy (fp32, connector and decoder trained), the sampler (a `dtype` copy that decodes the
-    # rollouts) and the frozen reference, as train.py builds them.
-    log("building the policy (fp32), the sampler and the reference")
-    torch.manual_seed(args.seed)
-    with torch.device(device):
-        policy = M.TinyLLaVA(config)
-    train.freeze_vision(policy)
-    policy.language_model.model.gradient_checkpointing = True
-    sampler = grpo.Sampler(policy, dtype, compile=not args.no_compile)
-    reference = grpo.frozen_copy(policy, dtype)
-    policy.train()
-    ids, pixels = inputs(config, shapes, device, args.seed)
-    model, lm = sampler.model, sampler.model.language_model
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-6, fused=cuda)
-    gen = torch.Generator(device).manual_seed(args.seed)
+    def time_sampler(self):
+        """Encode, prefill, the decode step (fast, eager), a rollout; False if fast and eager disagree."""
+        model, lm, reference, pixels, embeds, mask = self.model, self.lm, self.reference, self.pixels, self.embeds, self.mask
+        G, T, L, dtype, flop_rate = self.G, self.T, self.L, self.dtype, self.flop_rate
 
-    # -------------------------------------------------- the sampler: encode, prefill, decode, rollout
-    with torch.no_grad():
-        features = model.vision_features(pixels)  # the tower is frozen: computed once, used by all three models
-        embeds, mask = model.embed(ids, model.connect(features))
-    L = result["shapes"]["prompt_length"] = embeds.shape[1]
-    decoder_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
-    c = config.text
-    kv_bytes_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype.itemsize
-    # A step reads every decoder weight once, and the keys and values of a context of L..L+T tokens.
-    step_floor = (decoder_bytes + G * kv_bytes_per_token * (L + T / 2)) / bandwidth * 1e3
-    result.update(decoder_gb=decoder_bytes / 1e9, kv_bytes_per_token=kv_bytes_per_token, decode_floor_ms=step_floor)
+        @torch.no_grad()
+        def encode():
+            model.connect(model.vision_features(pixels))
 
-    @torch.no_grad()
-    def encode():
-        model.connect(model.vision_features(pixels))
+        @torch.no_grad()
+        def prefill():
+            cache = model.new_cache(1, L + T)
+            lm.logits(lm.model(embeds, mask, cache)[:, -1])
+            return cache
 
-    @torch.no_grad()
-    def prefill():
-        cache = model.new_cache(1, L + T)
-        lm.logits(lm.model(embeds, mask, cache)[:, -1])
-        return cache
+        # FLOPs counted on the reference, of the same shapes: on a CPU the sampler is the policy itself,
+        # and the FLOP counter's module hooks fail on parameters that need a gradient under no_grad.
+        with torch.no_grad():
+            encode_flops = count_flops(lambda: reference.connect(reference.vision_features(pixels)))
+            prefill_flops = count_flops(lambda: reference.language_model.model(embeds.to(dtype), mask))
+        self.time_it("encode video (SigLIP + connector)", encode, floor_ms=encode_flops / flop_rate * 1e3)
+        _, prefill_floor = self.time_it(f"prefill, 1 x {L} tokens", prefill, floor_ms=prefill_flops / flop_rate * 1e3)
 
-    # FLOPs counted on the reference, of the same shapes: on a CPU the sampler is the policy itself,
-    # and the FLOP counter's module hooks fail on parameters that need a gradient under no_grad.
-    with torch.no_grad():
-        encode_flops = count_flops(lambda: reference.connect(reference.vision_features(pixels)))
-        prefill_flops = count_flops(lambda: reference.language_model.model(embeds.to(dtype), mask))
-    time_it("encode video (SigLIP + connector)", encode, floor_ms=encode_flops / flop_rate * 1e3)
-    _, prefill_floor = time_it(f"prefill, 1 x {L} tokens", prefill, floor_ms=prefill_flops / flop_rate * 1e3)
+        # The sampler's step is what rollouts run: compiled unless --no-compile; the eager step is the oracle.
+        eager_step = lm.decode_step
+        fast_step = self.sampler.decode if not self.args.no_compile else grpo.FastDecode(lm, compile=False)
+        steps = min(self.shapes["check_steps"], T - 1)
+        log(f"checking the fast decode step against the eager one over {steps} greedy steps"
+            + ("" if self.args.no_compile else " (the first step compiles)"))
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        self.result["check"] = check = check_decode(model, eager_step, fast_step, embeds, mask, G, steps, L + T, tol)
+        log(f"check {'passed' if check['ok'] else 'FAILED'}: {check}")
+        if not check["ok"]:
+            return False
+        n = self.shapes["decode_steps"]
 
-    # The sampler's step is what rollouts run: compiled unless --no-compile; the eager step is the oracle.
-    eager_step = lm.decode_step
-    fast_step = sampler.decode if not args.no_compile else grpo.FastDecode(lm, compile=False)
-    steps = min(shapes["check_steps"], T - 1)
-    log(f"checking the fast decode step against the eager one over {steps} greedy steps"
-        + ("" if args.no_compile else " (the first step compiles)"))
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    result["check"] = check = check_decode(model, eager_step, fast_step, embeds, mask, G, steps, L + T, tol)
-    log(f"check {'passed' if check['ok'] else 'FAILED'}: {check}")
-    if not check["ok"]:
-        return result
-
-    n = shapes["decode_steps"]
-
-    @torch.no_grad()
-    def group_cache(step):  # a prefilled group cache, one step taken (on CUDA that step captures the graph)
-        cache, tok = prefill().repeat_interleave(G), torch.zeros(G, dtype=torch.long, device=device)
-        step(tok, cache)
-        return tok, cache
-
-    @torch.no_grad()
-    def n_steps(step, tok, cache):
-        for _ in range(n):
+        @torch.no_grad()
+        def group_cache(step):  # a prefilled group cache, one step taken (on CUDA that step captures the graph)
+            cache, tok = prefill().repeat_interleave(G), torch.zeros(G, dtype=torch.long, device=self.device)
             step(tok, cache)
+            return tok, cache
 
-    fast_name = f"decode step, G={G}, fast (compiled{' + CUDA graph' if cuda else ''})"
-    eager_name = f"decode step, G={G}, eager"
-    for name, step in ((fast_name, fast_step), (eager_name, eager_step)):
-        time_it(name, partial(n_steps, step), partial(group_cache, step), per=n, floor_ms=step_floor, bound="memory")
-    sampler.decode = fast_step
+        @torch.no_grad()
+        def n_steps(step, tok, cache):
+            for _ in range(n):
+                step(tok, cache)
 
-    sample = partial(sampler.rollout, ids, features, NEVER, pad_id=0, group_size=G, max_new_tokens=T, generator=gen)
-    rollout_name = f"rollout {G} x {T} (prefill once + {T} steps)"
-    time_it(rollout_name, sample, floor_ms=prefill_floor + T * step_floor, bound="memory")
+        self.fast_name = f"decode step, G={G}, fast (compiled{' + CUDA graph' if self.cuda else ''})"
+        self.eager_name = f"decode step, G={G}, eager"
+        for name, step in ((self.fast_name, fast_step), (self.eager_name, eager_step)):
+            self.time_it(name, partial(n_steps, step), partial(group_cache, step), per=n, floor_ms=self.step_floor, bound="memory")
+        self.sampler.decode = fast_step
 
-    # -------------------------------------------------- the training side, phase by phase
-    r = sample()
-    advantages = group_advantages(torch.randn(G, device=device, generator=gen), G)  # no tokenizer: random rewards
+        self.sample = partial(self.sampler.rollout, self.ids, self.features, NEVER, pad_id=0, group_size=G, max_new_tokens=T,
+                              generator=self.gen)
+        self.rollout_name = f"rollout {G} x {T} (prefill once + {T} steps)"
+        self.time_it(self.rollout_name, self.sample, floor_ms=prefill_floor + T * self.step_floor, bound="memory")
+        return True
 
-    @torch.no_grad()
-    def reference_logprobs():
-        with autocast:
-            return completion_logprobs(reference, ids, reference.connect(features), r.completion_ids, r.mask)
+    def time_training(self):
+        """The training side phase by phase: reference log-probs, the policy's forward and backward, AdamW."""
+        policy, reference, ids, features, G, L, T = self.policy, self.reference, self.ids, self.features, self.G, self.L, self.T
+        r = self.sample()
+        advantages = group_advantages(torch.randn(G, device=self.device, generator=self.gen), G)  # no tokenizer: random rewards
 
-    ref_logp = reference_logprobs()
+        @torch.no_grad()
+        def reference_logprobs():
+            with self.autocast:
+                return completion_logprobs(reference, ids, reference.connect(features), r.completion_ids, r.mask)
 
-    def policy_backward():
-        with autocast:
-            logp = completion_logprobs(policy, ids, policy.connect(features), r.completion_ids, r.mask)
-        loss, _ = grpo_loss(logp, None, ref_logp, advantages, r.mask)
-        loss.backward()
+        ref_logp = reference_logprobs()
 
-    optimizer_step = partial(train.optimizer_step, optimizer, trainable, sampler, max_grad_norm=1.0)
-    n_train = sum(p.numel() for p in trainable)
-    time_it(f"reference log-probs, {G} x {L + T} tokens", reference_logprobs)
-    time_it(f"policy forward + backward, {G} x {L + T} tokens (checkpointed)", policy_backward)
-    # AdamW reads parameters, gradients and both moments, and writes all but the gradients: 28 bytes each.
-    adamw_bytes = (28 + (dtype.itemsize + 4 if sampler.model is not policy else 0)) * n_train
-    time_it(f"AdamW step + sampler refresh, {n_train:,} fp32 parameters", lambda _: optimizer_step(),
-            setup=lambda: (policy_backward(),), floor_ms=adamw_bytes / bandwidth * 1e3, bound="memory")
-    phases = [name for name in measured if not name.startswith(("prefill", "decode"))]  # the rollout holds the prefill
+        def policy_backward():
+            with self.autocast:
+                logp = completion_logprobs(policy, ids, policy.connect(features), r.completion_ids, r.mask)
+            loss, _ = grpo_loss(logp, None, ref_logp, advantages, r.mask)
+            loss.backward()
 
-    # -------------------------------------------------- the whole step: train.py's own collect + update
-    P = shapes["prompts"]
-    # What train.collect reads from the data side, without files: one fixed prompt for every sample, its video
-    # in memory, completions never decoded (equal rewards: the advantages are the noise alone).
-    prompt, video = ids[0].tolist(), pixels.cpu()
-    tok = SimpleNamespace(eos_id=NEVER, pad_id=0, prompt_ids=lambda question, max_len: prompt, decode=lambda c: "")
-    load = lambda batch: (batch, video.expand(len(batch), *video.shape[1:]))  # noqa: E731
-    samples = [SimpleNamespace(question="", solution="A") for _ in range(P)]
-    del r, ref_logp
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    step_ms = []
-    for rb in sorted({1, P}):
-        cfg = train.TrainConfig(stage="grpo", group_size=G, max_new_tokens=T, prompts_per_step=P, micro_batch=1,
-                                rollout_batch=rb, max_len=10**6)
+        self.optimizer_step = optimizer_step = partial(train.optimizer_step, self.optimizer, self.trainable, self.sampler,
+                                                       max_grad_norm=1.0)
+        n_train = sum(p.numel() for p in self.trainable)
+        self.time_it(f"reference log-probs, {G} x {L + T} tokens", reference_logprobs)
+        self.time_it(f"policy forward + backward, {G} x {L + T} tokens (checkpointed)", policy_backward)
+        # AdamW reads parameters, gradients and both moments, and writes all but the gradients: 28 bytes each.
+        adamw_bytes = (28 + (self.dtype.itemsize + 4 if self.sampler.model is not policy else 0)) * n_train
+        self.time_it(f"AdamW step + sampler refresh, {n_train:,} fp32 parameters", lambda _: optimizer_step(),
+                     setup=lambda: (policy_backward(),), floor_ms=adamw_bytes / self.bandwidth * 1e3, bound="memory")
 
-        def grpo_step(cfg=cfg):
-            train.grpo_step(policy, sampler, reference, tok, samples, load, cfg, device, gen, optimizer_step)
-            optimizer_step()
+    def time_grpo_step(self):
+        """The whole step: train.py's own collect + update, with rollout batch 1 and all prompts at once."""
+        P, G, T, ids, pixels, optimizer_step = self.shapes["prompts"], self.G, self.T, self.ids, self.pixels, self.optimizer_step
+        phases = [name for name in self.measured if not name.startswith(("prefill", "decode"))]  # the rollout holds the prefill
+        # What train.collect reads from the data side, without files: one fixed prompt for every sample, its video
+        # in memory, completions never decoded (equal rewards: the advantages are the noise alone).
+        prompt, video = ids[0].tolist(), pixels.cpu()
+        tok = SimpleNamespace(eos_id=NEVER, pad_id=0, prompt_ids=lambda question, max_len: prompt, decode=lambda c: "")
+        load = lambda batch: (batch, video.expand(len(batch), *video.shape[1:]))  # noqa: E731
+        samples = [SimpleNamespace(question="", solution="A") for _ in range(P)]
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        step_ms = []
+        for rb in sorted({1, P}):
+            cfg = train.TrainConfig(stage="grpo", group_size=G, max_new_tokens=T, prompts_per_step=P, micro_batch=1,
+                                    rollout_batch=rb, max_len=10**6)
 
-        step_ms.append(time_it(f"GRPO step, {P} prompts, rollout batch {rb}", grpo_step,
-                               floor_ms=P * sum(measured[k][1] for k in phases), bound="sum of phases")[0])
-    result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
-    best_step = min(step_ms)
-    hours = result["projected_nextqa_hours"] = NEXTQA_STEPS * best_step / 3.6e6
-    log(f"the paper's GRPO run, {NEXTQA_STEPS} steps of {P} prompts at {best_step / 1e3:.2f} s: {hours:.2f} h")
+            def grpo_step(cfg=cfg):
+                train.grpo_step(self.policy, self.sampler, self.reference, tok, samples, load, cfg, self.device, self.gen,
+                                optimizer_step)
+                optimizer_step()
 
-    # -------------------------------------------------- the peers, once the training side is gone
-    del policy, reference, optimizer, trainable, sampler, optimizer_step, sample  # the partials held the optimizer
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    peers, hf_T = {}, args.hf_new_tokens or T  # peers: name -> (generate ms in all, ms per decode step)
-    try:
-        import transformers
-        result["hf"] = "skipped (--no-hf)" if args.no_hf else transformers.__version__
-    except ImportError:
-        result["hf"] = "transformers is not installed"
-    if not args.no_hf and "transformers" in sys.modules:
-        peers = hf_peers(lm, clock, embeds.to(dtype), G, hf_T)
+            step_ms.append(self.time_it(f"GRPO step, {P} prompts, rollout batch {rb}", grpo_step,
+                                        floor_ms=P * sum(self.measured[k][1] for k in phases), bound="sum of phases")[0])
+        self.result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9 if self.cuda else None
+        self.best_step = min(step_ms)
+        hours = self.result["projected_nextqa_hours"] = NEXTQA_STEPS * self.best_step / 3.6e6
+        log(f"the paper's GRPO run, {NEXTQA_STEPS} steps of {P} prompts at {self.best_step / 1e3:.2f} s: {hours:.2f} h")
 
-    # -------------------------------------------------- the rows
-    def row(name, ms, floor_ms, bound, peer=None, peer_ms=None):
-        return dict(name=name, ms=ms, floor_ms=floor_ms, bound=bound, of_floor=floor_ms / ms, peer=peer,
-                    peer_ms=peer_ms, speedup=peer_ms / ms if peer_ms else None)
+    def time_peers(self):
+        """HF generate on the same decoder, once the training side is gone: name -> (ms in all, ms per step)."""
+        del self.policy, self.reference, self.optimizer, self.trainable, self.sampler, self.sample, self.optimizer_step
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+        peers, self.hf_T = {}, self.args.hf_new_tokens or self.T
+        try:
+            import transformers
+            self.result["hf"] = "skipped (--no-hf)" if self.args.no_hf else transformers.__version__
+        except ImportError:
+            self.result["hf"] = "transformers is not installed"
+        if not self.args.no_hf and "transformers" in sys.modules:
+            peers = hf_peers(self.lm, self.clock, self.embeds.to(self.dtype), self.G, self.hf_T)
+        return peers
 
-    best = min(peers, key=lambda k: peers[k][1]) if peers else None
-    # the best peer beside our decode step and our rollout (its time scaled if the peers made fewer tokens)
-    peer_of = {fast_name: (best, peers[best][1]), rollout_name: (best, peers[best][0] * T / hf_T)} if best else {}
-    result["rows"] = rows = []
-    for name, (ms, floor_ms, bound) in measured.items():
-        rows.append(row(name, ms, floor_ms, bound, *peer_of.get(name, ())))
-        if name == eager_name:  # the peers' own decode steps, right below ours
-            rows += [row(f"decode step, G={G}, {p}", ms, step_floor, "memory") for p, (_, ms) in peers.items()]
-    if not args.tiny:
-        fast_ms, fast_floor = measured[fast_name][:2]
-        got = dict(decode_ms=fast_ms, decode_of_floor=fast_floor / fast_ms,
-                   decode_speedup=peer_of[fast_name][1] / fast_ms if best else None,
-                   grpo_step_ms_per_prompt=best_step / P, grpo_step_ms=best_step, nextqa_hours=hours,
-                   peak_memory_gb=result["peak_memory_gb"])
-        higher = ("decode_of_floor", "decode_speedup")  # the other targets are upper bounds
-        result["targets"] = {k: dict(target=v, measured=got[k], met=None if got[k] is None else
-                                     (got[k] >= v if k in higher else got[k] <= v)) for k, v in TARGETS.items()}
-    return result
+    def report(self, peers):
+        """The rows of the table, each beside its floor and its peer, and the targets (published shapes)."""
+        G, T, result, measured = self.G, self.T, self.result, self.measured
+
+        def row(name, ms, floor_ms, bound, peer=None, peer_ms=None):
+            return dict(name=name, ms=ms, floor_ms=floor_ms, bound=bound, of_floor=floor_ms / ms, peer=peer,
+                        peer_ms=peer_ms, speedup=peer_ms / ms if peer_ms else None)
+
+        best = min(peers, key=lambda k: peers[k][1]) if peers else None
+        # the best peer beside our decode step and our rollout (its time scaled if the peers made fewer tokens)
+        peer_of = {self.fast_name: (best, peers[best][1]), self.rollout_name: (best, peers[best][0] * T / self.hf_T)} if best else {}
+        result["rows"] = rows = []
+        for name, (ms, floor_ms, bound) in measured.items():
+            rows.append(row(name, ms, floor_ms, bound, *peer_of.get(name, ())))
+            if name == self.eager_name:  # the peers' own decode steps, right below ours
+                rows += [row(f"decode step, G={G}, {p}", ms, self.step_floor, "memory") for p, (_, ms) in peers.items()]
+        if not self.args.tiny:
+            fast_ms, fast_floor = measured[self.fast_name][:2]
+            got = dict(decode_ms=fast_ms, decode_of_floor=fast_floor / fast_ms,
+                       decode_speedup=peer_of[self.fast_name][1] / fast_ms if best else None,
+                       grpo_step_ms_per_prompt=self.best_step / self.shapes["prompts"], grpo_step_ms=self.best_step,
+                       nextqa_hours=result["projected_nextqa_hours"], peak_memory_gb=result["peak_memory_gb"])
+            higher = ("decode_of_floor", "decode_speedup")  # the other targets are upper bounds
+            result["targets"] = {k: dict(target=v, measured=got[k], met=None if got[k] is None else
+                                         (got[k] >= v if k in higher else got[k] <= v)) for k, v in TARGETS.items()}
+
+
+def run(args):
+    bench = Bench(args)
+    bench.build()
+    if bench.time_sampler():  # else the fast decode step disagrees with the eager one: nothing more is timed
+        bench.time_training()
+        bench.time_grpo_step()
+        bench.report(bench.time_peers())
+    return bench.result
 
 
 # ----------------------------------------------------------------------------- the report

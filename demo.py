@@ -25,6 +25,7 @@ import data as D
 import model as M
 import sample
 import train
+import weights
 
 
 # ----------------------------------------------------------------------------- a synthetic video task
@@ -221,7 +222,7 @@ def demo(out, seed, device=""):
     init = os.path.join(out, "init")
     torch.manual_seed(seed)
     model = M.TinyLLaVA(demo_config(tok.vocab_size))
-    model.save_pretrained(init)
+    weights.save_pretrained(model, init)
     shutil.copy(tok_path, os.path.join(init, "tokenizer.json"))
     common = dict(seed=seed, frames=DEMO["frames"], device=device, save_every=10**9, overwrite=True)
     # The published chain starts from a base model that already sees; here a short supervised stage on

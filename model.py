@@ -16,7 +16,7 @@ A video becomes text-sized tokens in three steps, and a language model reads the
                                      (B, L - 1 + 512, 151936) logits
 
 Module names follow the published safetensors keys, so a reader can map every tensor to its key
-(weights.py reads and writes the published files: `from_pretrained`, `save_pretrained`). Sections
+(weights.py reads and writes the published files; this file knows nothing of files). Sections
 follow the data: configs, vision encoder, connectors, decoder with its key/value cache, the whole model.
 """
 
@@ -31,8 +31,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-
-from weights import CheckpointError, PublishedWeights  # noqa: F401 (CheckpointError: M.CheckpointError)
 
 IMAGE_TOKEN_INDEX = -200  # the placeholder id in prompt ids; the model puts the video tokens here
 
@@ -522,7 +520,7 @@ class Qwen2ForCausalLM(nn.Module):
 # ----------------------------------------------------------------------------- the whole model
 
 
-class TinyLLaVA(PublishedWeights, nn.Module):
+class TinyLLaVA(nn.Module):
     def __init__(self, config=None):
         super().__init__()
         self.config = config = config or TinyLLaVAConfig()
@@ -532,7 +530,7 @@ class TinyLLaVA(PublishedWeights, nn.Module):
         if not self.language_model.model.norm.weight.is_meta:  # on meta (loading, --dry-run) there is nothing to fill
             self.apply(_init_weights)
         # Published tensors the model does not use (SigLIP's layers above the feature layer, post_layernorm,
-        # head), kept as read under their published keys so that save_pretrained writes them back.
+        # head), kept as read under their published keys so that weights.save_pretrained writes them back.
         self.unused_tensors = {}
 
     def vision_features(self, pixel_values):

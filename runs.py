@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import data as D
+from weights import save_pretrained
 
 
 class RunError(Exception):
@@ -159,7 +160,7 @@ def write_checkpoint(model, tokenizer_files, state, out, weights=None, need=0):
     tmp = os.path.join(out, "checkpoint.tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=weights)
+        save_pretrained(model, tmp, state_dict=weights)
         for f in tokenizer_files:
             shutil.copy(f, os.path.join(tmp, os.path.basename(f)))
         save_state(state, tmp)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 import data as D
 import eval as E
 import grpo as G
-import model as M
+import weights
 from eval import UsageError
 from runs import RunError, hold, releasing_locks
 
@@ -50,7 +50,7 @@ def load(ckpt, device=None, dtype=None):
         if not torch.cuda.is_bf16_supported():
             print("sample.py: this GPU has no bf16 (V100, T4 ...): the model runs in fp32", file=sys.stderr)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32)
-    model = M.TinyLLaVA.from_pretrained(ckpt, device=device, dtype=dtype).eval()
+    model = weights.from_pretrained(ckpt, device=device, dtype=dtype).eval()
     return model, D.Tokenizer(ckpt, model.config.text.vocab_size)
 
 
@@ -384,7 +384,7 @@ def main(argv=None):
             print(piece, end="", flush=True)
         print()
         return 0
-    except (UsageError, RunError, D.VideoError, D.DataError, M.CheckpointError, FloatingPointError) as e:
+    except (UsageError, RunError, D.VideoError, D.DataError, weights.CheckpointError, FloatingPointError) as e:
         print(f"sample.py: {e}", file=sys.stderr)
         return 2
 

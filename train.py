@@ -48,6 +48,7 @@ from parallel import (average_gradients, format_plan, gather, memory_plan, on_ra
 from runs import (RunError, SaveFailed, Stopped, append_jsonl, catch_stop_signals, check_room, checkpoint_bytes,
                   load_state, plot_curves, prepare_out, read_jsonl, releasing_locks, stop_requested, tokenizer_file,
                   write_checkpoint)
+from weights import CheckpointError, from_parts, from_pretrained, save_pretrained
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -160,8 +161,8 @@ def check_config(cfg):
 def load_model(cfg, device, path=None):
     """The policy and its tokenizer, from a checkpoint (`path`, else --init) or from parts, in fp32."""
     path = path or cfg.init
-    model = (M.TinyLLaVA.from_pretrained(path, device=device, dtype=torch.float32) if path else
-             M.TinyLLaVA.from_parts(cfg.vision, cfg.llm, connector=cfg.connector, device=device, dtype=torch.float32))
+    model = (from_pretrained(path, device=device, dtype=torch.float32) if path else
+             from_parts(cfg.vision, cfg.llm, connector=cfg.connector, device=device, dtype=torch.float32))
     return model, D.Tokenizer(path or cfg.llm, model.config.text.vocab_size)
 
 
@@ -430,7 +431,7 @@ def run_budget(seconds, records, done, total):
 @releasing_locks
 def train(cfg):
     """Run one stage as configured; returns the last step's metrics. Writes everything under cfg.out.
-    Raises RunError (or data.DataError, model.CheckpointError) on bad input before any work, Diverged
+    Raises RunError (or data.DataError, weights.CheckpointError) on bad input before any work, Diverged
     after MAX_NONFINITE_IN_A_ROW non-finite steps in a row."""
     check_config(cfg)
     rank, world, device = setup_distributed(cfg)
@@ -470,13 +471,13 @@ def train(cfg):
             ref = copy.copy(sampler.model)
             ref._modules = {**ref._modules, "connector": start_connector}
         elif resume_from:  # the reference is the start model, not the resumed one
-            ref = M.TinyLLaVA.from_pretrained(cfg.init or os.path.join(cfg.out, "reference"), device=device,
-                                              dtype=torch.float32).requires_grad_(False)  # in eval mode
+            ref = from_pretrained(cfg.init or os.path.join(cfg.out, "reference"), device=device,
+                                  dtype=torch.float32).requires_grad_(False)  # in eval mode
             ref.vision_tower = model.vision_tower
         else:
             ref = G.frozen_copy(model)
             if not cfg.init and rank == 0:  # a fresh connector: keep the reference to resume against it
-                ref.save_pretrained(os.path.join(cfg.out, "reference"))
+                save_pretrained(ref, os.path.join(cfg.out, "reference"))
         if low_precision(device) and not cfg.lora:
             ref.connector.to(low_precision(device)), ref.language_model.to(low_precision(device))
     plan = memory_plan(cfg, model.config, world)
@@ -648,7 +649,7 @@ def main(argv=None):
             raise RunError("--data is required (the CPU demo runs with no flags at all, or with --demo)")
         train(cfg)
         return 0
-    except (RunError, D.DataError, D.VideoError, M.CheckpointError, Diverged, SaveFailed, Stopped) as e:
+    except (RunError, D.DataError, D.VideoError, CheckpointError, Diverged, SaveFailed, Stopped) as e:
         print(f"train.py: {e}", file=sys.stderr)
         return 128 + e.signum if isinstance(e, Stopped) else 1 if isinstance(e, (Diverged, SaveFailed)) else 2
     finally:

@@ -18,6 +18,7 @@ import data as D
 import eval as E
 import model as M
 import sample
+import weights
 
 
 def pytest_configure(config):
@@ -109,7 +110,7 @@ def ckpt(tmp_path_factory):
     torch.manual_seed(0)  # the resampler keeps the published 8 heads of 64: config.json does not record them
     cfg = M.config("test", text={"vocab_size": tok.vocab_size}, raw={"num_frames": 4})
     out = root / "model"
-    M.TinyLLaVA(cfg).save_pretrained(str(out))
+    weights.save_pretrained(M.TinyLLaVA(cfg), str(out))
     shutil.copy(root / "tokenizer.json", out / "tokenizer.json")
     return str(out)
 

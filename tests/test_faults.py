@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 
 import model as M
+import weights as W
 import runs
 import sample
 import train
@@ -102,14 +103,12 @@ def test_one_writer_per_predictions_file(task, tmp_path, capsys, one_thread):
 
 def full_disk_at(monkeypatch, where):
     """The second checkpoint's save meets a full disk at `where`, after writing part of a file."""
-    import safetensors.torch
-
     full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")  # as it says
-    module, name, err = {"weights": (safetensors.torch, "save_file", full), "state": (runs, "save_file", full),
+    module, name, err = {"weights": (W, "save_file", full), "state": (runs, "save_file", full),
                          "tokenizer": (shutil, "copy", OSError(28, "No space left on device"))}[where]
     real, calls = getattr(module, name), []
 
-    def write(a, path, *rest, **kw):  # weights.save_pretrained imports safetensors.torch.save_file when it saves
+    def write(a, path, *rest, **kw):
         calls.append(path)
         if len(calls) == 2:
             with open(path, "wb") as f:
@@ -135,7 +134,7 @@ def test_a_save_that_meets_a_full_disk_ends_the_run_in_one_line(task, tmp_path, 
 
 
 def test_the_start_refuses_a_disk_that_cannot_hold_a_checkpoint(task, tmp_path, monkeypatch, capsys, one_thread):
-    model = M.TinyLLaVA.from_pretrained(task["init"])
+    model = W.from_pretrained(task["init"])
     train.freeze_vision(model)
     need = runs.checkpoint_bytes(model, [os.path.join(task["init"], "tokenizer.json")])
     out = tmp_path / "run"
@@ -165,7 +164,7 @@ def unshare_works():
 def test_a_real_full_disk_a_tiny_tmpfs(task, tmp_path):
     """A tmpfs of 1.5 checkpoints, mounted in a user namespace: the start warns, the second save fails in one line
     leaving the first, and a resume is refused at the start (no room for one more beside it)."""
-    model = M.TinyLLaVA.from_pretrained(task["init"])
+    model = W.from_pretrained(task["init"])
     train.freeze_vision(model)
     need = runs.checkpoint_bytes(model, [os.path.join(task["init"], "tokenizer.json")])
     mnt, kept = tmp_path / "mnt", tmp_path / "kept"

@@ -17,6 +17,7 @@ from torch._dynamo.utils import counters
 import bench
 import grpo as G
 import model as M
+import weights as W
 import parallel
 import runs
 import sample
@@ -31,11 +32,11 @@ def eos_task(task):  # noqa: F811
     """The tiny task from a start whose eos is likely at some steps, not at others: rows finish at different lengths."""
     init = os.path.join(os.path.dirname(task["init"]), "init_eos")
     if not os.path.exists(init):
-        model = M.TinyLLaVA.from_pretrained(task["init"], dtype=torch.float32)
+        model = W.from_pretrained(task["init"], dtype=torch.float32)
         eos = train.D.Tokenizer(task["init"], model.config.text.vocab_size).eos_id
         with torch.no_grad():
             model.language_model.model.embed_tokens.weight[eos] *= 60
-        model.save_pretrained(init)
+        W.save_pretrained(model, init)
         shutil.copy(os.path.join(task["init"], "tokenizer.json"), init)
     return {**task, "init": init}
 

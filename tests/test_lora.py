@@ -7,6 +7,7 @@ import torch
 
 import grpo as G
 import model as M
+import weights as W
 import train
 from conftest import tiny_model, tiny_prompt
 from test_train import run, task, weights  # noqa: F401  (the tiny model and synthetic task)
@@ -107,7 +108,7 @@ def test_dry_run_at_the_published_shapes(tmp_path, capsys):
 
 @pytest.mark.slow  # three tiny runs, one of them compiling its decode step
 def test_lora_run_checkpoints_merged_and_resumes_exactly(task, tmp_path, capsys, monkeypatch):
-    base, real_collect, ref_err, moved = M.TinyLLaVA.from_pretrained(task["init"], dtype=torch.float32), train.collect, [], []
+    base, real_collect, ref_err, moved = W.from_pretrained(task["init"], dtype=torch.float32), train.collect, [], []
 
     def collect(sampler, ref, tok, samples, load, cfg, device, gen):  # the reference's log-probs are the start model's
         exp = real_collect(sampler, ref, tok, samples, load, cfg, device, gen)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel  # missing: fail, not skip
 
 import model as M
+import weights
 
 TEXT = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=True)
@@ -354,7 +355,7 @@ def test_published_checkpoint_loads_and_matches_reference_composition(tmp_path, 
     write_published(tmp_path / "ckpt", refs)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every field is present: nothing to warn about
-        model = M.TinyLLaVA.from_pretrained(str(tmp_path / "ckpt"))
+        model = weights.from_pretrained(str(tmp_path / "ckpt"))
     assert model.config.connector.group == 4 and model.config.text.num_hidden_layers == 2
     assert not any(p.is_meta for p in model.parameters())
     ids = prompt_ids(2, 10, [3, 0])  # the placeholder at any position
@@ -369,7 +370,7 @@ def test_published_checkpoint_loads_and_matches_reference_composition(tmp_path, 
 
 def test_whole_model_right_padding_and_placeholder_checks(tmp_path, refs):
     write_published(tmp_path / "ckpt", refs, shards=1)
-    model = M.TinyLLaVA.from_pretrained(str(tmp_path / "ckpt"))
+    model = weights.from_pretrained(str(tmp_path / "ckpt"))
     pixels = torch.randn(2, 4, 3, 30, 30, generator=torch.Generator().manual_seed(16))
     full = prompt_ids(1, 11, [2], seed=17)
     short = prompt_ids(1, 6, [4], seed=18)
@@ -387,9 +388,9 @@ def test_mlp_connector_output_count_and_bf16_round_trip(tmp_path):
     cfg = M.TinyLLaVAConfig(vision=M.VisionConfig(**VISION), text=M.TextConfig(**TEXT),
                             connector=M.ConnectorConfig(connector_type="mlp2x_gelu", vision_hidden_size=48, hidden_size=64))
     model = M.TinyLLaVA(cfg).to(torch.bfloat16)
-    model.save_pretrained(str(tmp_path / "bf16"))
+    weights.save_pretrained(model, str(tmp_path / "bf16"))
     for dtype in (None, torch.float32):
-        back = M.TinyLLaVA.from_pretrained(str(tmp_path / "bf16"), dtype=dtype)
+        back = weights.from_pretrained(str(tmp_path / "bf16"), dtype=dtype)
         for (k, a), b in zip(model.state_dict().items(), back.state_dict().values()):
             assert b.dtype == (dtype or torch.bfloat16), k
             assert torch.equal(a.float(), b.float()), k
@@ -399,10 +400,10 @@ def test_mlp_connector_output_count_and_bf16_round_trip(tmp_path):
 
 def test_save_load_round_trip_is_bit_identical_and_sharded(tmp_path, refs):
     write_published(tmp_path / "ckpt", refs)
-    model = M.TinyLLaVA.from_pretrained(str(tmp_path / "ckpt"))
+    model = weights.from_pretrained(str(tmp_path / "ckpt"))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "tokenizer.json").write_text("{}")  # files beside the weights survive a save
-    model.save_pretrained(str(tmp_path / "out"), max_shard_bytes=40_000)
+    weights.save_pretrained(model, str(tmp_path / "out"), max_shard_bytes=40_000)
     files = sorted(os.listdir(tmp_path / "out"))
     assert "model.safetensors.index.json" in files and "tokenizer.json" in files and "model-00001-of-" in files[1]
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
@@ -410,15 +411,15 @@ def test_save_load_round_trip_is_bit_identical_and_sharded(tmp_path, refs):
     for f in files:
         if f.endswith(".safetensors"):
             saved.update(load_file(str(tmp_path / "out" / f)))
-    assert set(saved) == set(model.published_state_dict())
+    assert set(saved) == set(weights.published_state_dict(model))
     assert all(k.startswith(("language_model.model.", "vision_tower._vision_tower.vision_model.", "connector._connector.")) for k in saved)
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["some_future_field"] == {"ignored": True} and cfg["connector_type"] == "groupresampler" and cfg["group"] == 4
-    back = M.TinyLLaVA.from_pretrained(str(tmp_path / "out"))
+    back = weights.from_pretrained(str(tmp_path / "out"))
     for (k, a), b in zip(model.state_dict().items(), back.state_dict().values()):
         assert torch.equal(a, b), k
-    model.save_pretrained(str(tmp_path / "out"))  # overwriting an existing checkpoint works too
-    assert M.TinyLLaVA.from_pretrained(str(tmp_path / "out")).config.text.hidden_size == 64
+    weights.save_pretrained(model, str(tmp_path / "out"))  # overwriting an existing checkpoint works too
+    assert weights.from_pretrained(str(tmp_path / "out")).config.text.hidden_size == 64
 
 
 def test_load_then_save_writes_every_tensor_it_read(tmp_path, refs):
@@ -429,10 +430,10 @@ def test_load_then_save_writes_every_tensor_it_read(tmp_path, refs):
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     paths = {"llm_model_name_or_path": "Qwen/Qwen2.5-3B", "vision_model_name_or_path": "google/siglip-so400m-patch14-384"}
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**cfg, **paths}))
-    model = M.TinyLLaVA.from_pretrained(str(tmp_path / "ckpt"))
+    model = weights.from_pretrained(str(tmp_path / "ckpt"))
     unused = [k for k in state if "post_layernorm" in k or ".head." in k or "encoder.layers.2." in k]
     assert unused and sorted(model.unused_tensors) == sorted(unused + list(lm_head))
-    model.save_pretrained(str(tmp_path / "out"))
+    weights.save_pretrained(model, str(tmp_path / "out"))
     saved = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert set(saved) == set(state)
     assert all(saved[k].dtype == torch.bfloat16 and torch.equal(saved[k], state[k]) for k in state)
@@ -460,8 +461,8 @@ def test_every_loading_problem_in_one_error_naming_files(tmp_path, refs):
     tensors = load_file(str(shard))
     tensors[key] = torch.zeros(5, 64)
     save_file(tensors, str(shard))
-    with pytest.raises(M.CheckpointError) as err:
-        M.TinyLLaVA.from_pretrained(str(tmp_path / "bad"))
+    with pytest.raises(weights.CheckpointError) as err:
+        weights.from_pretrained(str(tmp_path / "bad"))
     msg = str(err.value)
     assert "missing key: language_model.model.norm.weight" in msg
     assert f"unexpected key: connector._connector.surprise (in {index['weight_map']['connector._connector.surprise']})" in msg
@@ -474,32 +475,32 @@ def test_every_loading_problem_in_one_error_naming_files(tmp_path, refs):
 
 def test_lm_head_is_unexpected_only_when_untied(tmp_path, refs):
     write_published(tmp_path / "ckpt", refs, extra={"language_model.lm_head.weight": torch.zeros(96, 64)})
-    M.TinyLLaVA.from_pretrained(str(tmp_path / "ckpt"))  # tied: ignored
+    weights.from_pretrained(str(tmp_path / "ckpt"))  # tied: ignored
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     cfg["text_config"]["tie_word_embeddings"] = False
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "ckpt2").mkdir()
     write_published(tmp_path / "ckpt2", refs)
     (tmp_path / "ckpt2" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(M.CheckpointError, match="missing key: language_model.lm_head.weight"):
-        M.TinyLLaVA.from_pretrained(str(tmp_path / "ckpt2"))
-    assert M.TinyLLaVA.from_pretrained(str(tmp_path / "ckpt")).language_model.lm_head is not None
+    with pytest.raises(weights.CheckpointError, match="missing key: language_model.lm_head.weight"):
+        weights.from_pretrained(str(tmp_path / "ckpt2"))
+    assert weights.from_pretrained(str(tmp_path / "ckpt")).language_model.lm_head is not None
 
 
 def test_missing_files_name_the_path(tmp_path, refs):
-    with pytest.raises(M.CheckpointError, match=r"config.json: not found"):
-        M.TinyLLaVA.from_pretrained(str(tmp_path / "nowhere"))
+    with pytest.raises(weights.CheckpointError, match=r"config.json: not found"):
+        weights.from_pretrained(str(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text(json.dumps(tiny_config_json()))
-    with pytest.raises(M.CheckpointError, match="no model.safetensors or model.safetensors.index.json"):
-        M.TinyLLaVA.from_pretrained(str(tmp_path / "empty"))
+    with pytest.raises(weights.CheckpointError, match="no model.safetensors or model.safetensors.index.json"):
+        weights.from_pretrained(str(tmp_path / "empty"))
     write_published(tmp_path / "shards", refs)
     os.remove(tmp_path / "shards" / "model-00002-of-00002.safetensors")
-    with pytest.raises(M.CheckpointError, match="shards that are missing: .*model-00002-of-00002"):
-        M.TinyLLaVA.from_pretrained(str(tmp_path / "shards"))
+    with pytest.raises(weights.CheckpointError, match="shards that are missing: .*model-00002-of-00002"):
+        weights.from_pretrained(str(tmp_path / "shards"))
     (tmp_path / "empty" / "config.json").write_text("{not json")
-    with pytest.raises(M.CheckpointError, match="not valid JSON"):
-        M.TinyLLaVA.from_pretrained(str(tmp_path / "empty"))
+    with pytest.raises(weights.CheckpointError, match="not valid JSON"):
+        weights.from_pretrained(str(tmp_path / "empty"))
 
 
 # ----------------------------------------------------------------------------- from parts
@@ -516,7 +517,7 @@ def test_from_parts_siglip_dual_encoder_and_qwen2(tmp_path, refs):
     (vdir / "config.json").write_text(json.dumps({"model_type": "siglip", "vision_config": VISION, "text_config": {}}))
     save_file({k: v.clone() for k, v in qwen.state_dict().items()}, str(ldir / "model.safetensors"))
     (ldir / "config.json").write_text(json.dumps({**TEXT, "model_type": "qwen2", "torch_dtype": "float32"}))
-    model = M.TinyLLaVA.from_parts(str(vdir), str(ldir), connector="groupresampler", num_queries=8, group=2, num_resampler_layers=1)
+    model = weights.from_parts(str(vdir), str(ldir), connector="groupresampler", num_queries=8, group=2, num_resampler_layers=1)
     assert model.config.connector.vision_hidden_size == 48 and model.connector.latents.shape == (4, 64)
     assert torch.equal(model.language_model.model.embed_tokens.weight, qwen.model.embed_tokens.weight)
     assert torch.equal(model.vision_tower.embeddings.patch_embedding.weight, vstate["vision_model.embeddings.patch_embedding.weight"])
@@ -525,8 +526,8 @@ def test_from_parts_siglip_dual_encoder_and_qwen2(tmp_path, refs):
     with torch.no_grad():
         assert model(ids, torch.randn(1, 2, 3, 30, 30)).shape == (1, 4 + 8, 96)
     # a model made from parts saves in the published layout and loads back
-    model.save_pretrained(str(tmp_path / "joined"))
-    back = M.TinyLLaVA.from_pretrained(str(tmp_path / "joined"))
+    weights.save_pretrained(model, str(tmp_path / "joined"))
+    back = weights.from_pretrained(str(tmp_path / "joined"))
     assert torch.equal(back.connector.latents, model.connector.latents)
     # the original code rebuilds its configs from the source paths, and holds all of SigLIP (not its text tower)
     cfg = json.loads((tmp_path / "joined" / "config.json").read_text())
@@ -534,4 +535,4 @@ def test_from_parts_siglip_dual_encoder_and_qwen2(tmp_path, refs):
     saved = load_file(str(tmp_path / "joined" / "model.safetensors"))
     assert {"vision_tower._vision_tower." + k for k in vstate if k.startswith("vision_model.")} <= set(saved)
     assert not [k for k in saved if "text_model" in k or "logit_scale" in k or "lm_head" in k]
-    assert set(M.TinyLLaVA.from_pretrained(str(tmp_path / "joined")).published_state_dict()) == set(saved)
+    assert set(weights.published_state_dict(weights.from_pretrained(str(tmp_path / "joined")))) == set(saved)

@@ -73,13 +73,13 @@ def test_resume_never_unpickles(task, tmp_path):
 
 
 def other_checkpoint(task, path, seed):
-    cfg = M.TinyLLaVA.from_pretrained(task["init"]).config
+    cfg = W.from_pretrained(task["init"]).config
     torch.manual_seed(seed)
     model = M.TinyLLaVA(cfg)
     with torch.no_grad():  # far from the near-uniform initialisation, so that the two models answer differently
         for p in model.language_model.parameters():
             p.normal_(0, 1)
-    model.save_pretrained(str(path))
+    W.save_pretrained(model, str(path))
     shutil.copy(os.path.join(task["init"], "tokenizer.json"), path / "tokenizer.json")
     return str(path)
 
@@ -117,7 +117,7 @@ def test_bench_answers_are_redone_for_new_weights_or_settings(ckpt, tmp_path, mo
     assert sample.main(argv) == 0 and sum(calls) == 8
     calls.clear()
     assert sample.main(argv) == 0 and calls == []  # the same checkpoint and settings: all resumed
-    M.TinyLLaVA.from_pretrained(model).save_pretrained(model)  # new weights in the same place, as training writes them
+    W.save_pretrained(W.from_pretrained(model), model)  # new weights in the same place, as training writes them
     assert sample.main(argv) == 0 and sum(calls) == 8
     assert os.path.exists(os.path.join(model, "eval", "mlvu.reason.jsonl.stale"))
     calls.clear()
@@ -194,7 +194,7 @@ def test_divergence_stops_cleanly_and_keeps_the_last_good_checkpoint(task, tmp_p
 
 
 def test_nonfinite_logits_stop_the_rollout_clearly(task):
-    model = M.TinyLLaVA.from_pretrained(task["init"], dtype=torch.float32)
+    model = W.from_pretrained(task["init"], dtype=torch.float32)
     tok = D.Tokenizer(task["init"])
     with torch.no_grad():
         model.language_model.model.norm.weight.fill_(float("nan"))
@@ -389,12 +389,12 @@ def broken(task, tmp_path, how):
         cfg = json.load(open(path / "config.json"))
         (path / "config.json").write_text(json.dumps({**cfg, "vocab_size": 100, "text_config": {**cfg["text_config"], "vocab_size": 100}}))
         model = M.TinyLLaVA(M.TinyLLaVAConfig.from_dict(json.load(open(path / "config.json"))))
-        model.save_pretrained(str(path))
+        W.save_pretrained(model, str(path))
     elif how == "nan":
-        model = M.TinyLLaVA.from_pretrained(str(path))
+        model = W.from_pretrained(str(path))
         with torch.no_grad():
             model.connector.parameters().__next__().fill_(float("nan"))
-        model.save_pretrained(str(path))
+        W.save_pretrained(model, str(path))
     return str(path)
 
 

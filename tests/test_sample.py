@@ -10,6 +10,7 @@ import torch
 import eval as E
 import grpo as G
 import sample
+import weights
 from conftest import mlvu, run, scripted
 
 
@@ -78,7 +79,7 @@ def test_single_question_prints_generates_answer_stops_at_eos_and_honours_mode(c
     want = {m: sample.generate(model, tok, [p], pixels, max_new_tokens=12)[0] for m, p in prompts.items()}
     assert want["option"] == tok.decode(ids[:k]) != tok.decode(ids)  # generate stops at eos
     assert want["reason"] != want["option"]  # the mode changes the prompt enough to change the answer
-    model.save_pretrained(str(tmp_path / "ckpt"))
+    weights.save_pretrained(model, str(tmp_path / "ckpt"))
     shutil.copy(os.path.join(ckpt, "tokenizer.json"), tmp_path / "ckpt")
     for mode in ("option", "reason"):
         code, out, err = run(["--ckpt", str(tmp_path / "ckpt"), "--video", video, "--question", q, "--options", *options,

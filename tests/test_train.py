@@ -13,6 +13,7 @@ import demo
 import model as M
 import sample
 import train
+import weights as W
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def task(tmp_path_factory):
         text=M.TextConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
         raw={"num_frames": 4})
     init = root / "init"
-    M.TinyLLaVA(cfg).save_pretrained(str(init))
+    W.save_pretrained(M.TinyLLaVA(cfg), str(init))
     shutil.copy(root / "tokenizer.json", init / "tokenizer.json")
     return {**paths, "init": str(init)}
 
@@ -42,7 +43,7 @@ def run(task, out, stage="grpo", **kw):
 
 
 def weights(path):
-    return M.TinyLLaVA.from_pretrained(path, dtype=torch.float32).published_state_dict()
+    return W.published_state_dict(W.from_pretrained(path, dtype=torch.float32))
 
 
 @pytest.mark.slow

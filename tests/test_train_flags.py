@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 import grpo as G
 import model as M
+import weights as W
 import train
 from test_train import run, task, weights  # noqa: F401 (task is a fixture)
 
@@ -168,7 +169,7 @@ def test_updates_per_rollout_use_the_samplers_log_probs_and_clip(task, tmp_path,
 
 def write_parts(task, root):
     """The task's tiny model split into a SigLIP directory and a Qwen2 directory (their own layouts)."""
-    model = M.TinyLLaVA.from_pretrained(task["init"], dtype=torch.float32)
+    model = W.from_pretrained(task["init"], dtype=torch.float32)
     vision, llm = root / "siglip", root / "qwen2"
     vision.mkdir(), llm.mkdir()
     save_file({"vision_model." + k: v.contiguous() for k, v in model.vision_tower.state_dict().items()},
