@@ -11,7 +11,7 @@ The vision tower is frozen in both stages: its features are computed once per vi
 rollout, the reference and the policy passes. Weights stay in fp32 (the paper's lr 1e-6 is below bf16's
 resolution), compute runs in bf16 on a GPU.
 
-    python train.py                                   # the CPU demo: synthetic videos, SFT, then GRPO
+    python demo.py                                    # the CPU demo: synthetic videos, SFT, then GRPO
     python train.py --stage sft --init BASE_DIR --data nextqa-coldstart-16.json --out runs/sft
     python train.py --stage grpo --init runs/sft/checkpoint --data nextqa_0-30s.jsonl --root videos --out runs/grpo
     torchrun --nproc_per_node 8 train.py --stage grpo ...     # 8 GPUs: data parallel (+ --fsdp: sharded)
@@ -42,6 +42,7 @@ from tqdm import tqdm
 import data as D
 import grpo as G
 import model as M
+import sample
 from parallel import average_gradients, gather, reduce_metrics, setup_distributed, shard, teardown_distributed
 from runs import (RunError, append_jsonl, load_state, plot_curves, prepare_out, read_jsonl, tokenizer_file,
                   write_checkpoint)
@@ -105,6 +106,9 @@ class TrainConfig:
     resume: bool = option(False, "continue from OUT/checkpoint (same settings; --steps, --stop-after ... may change)")
     overwrite: bool = option(False, "start over in an OUT that already holds a run (its metrics and checkpoint go)")
     fsdp: bool = option(False, "under torchrun: shard the trainable model, its gradients and AdamW state (FSDP2)")
+    eval_data: str = option("", "held-out multiple-choice file, scored greedily as sample.py --eval does (relative "
+                                "to its own folder) every --eval-every steps and at the end")
+    eval_every: int = option(0, "with --eval-data: score it every N optimizer steps (0: only at the end)")
 
     def __post_init__(self):
         self.lr = self.lr or (1e-5 if self.stage == "sft" else 1e-6)
@@ -127,7 +131,7 @@ def check_config(cfg):
     c, v = cfg, lambda name: f"--{name.replace('_', '-')} {getattr(cfg, name)!r}"
     bad = [f"{v(n)}: must be >= 1" for n in ("prompts_per_step", "micro_batch", "max_new_tokens", "frames", "save_every",
                                             "max_len", "updates_per_rollout") if getattr(c, n) < 1]
-    bad += [f"{v(n)}: must be >= 0" for n in ("steps", "stop_after", "rollout_batch", "top_k", "weight_decay", "max_grad_norm", "beta",
+    bad += [f"{v(n)}: must be >= 0" for n in ("steps", "stop_after", "rollout_batch", "eval_every", "top_k", "weight_decay", "max_grad_norm", "beta",
                                              "noise_std", "epsilon_low", "epsilon_high") if getattr(c, n) < 0]
     bad += [f"{v(f.name)}: must be one of {', '.join(f.metadata['choices'])}" for f in fields(c)
             if f.metadata["choices"] and getattr(c, f.name) not in f.metadata["choices"]]
@@ -287,10 +291,11 @@ def decode_texts(tok, rollout):
     return [tok.decode(r[m > 0]) for r, m in zip(rollout.completion_ids.cpu(), rollout.mask.cpu())]
 
 
-def collect(sampler, ref, tok, samples, load, cfg, device, gen):
+def collect(sampler, ref, tok, samples, load, cfg, device, gen, reward_fns=None):
     """Rollouts, rewards, advantages and reference log-probs for one step's prompts -> Experience,
     or None if no video of the step could be read. The prompts decode `cfg.rollout_batch` at a time
-    (all together by default): one decode step reads the weights once for all their rows."""
+    (all together by default): one decode step reads the weights once for all their rows. reward_fns: extra
+    rewards (grpo.score), added to the paper's."""
     G_, times = cfg.group_size, {"rollout": 0.0, "reference": 0.0}
     # One seed per prompt, drawn for every prompt of the step: its samples are the same however the
     # prompts are batched, and whichever videos fail to load.
@@ -318,7 +323,7 @@ def collect(sampler, ref, tok, samples, load, cfg, device, gen):
     ro = G.concat_rollouts(rolls)
     texts = decode_texts(tok, ro)
     solutions = [s.solution for s in samples for _ in range(G_)]
-    scores = G.score(texts, solutions)
+    scores = G.score(texts, solutions, reward_fns)
     if cfg.temporal:
         acc_s = G.score(decode_texts(tok, G.concat_rollouts(shuffled)), solutions)["accuracy"]
         scores["reward"] = scores["reward"] + G.temporal_bonus(scores["accuracy"], acc_s, G_)
@@ -374,10 +379,10 @@ def optimizer_step(optimizer, params, sampler, max_grad_norm):
     return finite
 
 
-def grpo_step(model, sampler, ref, tok, samples, load, cfg, device, gen, apply_update):
+def grpo_step(model, sampler, ref, tok, samples, load, cfg, device, gen, apply_update, reward_fns=None):
     """collect, then update. -> the step's metrics (the caller takes the last optimizer step)."""
     t0 = time.perf_counter()
-    exp = collect(sampler, ref, tok, samples, load, cfg, device, gen)
+    exp = collect(sampler, ref, tok, samples, load, cfg, device, gen, reward_fns)
     if exp is None:
         return {"skipped_step": 1.0}
     t = time.perf_counter()
@@ -403,8 +408,23 @@ def run_budget(seconds, records, done, total):
             f"; {total} steps ~{hours(per * total)} in all, ~{hours(per * (total - done))} to go")
 
 
-def train(cfg):
+def evaluate_policy(sampler, tok, samples, cfg, rank, world):
+    """The policy on the held-out file, each rank answering its share through sample.py's scoring (greedy, the
+    sampler's decode step: compiled on a GPU), answers decoded prompts_per_step x group_size at a time (what
+    a rollout fits). -> {"eval/accuracy", "eval/format", and where rows carry a "fact": "eval/reasoning_accuracy",
+    "eval/answer_agrees_with_reasoning"} over all ranks' answers."""
+    res = sample.evaluate(sampler.model.eval(), tok, samples[rank::world], "reason", batch_size=cfg.prompts_per_step * cfg.group_size,
+                          frames=cfg.frames, max_new_tokens=cfg.max_new_tokens, progress=False, decode=sampler.decode)
+    keys = {"accuracy": "correct", "reasoning_accuracy": "reasoning_right", "answer_agrees_with_reasoning": "reasoning_agrees"}
+    mine = {k: [r[v] for r in res["records"] if v in r] for k, v in keys.items()}
+    mine["format"] = [G.format_reward(r["output"]) > 0 for r in res["records"]]
+    every = gather(mine, world)
+    return {f"eval/{k}": float(np.mean(v)) for k in mine for v in [[x for m in every for x in m[k]]] if v}
+
+
+def train(cfg, reward_fns=None):
     """Run one stage as configured; returns the last step's metrics. Writes everything under cfg.out.
+    reward_fns: extra GRPO rewards, name -> fn(completion, solution) (grpo.score).
     Raises RunError (or data.DataError, model.CheckpointError) on bad input before any work, Diverged
     after MAX_NONFINITE_IN_A_ROW non-finite steps in a row."""
     check_config(cfg)
@@ -418,6 +438,7 @@ def train(cfg):
         tqdm.write(f"skipping row: {msg}")
     if not samples:
         raise RunError(f"no usable samples in {cfg.data}")
+    held_out = D.read_samples(cfg.eval_data)[0] if cfg.eval_data else []
 
     resume_from = gather(prepare_out(cfg, MAY_CHANGE_ON_RESUME) if rank == 0 else None, world)[0]  # rank 0 tidies the run folder
     state = load_state(resume_from) if resume_from else None
@@ -445,9 +466,10 @@ def train(cfg):
             ref.connector.to(torch.bfloat16), ref.language_model.to(torch.bfloat16)
 
     # On a GPU the rollouts sample from a bf16 copy of the policy; on a CPU from the policy itself.
-    # Under --fsdp the policy is sharded, so the rollouts always sample from a whole copy.
-    sampler = G.Sampler(model, torch.bfloat16 if device.type == "cuda" else None, compile=cfg.compile and cfg.stage == "grpo",
-                        own_copy=cfg.fsdp and cfg.stage == "grpo")
+    # Under --fsdp the policy is sharded, so the rollouts (and evaluations) always sample from a whole copy.
+    decodes = cfg.stage == "grpo" or bool(cfg.eval_data)  # rollouts, or the held-out evaluation
+    sampler = G.Sampler(model, torch.bfloat16 if device.type == "cuda" else None, compile=cfg.compile and decodes,
+                        own_copy=cfg.fsdp and decodes)
     if cfg.stage == "grpo" and rank == 0:
         tqdm.write(memory_estimate(model, sampler, ref, world if cfg.fsdp else 1))
     if cfg.fsdp:
@@ -511,7 +533,7 @@ def train(cfg):
             if cfg.stage == "sft":
                 m = sft_step(model, tok, batch, load, cfg, device)
             else:
-                m = grpo_step(model, sampler, ref, tok, batch, load, cfg, device, gen, apply_update)
+                m = grpo_step(model, sampler, ref, tok, batch, load, cfg, device, gen, apply_update, reward_fns)
         except FloatingPointError:  # non-finite logits in a rollout
             m = {"nan": 1.0}
         m = reduce_metrics({**m, "skipped_samples": len(load.skipped)}, world)  # the same on every rank
@@ -523,6 +545,9 @@ def train(cfg):
                 tqdm.write(f"step {step + 1}: non-finite loss, logits or gradient, update skipped ({nan_steps} so far)")
             optimizer.zero_grad(set_to_none=True)
         schedule.step()
+        last = step + 1 == total or (cfg.stop_after and step + 1 >= cfg.stop_after)
+        if held_out and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+            m.update(evaluate_policy(sampler, tok, held_out, cfg, rank, world))
         if device.type == "cuda":
             m["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         seconds.append(time.perf_counter() - t_step)
@@ -532,13 +557,13 @@ def train(cfg):
         if rank == 0:
             append_jsonl(metrics_path, record)
             records.append(record)
-            plot_curves(records, os.path.join(cfg.out, "curves.png"), curve_keys)
+            plot_curves(records, os.path.join(cfg.out, "curves.png"), curve_keys + [k for k in (
+                "eval/accuracy", "eval/reasoning_accuracy") if any(k in r for r in records)])
         shown = ("loss",) if cfg.stage == "sft" else ("reward", "accuracy", "kl", "completion_length")
         bar.set_postfix({k: f"{m[k]:.3g}" for k in shown if isinstance(m.get(k), float)})
         if nan_run >= MAX_NONFINITE_IN_A_ROW:
             raise Diverged(f"{nan_run} non-finite steps in a row (to step {step + 1}): the run has diverged; "
                            f"{cfg.out}/checkpoint keeps the last finite weights (start over with a lower --lr, --overwrite)")
-        last = step + 1 == total or (cfg.stop_after and step + 1 >= cfg.stop_after)
         if last or (step + 1) % cfg.save_every == 0:
             save(step + 1)
         if last:
@@ -552,11 +577,9 @@ def train(cfg):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Cold-start SFT and GRPO for TinyLLaVA-Video. With no flags (or --demo "
-                                "[--out --seed --device]): the CPU demo (synthetic videos, a small model, SFT then "
-                                "GRPO, then both evaluated).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Cold-start SFT and GRPO for TinyLLaVA-Video (the CPU demo: python demo.py).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = lambda msg: (print(f"train.py: {msg} (see --help)", file=sys.stderr), sys.exit(2))
-    p.add_argument("--demo", action="store_true", help="run the CPU demo (only --out, --seed, --device apply)")
     for f in fields(TrainConfig):  # every field a flag, its help and choices from the field
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         if f.type is bool:
@@ -569,21 +592,11 @@ def parse_args(argv=None):
 def main(argv=None):
     """-> exit code: 0 done, 1 diverged, 2 bad flags, data, checkpoint or run folder (one line each)."""
     argv = sys.argv[1:] if argv is None else argv
-    args, parser = parse_args(argv)
-    given = sorted(k for k, v in vars(args).items() if v != parser.get_default(k))
+    args, _ = parse_args(argv)
     try:
-        if (args.demo or not argv) and "WORLD_SIZE" in os.environ:
-            raise RunError("the demo runs in one process; under torchrun give --data (e.g. the demo's OUT/data files)")
-        if args.demo or not argv:
-            extra = [k for k in given if k not in ("demo", "out", "seed", "device")]
-            if extra:
-                raise RunError(f"--demo takes only --out, --seed and --device, not --{extra[0].replace('_', '-')}")
-            import demo  # the demo drives train(); imported here, not at the top, to avoid a cycle
-            demo.demo(args.out, args.seed, args.device)
-            return 0
         if not args.data:
-            raise RunError("--data is required (the CPU demo runs with no flags at all, or with --demo)")
-        train(TrainConfig(**{k: v for k, v in vars(args).items() if k != "demo"}))
+            raise RunError("--data is required (the CPU demo: python demo.py [--seed N --out DIR])")
+        train(TrainConfig(**vars(args)))
         return 0
     except (RunError, D.DataError, D.VideoError, M.CheckpointError, Diverged) as e:
         print(f"train.py: {e}", file=sys.stderr)
