@@ -133,11 +133,11 @@ def _write_video(path, frames):
 
 def make_synthetic(out_dir, n_train=2000, n_coldstart=64, n_test=200, seed=0, n_captions=0):
     """Write the synthetic task to out_dir: videos/, grpo.jsonl (NextQA GRPO format) and train.jsonl (plain
-    multiple choice) for the same training videos, coldstart.json (cold-start format, with reasoning, asked as
-    the evaluation asks), heldout.jsonl (GRPO format) and test.jsonl (plain multiple choice, with each task's
-    FACTS pattern as "fact") for the same held-out videos, and captions.json (cold-start format, n_captions more videos of
-    their own: each question answered with a plain description of its video, no letter; it stands in for
-    the pretraining that gave the published base model its sight).
+    multiple choice, as the evaluation asks) for the training videos, coldstart.json (cold-start format, with
+    reasoning, asked as the evaluation asks), heldout.jsonl and test.jsonl (with each task's FACTS pattern as
+    "fact") for the held-out videos, and captions.json (cold-start format, n_captions more videos of their
+    own: each question answered with a plain description of its video, no letter; it stands in for the
+    pretraining that gave the published base model its sight).
     Deterministic in `seed`; skipped if already written with the same settings.
     -> {"root", "grpo", "train", "coldstart", "heldout", "test", "captions"} paths."""
     names = {"grpo": "grpo.jsonl", "train": "train.jsonl", "coldstart": "coldstart.json", "heldout": "heldout.jsonl", "test": "test.jsonl",
@@ -229,9 +229,7 @@ def reasoning_reward(completion, solution):
     """--reward-reasoning: 1.0 when the thinking states the true fact of exactly one task, else 0.0. A training
     row gives only the letter; each task's options come in a fixed order, so the letter names the true fact of
     whichever task the thinking speaks of (the check cannot see the question)."""
-    letter = G.ANSWER.search(solution)
-    letter = letter.group(1).strip() if letter else solution.strip()
-    return float(sum(sample.check_reasoning(completion, FACTS[t], TASKS[t][1], letter, None)[0] for t in TASKS) == 1)
+    return float(sum(sample.check_reasoning(completion, FACTS[t], TASKS[t][1], G._answer(solution), None)[0] for t in TASKS) == 1)
 
 
 def report(results, test, out):
@@ -309,10 +307,10 @@ def main(argv=None):
         p.error("the demo runs in one process; under torchrun run train.py on the demo's OUT/data files")
     try:
         demo(args.out, args.seed, args.device, args.reward_reasoning)
+        return 0
     except (train.RunError, D.DataError, D.VideoError, M.CheckpointError, train.Diverged) as e:
         print(f"demo.py: {e}", file=sys.stderr)
         return 1 if isinstance(e, train.Diverged) else 2
-    return 0
 
 
 if __name__ == "__main__":

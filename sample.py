@@ -99,12 +99,14 @@ def check_reasoning(text, fact, options, answer, pred):
     return stated == named(answer), stated == named(pred)
 
 
-def probe_reasoning(texts, ask, num_options=26):
+def probe_reasoning(texts, ask, num_options):
     """Early answering and corrupted reasoning (Lanham et al. 2023) for the in-format answers among `texts`: each
     is asked again with its thinking removed, cut to its first half (in words), or replaced by the next other
     answer's different thinking, the answer prefilled up to "<answer" and continued. ask(rows, prefills) -> the
-    continuations. -> per text None (not in format) or {"removed", "half", "swapped"}: the letter then given."""
-    at = [i for i, t in enumerate(texts) if G.format_reward(t) > 0]
+    continuations; num_options: per text. -> per text None (not in format) or {"removed", "half", "swapped"}: the
+    letter then given."""
+    out = [{} if G.format_reward(t) > 0 else None for t in texts]
+    at = [i for i, o in enumerate(out) if o is not None]
     thinks = [THINK.search(texts[i]) for i in at]
     rows, prefills, keys = [], [], []
     for j, (i, m) in enumerate(zip(at, thinks)):
@@ -114,11 +116,8 @@ def probe_reasoning(texts, ask, num_options=26):
             if edit is not None:
                 rows.append(i), keys.append(key)
                 prefills.append(text[:m.start(1)] + edit + text[m.end(1):text.index("<answer>") + len("<answer")])
-    out = [None] * len(texts)
-    for i in at:
-        out[i] = {}
     for i, key, cont in zip(rows, keys, ask(rows, prefills) if rows else []):
-        out[i][key] = parse_answer("<answer" + cont, num_options)
+        out[i][key] = parse_answer("<answer" + cont, num_options[i])
     return out
 
 
@@ -227,13 +226,15 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
                 texts = [None] * len(rows)
                 for shape in dict.fromkeys(pixels[j].shape for j in rows):
                     at = [k for k, j in enumerate(rows) if pixels[j].shape == shape]
-                    for k, text in zip(at, generate(model, tok, [batch[rows[k]].question for k in at], torch.stack(
-                            [pixels[rows[k]] for k in at]), max_new, decode=decode, prefills=prefills and [prefills[k] for k in at], **sampling)):
+                    answers = generate(model, tok, [batch[rows[k]].question for k in at], torch.stack([pixels[rows[k]] for k in at]),
+                                       max_new, decode=decode, prefills=prefills and [prefills[k] for k in at], **sampling)
+                    for k, text in zip(at, answers):
                         texts[k] = text.strip() if original else text
                 return texts
             t = time.perf_counter()
             texts = ask(range(len(batch)), max_new_tokens)
-            probes = probe_reasoning(texts, lambda rows, prefills: ask(rows, 8, prefills)) if probe else [None] * len(batch)
+            probes = probe_reasoning(texts, lambda rows, prefills: ask(rows, 8, prefills), [
+                len(s.meta.get("options") or []) or 26 for s in batch]) if probe else [None] * len(batch)
             seconds += time.perf_counter() - t
             tokens += sum(len(tok.encode(x)) + 1 for x in texts)
             for s, text, idx, probed in zip(batch, texts, used, probes):

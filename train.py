@@ -106,8 +106,7 @@ class TrainConfig:
     resume: bool = option(False, "continue from OUT/checkpoint (same settings; --steps, --stop-after ... may change)")
     overwrite: bool = option(False, "start over in an OUT that already holds a run (its metrics and checkpoint go)")
     fsdp: bool = option(False, "under torchrun: shard the trainable model, its gradients and AdamW state (FSDP2)")
-    eval_data: str = option("", "held-out multiple-choice file, scored greedily as sample.py --eval does (relative "
-                                "to its own folder) every --eval-every steps and at the end")
+    eval_data: str = option("", "held-out multiple-choice file scored as sample.py --eval does, at the end and every --eval-every")
     eval_every: int = option(0, "with --eval-data: score it every N optimizer steps (0: only at the end)")
 
     def __post_init__(self):
@@ -131,8 +130,8 @@ def check_config(cfg):
     c, v = cfg, lambda name: f"--{name.replace('_', '-')} {getattr(cfg, name)!r}"
     bad = [f"{v(n)}: must be >= 1" for n in ("prompts_per_step", "micro_batch", "max_new_tokens", "frames", "save_every",
                                             "max_len", "updates_per_rollout") if getattr(c, n) < 1]
-    bad += [f"{v(n)}: must be >= 0" for n in ("steps", "stop_after", "rollout_batch", "eval_every", "top_k", "weight_decay", "max_grad_norm", "beta",
-                                             "noise_std", "epsilon_low", "epsilon_high") if getattr(c, n) < 0]
+    bad += [f"{v(n)}: must be >= 0" for n in ("steps", "stop_after", "rollout_batch", "top_k", "weight_decay", "max_grad_norm", "beta",
+                                             "noise_std", "epsilon_low", "epsilon_high", "eval_every") if getattr(c, n) < 0]
     bad += [f"{v(f.name)}: must be one of {', '.join(f.metadata['choices'])}" for f in fields(c)
             if f.metadata["choices"] and getattr(c, f.name) not in f.metadata["choices"]]
     bad += [msg for ok, msg in [
@@ -294,8 +293,7 @@ def decode_texts(tok, rollout):
 def collect(sampler, ref, tok, samples, load, cfg, device, gen, reward_fns=None):
     """Rollouts, rewards, advantages and reference log-probs for one step's prompts -> Experience,
     or None if no video of the step could be read. The prompts decode `cfg.rollout_batch` at a time
-    (all together by default): one decode step reads the weights once for all their rows. reward_fns: extra
-    rewards (grpo.score), added to the paper's."""
+    (all together by default): one decode step reads the weights once for all their rows. reward_fns: grpo.score's."""
     G_, times = cfg.group_size, {"rollout": 0.0, "reference": 0.0}
     # One seed per prompt, drawn for every prompt of the step: its samples are the same however the
     # prompts are batched, and whichever videos fail to load.
@@ -409,10 +407,8 @@ def run_budget(seconds, records, done, total):
 
 
 def evaluate_policy(sampler, tok, samples, cfg, rank, world):
-    """The policy on the held-out file, each rank answering its share through sample.py's scoring (greedy, the
-    sampler's decode step: compiled on a GPU), answers decoded prompts_per_step x group_size at a time (what
-    a rollout fits). -> {"eval/accuracy", "eval/format", and where rows carry a "fact": "eval/reasoning_accuracy",
-    "eval/answer_agrees_with_reasoning"} over all ranks' answers."""
+    """--eval-data scored as sample.py --eval does (greedy, the sampler's decode: compiled on a GPU), each rank its
+    share, a rollout's rows at a time. -> eval/accuracy, eval/format and, where rows carry a "fact", the reasoning's."""
     res = sample.evaluate(sampler.model.eval(), tok, samples[rank::world], "reason", batch_size=cfg.prompts_per_step * cfg.group_size,
                           frames=cfg.frames, max_new_tokens=cfg.max_new_tokens, progress=False, decode=sampler.decode)
     keys = {"accuracy": "correct", "reasoning_accuracy": "reasoning_right", "answer_agrees_with_reasoning": "reasoning_agrees"}
@@ -467,7 +463,7 @@ def train(cfg, reward_fns=None):
 
     # On a GPU the rollouts sample from a bf16 copy of the policy; on a CPU from the policy itself.
     # Under --fsdp the policy is sharded, so the rollouts (and evaluations) always sample from a whole copy.
-    decodes = cfg.stage == "grpo" or bool(cfg.eval_data)  # rollouts, or the held-out evaluation
+    decodes = cfg.stage == "grpo" or bool(cfg.eval_data)
     sampler = G.Sampler(model, torch.bfloat16 if device.type == "cuda" else None, compile=cfg.compile and decodes,
                         own_copy=cfg.fsdp and decodes)
     if cfg.stage == "grpo" and rank == 0:
@@ -545,8 +541,7 @@ def train(cfg, reward_fns=None):
                 tqdm.write(f"step {step + 1}: non-finite loss, logits or gradient, update skipped ({nan_steps} so far)")
             optimizer.zero_grad(set_to_none=True)
         schedule.step()
-        last = step + 1 == total or (cfg.stop_after and step + 1 >= cfg.stop_after)
-        if held_out and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+        if held_out and (step + 1 == total or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):  # a resume keeps them
             m.update(evaluate_policy(sampler, tok, held_out, cfg, rank, world))
         if device.type == "cuda":
             m["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
@@ -564,6 +559,7 @@ def train(cfg, reward_fns=None):
         if nan_run >= MAX_NONFINITE_IN_A_ROW:
             raise Diverged(f"{nan_run} non-finite steps in a row (to step {step + 1}): the run has diverged; "
                            f"{cfg.out}/checkpoint keeps the last finite weights (start over with a lower --lr, --overwrite)")
+        last = step + 1 == total or (cfg.stop_after and step + 1 >= cfg.stop_after)
         if last or (step + 1) % cfg.save_every == 0:
             save(step + 1)
         if last:
