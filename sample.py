@@ -227,7 +227,7 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
                 for shape in dict.fromkeys(pixels[j].shape for j in rows):
                     at = [k for k, j in enumerate(rows) if pixels[j].shape == shape]
                     answers = generate(model, tok, [batch[rows[k]].question for k in at], torch.stack([pixels[rows[k]] for k in at]),
-                                       max_new, decode=decode, prefills=prefills and [prefills[k] for k in at], **sampling)
+                                       max_new, decode=decode, **sampling, **({"prefills": [prefills[k] for k in at]} if prefills else {}))
                     for k, text in zip(at, answers):
                         texts[k] = text.strip() if original else text
                 return texts

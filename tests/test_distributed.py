@@ -79,7 +79,7 @@ def grpo_gradient(task, out, **kw):
     """One GRPO step on injected completions; rank 0 saves the averaged gradient to OUT/grad.pt."""
     real_score, real_step = G.score, train.optimizer_step
 
-    def score(texts, solutions):  # rewards that differ within a group, from the text alone
+    def score(texts, solutions, reward_fns=None):  # rewards that differ within a group, from the text alone
         return {**real_score(texts, solutions), "reward": torch.tensor([float(len(t) % 5) for t in texts])}
 
     def step(optimizer, params, sampler, max_grad_norm):
