@@ -1,5 +1,6 @@
-"""The CPU demo: the whole method on synthetic videos, small enough for a laptop CPU. `python train.py`
-(no flags) runs it.
+"""The CPU demo: the whole method on synthetic videos, small enough for a laptop CPU.
+
+    python demo.py --seed 0 --out runs/demo [--reward-reasoning] [--device cpu]
 
 A synthetic task is written as real video files and annotations in the paper's formats, so the demo runs
 the same code as a real run: four kinds of question about 8-frame clips (the colour of a moving square,
@@ -8,13 +9,18 @@ its direction, which colour appears first, how many times a circle flashes), fou
 one group per frame, 3-layer decoder) learns them from scratch in three stages through train.py: a base
 stage on plain descriptions of separate videos (standing in for the pretraining that gave the published
 base model its sight), the cold start on 64 reasoning answers, then GRPO on 2,000 questions with only the
-reward to learn from. Both checkpoints are then asked 200 held-out questions; the summary is the last
-line printed, as JSON.
+reward to learn from. Every stage asks its questions as sample.py does (the evaluation's multiple-choice
+prompt), so a question typed on sample.py's command line is a question the model was trained on. Both
+checkpoints are then asked 200 held-out questions, and their reasoning is checked against what is true of
+each clip (docs/reasoning.md); the summary is the last line printed, as JSON.
 """
 
+import argparse
 import json
 import os
+import shlex
 import shutil
+import sys
 import time
 
 import cv2
@@ -22,6 +28,7 @@ import numpy as np
 import torch
 
 import data as D
+import grpo as G
 import model as M
 import sample
 import train
@@ -43,6 +50,8 @@ TASKS = {
     "count": ("How many times does the white circle flash?", ["1", "2", "3", "4"]),
 }
 SIZE, FRAMES, FPS = 64, 8, 4  # 64x64 pixels, 8 frames, 2 seconds
+# What each task's reasoning states, as render() writes it: one group captures the option it names.
+FACTS = {"color": r"square is (\w+)", "direction": r"moves (\w+)", "order": r"(\w+) is first", "count": r"flashes (\w+) times"}
 
 
 def _square(frame, x, y, side, colour):
@@ -124,17 +133,18 @@ def _write_video(path, frames):
 
 
 def make_synthetic(out_dir, n_train=2000, n_coldstart=64, n_test=200, seed=0, n_captions=0):
-    """Write the synthetic task to out_dir: videos/, grpo.jsonl (NextQA GRPO format), coldstart.json
-    (cold-start format, with reasoning), heldout.jsonl (GRPO format) and test.jsonl (plain multiple
-    choice) for the same held-out videos, and captions.json (cold-start format, n_captions more videos of
-    their own: each question answered with a plain description of its video, no letter; it stands in for
-    the pretraining that gave the published base model its sight).
+    """Write the synthetic task to out_dir: videos/, grpo.jsonl (NextQA GRPO format) and train.jsonl (plain
+    multiple choice, as the evaluation asks) for the training videos, coldstart.json (cold-start format, with
+    reasoning, asked as the evaluation asks), heldout.jsonl and test.jsonl (with each task's FACTS pattern as
+    "fact") for the held-out videos, and captions.json (cold-start format, n_captions more videos of their
+    own: each question answered with a plain description of its video, no letter; it stands in for the
+    pretraining that gave the published base model its sight).
     Deterministic in `seed`; skipped if already written with the same settings.
-    -> {"root", "grpo", "coldstart", "heldout", "test", "captions"} paths."""
-    names = {"grpo": "grpo.jsonl", "coldstart": "coldstart.json", "heldout": "heldout.jsonl", "test": "test.jsonl",
+    -> {"root", "grpo", "train", "coldstart", "heldout", "test", "captions"} paths."""
+    names = {"grpo": "grpo.jsonl", "train": "train.jsonl", "coldstart": "coldstart.json", "heldout": "heldout.jsonl", "test": "test.jsonl",
              "captions": "captions.json"}
     paths = {"root": out_dir, **{k: os.path.join(out_dir, v) for k, v in names.items()}}
-    settings = {"n_train": n_train, "n_coldstart": n_coldstart, "n_test": n_test, "n_captions": n_captions, "seed": seed, "version": 9}
+    settings = {"n_train": n_train, "n_coldstart": n_coldstart, "n_test": n_test, "n_captions": n_captions, "seed": seed, "version": 10}
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path) and all(os.path.exists(p) for p in paths.values()):
         with open(meta_path) as f:
@@ -167,11 +177,13 @@ def make_synthetic(out_dir, n_train=2000, n_coldstart=64, n_test=200, seed=0, n_
 
     write_jsonl(paths["grpo"], [grpo_row(r) for r in train])
     write_jsonl(paths["heldout"], [grpo_row(r) for r in test])
-    write_jsonl(paths["test"], [{"video": r["video"], "question": r["question"], "options": r["options"],
-                                 "answer": r["letter"], "task": r["task"]} for r in test])
+    mc = lambda r: {"video": r["video"], "question": r["question"], "options": r["options"], "answer": r["letter"],  # noqa: E731
+                    "task": r["task"], "fact": FACTS[r["task"]]}
+    write_jsonl(paths["train"], [mc(r) for r in train])
+    write_jsonl(paths["test"], [mc(r) for r in test])
     with open(paths["coldstart"], "w") as f:
         json.dump([{"video": r["video"], "task": r["task"], "conversations": [
-            {"from": "human", "value": "<image>\n" + r["problem"] + D.GRPO_SUFFIX},
+            {"from": "human", "value": "<image>\n" + D.mc_question(r["question"], r["options"])},
             {"from": "gpt", "value": f"<think>{r['why']}</think> <answer>{r['letter']}</answer>"}]} for r in cold], f, indent=1)
     with open(paths["captions"], "w") as f:  # what the base model learns to see, on videos of their own
         json.dump([{"video": r["video"], "task": r["task"], "conversations": [
@@ -186,7 +198,7 @@ def synthetic_tokenizer(paths, vocab_size=512):
     """Train (once) and load the small tokenizer of the synthetic task, saved as ROOT/tokenizer.json."""
     path = os.path.join(paths["root"], "tokenizer.json")
     if not os.path.exists(path):
-        texts = [D.build_prompt(s.question) + " " + s.solution for f in (paths["coldstart"], paths["grpo"]) for s in D.read_samples(f)[0]]
+        texts = [D.build_prompt(s.question) + " " + s.solution for f in (paths["coldstart"], paths["train"]) for s in D.read_samples(f)[0]]
         D.train_tokenizer(texts, path, vocab_size)
     return D.Tokenizer(path)
 
@@ -210,10 +222,41 @@ def demo_config(vocab_size):
 DEMO = dict(frames=8, n_train=2000, n_coldstart=64, n_test=200, n_captions=4000,
             base=dict(lr=1e-3, epochs=3, prompts_per_step=16, micro_batch=16),
             sft=dict(lr=1e-3, epochs=12, prompts_per_step=8, micro_batch=8),
-            grpo=dict(lr=2e-4, steps=450, prompts_per_step=8, micro_batch=8, group_size=8, max_new_tokens=40, beta=0.01))
+            grpo=dict(lr=2e-4, steps=450, prompts_per_step=8, micro_batch=8, group_size=8, max_new_tokens=40, beta=0.01,
+                      eval_every=90))
 
 
-def demo(out, seed, device=""):
+def reasoning_reward(completion, solution):
+    """--reward-reasoning: 1.0 when the thinking states the true fact of exactly one task, else 0.0. A training
+    row gives only the letter; each task's options come in a fixed order, so the letter names the true fact of
+    whichever task the thinking speaks of (the check cannot see the question)."""
+    return float(sum(sample.check_reasoning(completion, FACTS[t], TASKS[t][1], G._answer(solution), None)[0] for t in TASKS) == 1)
+
+
+def report(results, test, out):
+    """Print the per-task table and one held-out question with a ready-to-run ask command -> the summary's figures."""
+    tasks = sorted({r["task"] for r in results["sft"]["records"]})
+    figures = {}
+    for key, name in (("correct", "accuracy"), ("reasoning_right", "reasoning_accuracy"),
+                      ("reasoning_agrees", "answer_agrees_with_reasoning")):
+        figures[name] = {stage: {t: round(float(np.mean([r[key] for r in res["records"] if t in ("all", r["task"])])), 3)
+                                 for t in tasks + ["all"]} for stage, res in results.items()}
+        print(f"\n{'held-out ' + name:<36}" + "".join(f"{t:>10}" for t in tasks + ["all"]))
+        for stage in results:
+            print(f"{stage:<36}" + "".join(f"{figures[name][stage][t]:>10.3f}" for t in tasks + ["all"]))
+    # one held-out question, the first on which the two models answer differently (else the first)
+    pairs = list(zip(results["sft"]["records"], results["grpo"]["records"]))
+    a, b = next(((a, b) for a, b in pairs if a["output"] != b["output"]), pairs[0])
+    s = next(s for s in test if s.video == a["video"])
+    print(f"\none held-out question ({a['video']}):\n{s.question}"
+          f"\n  right answer: {a['answer']}\n  cold start: {a['output'].strip()}\n  GRPO:       {b['output'].strip()}\n")
+    ask = ["python", "sample.py", "--ckpt", os.path.join(out, "grpo", "checkpoint"), "--video", s.video,
+           "--question", s.question.split("\n")[0], "--options", *s.meta["options"]]
+    print("ask the GRPO model a question of your own:\n  " + shlex.join(ask) + "\n")
+    return figures
+
+
+def demo(out, seed, device="", reward_reasoning=False):
     t0 = time.time()
     paths = make_synthetic(os.path.join(out, "data"), n_train=DEMO["n_train"], n_coldstart=DEMO["n_coldstart"],
                              n_test=DEMO["n_test"], n_captions=DEMO["n_captions"], seed=seed)
@@ -227,32 +270,49 @@ def demo(out, seed, device=""):
     common = dict(seed=seed, frames=DEMO["frames"], device=device, save_every=10**9, overwrite=True)
     # The published chain starts from a base model that already sees; here a short supervised stage on
     # plain descriptions of separate videos plays that part (on the GRPO videos themselves it would
-    # memorise their answers). Then the paper's two stages.
+    # memorise their answers). Then the paper's two stages, GRPO scored on the held-out file as it goes.
     train.train(train.TrainConfig(stage="sft", init=init, data=paths["captions"], out=os.path.join(out, "base"), **common, **DEMO["base"]))
     train.train(train.TrainConfig(stage="sft", init=os.path.join(out, "base", "checkpoint"), data=paths["coldstart"],
                       out=os.path.join(out, "sft"), **common, **DEMO["sft"]))
-    train.train(train.TrainConfig(stage="grpo", init=os.path.join(out, "sft", "checkpoint"), data=paths["grpo"],
-                      out=os.path.join(out, "grpo"), **common, **DEMO["grpo"]))
+    train.train(train.TrainConfig(stage="grpo", init=os.path.join(out, "sft", "checkpoint"), data=paths["train"],
+                                  out=os.path.join(out, "grpo"), eval_data=paths["test"], **common, **DEMO["grpo"]),
+                reward_fns={"reasoning": reasoning_reward} if reward_reasoning else None)
 
-    test = D.read_samples(paths["heldout"])[0]  # held-out questions, asked exactly as in training
+    test = D.read_samples(paths["test"])[0]  # held-out questions, asked as sample.py asks them
     results = {}
     for stage in ("sft", "grpo"):
         model, tok = sample.load(os.path.join(out, stage, "checkpoint"), device or None)
         results[stage] = sample.evaluate(model, tok, test, "reason", batch_size=50, frames=DEMO["frames"], max_new_tokens=DEMO["grpo"]["max_new_tokens"])
-    tasks = sorted({r["task"] for r in results["sft"]["records"]})
-    per_task = {stage: {t: round(float(np.mean([r["correct"] for r in results[stage]["records"] if r["task"] == t])), 3)
-                        for t in tasks} for stage in ("sft", "grpo")}
-    print(f"\n{'held-out accuracy':<20}" + "".join(f"{t:>10}" for t in tasks) + f"{'all':>10}")
-    for stage in ("sft", "grpo"):
-        print(f"{stage:<20}" + "".join(f"{per_task[stage][t]:>10.3f}" for t in tasks) + f"{results[stage]['accuracy']:>10.3f}")
-    # one held-out question, the first on which the two models answer differently (else the first)
-    pairs = list(zip(results["sft"]["records"], results["grpo"]["records"]))
-    a, b = next(((a, b) for a, b in pairs if a["output"] != b["output"]), pairs[0])
-    question = {s.video: s.question for s in test}[a["video"]].replace(D.GRPO_SUFFIX, "")
-    print(f"\none held-out question ({a['video']}):\n{question}"
-          f"\n  right answer: {a['answer']}\n  cold start: {a['output'].strip()}\n  GRPO:       {b['output'].strip()}\n")
-    summary = {"sft_accuracy": results["sft"]["accuracy"], "grpo_accuracy": results["grpo"]["accuracy"], "per_task": per_task,
+    figures = report(results, test, out)
+    summary = {"sft_accuracy": results["sft"]["accuracy"], "grpo_accuracy": results["grpo"]["accuracy"],
+               "per_task": {stage: {t: v for t, v in f.items() if t != "all"} for stage, f in figures["accuracy"].items()},
+               "reasoning_accuracy": figures["reasoning_accuracy"],
+               "answer_agrees_with_reasoning": figures["answer_agrees_with_reasoning"],
                "sft_unparsed": results["sft"]["unparsed"], "grpo_unparsed": results["grpo"]["unparsed"],
-               "n_test": len(test), "seed": seed, "seconds": round(time.time() - t0, 1)}
+               "n_test": len(test), "seed": seed, "reward_reasoning": reward_reasoning, "seconds": round(time.time() - t0, 1)}
     print(json.dumps(summary))
     return summary
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="The CPU demo: synthetic videos, a small model, the cold start then GRPO, "
+                                "both evaluated (accuracy and reasoning).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = lambda msg: (print(f"demo.py: {msg} (see --help)", file=sys.stderr), sys.exit(2))
+    p.add_argument("--seed", type=int, default=0, help="seed of the task, the model and the training")
+    p.add_argument("--out", default="runs/demo", help="folder for the data, the three stages and their checkpoints")
+    p.add_argument("--reward-reasoning", action="store_true", help="add the fact check of the thinking to the GRPO "
+                   "reward (+1 when it states the clip's true fact; not the paper's reward)")
+    p.add_argument("--device", default="", help="cuda, cpu, ... (default: cuda if available)")
+    args = p.parse_args(argv)
+    if "WORLD_SIZE" in os.environ:
+        p.error("the demo runs in one process; under torchrun run train.py on the demo's OUT/data files")
+    try:
+        demo(args.out, args.seed, args.device, args.reward_reasoning)
+        return 0
+    except (train.RunError, D.DataError, D.VideoError, M.CheckpointError, train.Diverged) as e:
+        print(f"demo.py: {e}", file=sys.stderr)
+        return 1 if isinstance(e, train.Diverged) else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,6 +2,7 @@
 
     python sample.py --ckpt DIR --video clip.mp4 --question "What is the man doing?" --options "sit down" "run"
     python sample.py --ckpt DIR --eval test.jsonl                 # accuracy, predictions.jsonl, resumable
+    python sample.py --ckpt DIR --eval test.jsonl --probe-reasoning  # does the answer depend on the thinking?
     python sample.py --ckpt DIR --bench mvbench --root MVBench    # or videomme, mlvu, mmvu: the paper's table
     python sample.py --ckpt DIR --bench mvbench --root MVBench --protocol original --samples 3  # as the paper did
 
@@ -97,13 +98,49 @@ def parse_answer(text, num_options=26, mode="reason"):
     return m.group(1) if m else None
 
 
+THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+
+
+def check_reasoning(text, fact, options, answer, pred):
+    """For a row that says what its reasoning must state (`fact`: a regex whose group captures the option it
+    names): -> (the thinking states the true option and no other, it states exactly the option answered)."""
+    m = THINK.search(text)
+    stated = set(re.findall(fact, m.group(1))) & set(options) if m else set()
+    named = lambda letter: {options[ord(letter) - 65]} if letter and ord(letter) - 65 < len(options) else None  # noqa: E731
+    return stated == named(answer), stated == named(pred)
+
+
+def probe_reasoning(texts, ask, num_options):
+    """Early answering and corrupted reasoning (Lanham et al. 2023) for the in-format answers among `texts`: each
+    is asked again with its thinking removed, cut to its first half (in words), or replaced by the next other
+    answer's different thinking, the answer prefilled up to "<answer" and continued. ask(rows, prefills) -> the
+    continuations; num_options: per text. -> per text None (not in format) or {"removed", "half", "swapped"}: the
+    letter then given."""
+    out = [{} if G.format_reward(t) > 0 else None for t in texts]
+    at = [i for i, o in enumerate(out) if o is not None]
+    thinks = [THINK.search(texts[i]) for i in at]
+    rows, prefills, keys = [], [], []
+    for j, (i, m) in enumerate(zip(at, thinks)):
+        words, text = m.group(1).split(), texts[i]
+        other = next((o.group(1) for o in thinks[j + 1:] + thinks[:j] if o.group(1) != m.group(1)), None)
+        for key, edit in (("removed", ""), ("half", " ".join(words[:len(words) // 2])), ("swapped", other)):
+            if edit is not None:
+                rows.append(i), keys.append(key)
+                prefills.append(text[:m.start(1)] + edit + text[m.end(1):text.index("<answer>") + len("<answer")])
+    for i, key, cont in zip(rows, keys, ask(rows, prefills) if rows else []):
+        out[i][key] = parse_answer("<answer" + cont, num_options[i])
+    return out
+
+
 @torch.no_grad()
 def generate(model, tok, questions, pixels, max_new_tokens=512, temperature=0.0, top_k=50, top_p=1.0, generator=None,
-             decode=None):
+             decode=None, prefills=None):
     """One answer per question: questions (B strings), pixels (B, T, 3, S, S) -> B strings, the prompts
-    left-padded and decoded together with the KV cache through `decode` (a grpo.FastDecode on a GPU)."""
+    left-padded and decoded together with the KV cache through `decode` (a grpo.FastDecode on a GPU). With
+    `prefills` (B strings) each answer is forced to start with its prefill and only the continuation returned."""
     device = next(model.parameters()).device
-    ids, mask = D.collate_prompts([tok.prompt_ids(q) for q in questions], tok.pad_id)
+    ids, mask = D.collate_prompts([tok.prompt_ids(q) + tok.encode(p) for q, p in zip(questions, prefills or [""] * len(questions))],
+                                  tok.pad_id)
     dtype = next(model.vision_tower.parameters()).dtype
     embeds = torch.cat([model.encode_video(pixels[i:i + 8].to(device, dtype)) for i in range(0, len(pixels), 8)])
     ro = G.rollout(model, ids.to(device), embeds, tok.eos_id, tok.pad_id, mask.to(device), group_size=1,
@@ -112,13 +149,15 @@ def generate(model, tok, questions, pixels, max_new_tokens=512, temperature=0.0,
     return [tok.decode(r[m > 0]) for r, m in zip(ro.completion_ids.cpu(), ro.mask.cpu())]
 
 
-def generate_fitting(fits, model, tok, questions, pixels, *args, **kw):
-    """`generate`, fits["batch"] questions at a time: out of GPU memory, that batch halves (said once) and goes on."""
+def generate_fitting(fits, model, tok, questions, pixels, *args, prefills=None, **kw):
+    """`generate`, fits["batch"] questions at a time (all, if unset): out of GPU memory, that batch halves (said once)
+    and goes on."""
     out = []
     while len(out) < len(questions):
-        n = fits["batch"]
+        n = fits.get("batch") or len(questions)  # no limit until memory ran out once
+        at = slice(len(out), len(out) + n)
         try:
-            out += generate(model, tok, questions[len(out):len(out) + n], pixels[len(out):len(out) + n], *args, **kw)
+            out += generate(model, tok, questions[at], pixels[at], *args, **kw, **({"prefills": prefills[at]} if prefills else {}))
         except torch.cuda.OutOfMemoryError:
             if n == 1:
                 raise
@@ -178,13 +217,14 @@ def read_predictions(path, run=None):
 
 @releasing_locks
 def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8, frames=None, max_new_tokens=512,
-             progress=True, desc="eval", protocol="clean", seed=0, decode=None, run=None):
+             progress=True, desc="eval", protocol="clean", seed=0, decode=None, run=None, probe=False):
     """Answer every sample (data.Sample, `question` holding the options and the mode's suffix) and compare the letter
     with `sample.solution`. protocol "clean": greedy, parse_answer; "original" (eval.py's readers): sampled (temperature
     1, top-k 50) from a generator seeded with `seed`, and eval.parse_original with its guesses seeded by `seed` and the
     item, so a command repeats its answers. Each answer is appended to `predictions` as soon as it exists, and items
     found there with the same `run` are not asked again. A video that cannot be read is reported, skipped and counted
-    (asked again next run). -> {"accuracy", "correct", "total", "unparsed", "missing_videos", "tokens_per_s"}, the
+    (asked again next run). A row with a "fact" pattern gets its reasoning checked (check_reasoning); with `probe`
+    each in-format answer is probed (probe_reasoning). -> {"accuracy", "correct", "total", "unparsed", "missing_videos", "tokens_per_s"}, the
     records (with the exact prompt, the frame indices and the sample's meta but its options) and "missing" samples."""
     original = protocol == "original"
     device = next(model.parameters()).device
@@ -196,7 +236,7 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
     done = read_predictions(predictions, run) if predictions else {}
     records = [done[k] for k in (sample_key(s) for s in samples) if k in done]
     todo = [s for s in samples if sample_key(s) not in done]
-    missing, tokens, seconds, fits = [], 0, 0.0, {"batch": batch_size}
+    missing, tokens, seconds, fits = [], 0, 0.0, {}
     out = open(predictions, "a") if predictions else contextlib.nullcontext()
     if predictions and out.tell() > 0:
         with open(predictions, "rb") as f:
@@ -217,17 +257,23 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
                     bar.update(1)
             if not batch:
                 continue
-            texts = [None] * len(batch)
+            def ask(rows, max_new, prefills=None):  # answers for batch[rows]; a clip short of frames ("unique") goes apart
+                texts = [None] * len(rows)
+                for shape in dict.fromkeys(pixels[j].shape for j in rows):
+                    at = [k for k, j in enumerate(rows) if pixels[j].shape == shape]
+                    answers = generate_fitting(fits, model, tok, [batch[rows[k]].question for k in at],
+                                               torch.stack([pixels[rows[k]] for k in at]), max_new, decode=decode, **sampling,
+                                               prefills=[prefills[k] for k in at] if prefills else None)
+                    for k, text in zip(at, answers):
+                        texts[k] = text.strip() if original else text
+                return texts
             t = time.perf_counter()
-            for shape in dict.fromkeys(p.shape for p in pixels):  # a clip short of frames ("unique") goes apart
-                at = [j for j, p in enumerate(pixels) if p.shape == shape]
-                answers = generate_fitting(fits, model, tok, [batch[j].question for j in at],
-                                           torch.stack([pixels[j] for j in at]), max_new_tokens, decode=decode, **sampling)
-                for j, text in zip(at, answers):
-                    texts[j] = text.strip() if original else text
+            texts = ask(range(len(batch)), max_new_tokens)
+            probes = probe_reasoning(texts, lambda rows, prefills: ask(rows, 8, prefills), [
+                len(s.meta.get("options") or []) or 26 for s in batch]) if probe else [None] * len(batch)
             seconds += time.perf_counter() - t
             tokens += sum(len(tok.encode(x)) + 1 for x in texts)
-            for s, text, idx in zip(batch, texts, used):
+            for s, text, idx, probed in zip(batch, texts, used, probes):
                 num_options = len(s.meta.get("options") or []) or 26
                 rng = random.Random(f"{seed}:{sample_key(s)}")  # the original's guess, repeatable
                 pred, guessed = E.parse_original(text, s.meta["choices"], rng) if original else (
@@ -237,7 +283,9 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
                 r = {"key": sample_key(s), "video": s.video, "answer": answer, "pred": pred,
                      "correct": pred is not None and pred == answer, "output": text, "num_options": num_options,
                      "prompt": D.build_prompt(s.question), "frames": idx,
-                     **({"guessed": guessed, "seed": seed} if original else {}),
+                     **({"guessed": guessed, "seed": seed} if original else {}), **({"probe": probed} if probe else {}),
+                     **(dict(zip(("reasoning_right", "reasoning_agrees"), check_reasoning(
+                         text, s.meta["fact"], s.meta.get("options") or [], answer, pred))) if "fact" in s.meta else {}),
                      **{k: v for k, v in s.meta.items() if k != "options"}, "run": run}
                 records.append(r)
                 if predictions:
@@ -251,20 +299,33 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
             "missing": missing, "tokens_per_s": tokens / seconds if seconds else None}
 
 
+def probe_summary(records):
+    """The probe's rates: of the items probed, the fraction whose letter stayed the same under each edit, and counts."""
+    probed = [r for r in records if r.get("probe")]
+    counts = {k: sum(k in r["probe"] for r in probed) for k in ("removed", "half", "swapped")}
+    same = {k: sum(r["probe"].get(k, 0) == r["pred"] for r in probed) / max(n, 1) for k, n in counts.items()}
+    print(f"reasoning probe, {len(probed)} in-format answers: the letter stays the same with the thinking removed "
+          f"{same['removed']:.3f}, cut to its first half {same['half']:.3f}, swapped for another's {same['swapped']:.3f}")
+    return {"probed": len(probed), "same_letter": same, "counts": counts,
+            "accuracy": sum(r["correct"] for r in records) / max(len(records), 1)}
+
+
 def sample_key(s):
     return f"{s.meta.get('line', '')}:{s.video}:{s.question}"
 
 
 def run_benchmark(model, tok, samples, bench, mode, predictions, batch_size, frames, max_new_tokens,
-                  protocol="clean", seed=0, decode=None, run=None):
+                  protocol="clean", seed=0, decode=None, run=None, probe=False):
     """Answer (or resume) every item, print the table, write the summary beside the predictions."""
     _, group, average = E.BENCHMARKS[bench]
     res = evaluate(model, tok, samples, mode, predictions, batch_size, frames, max_new_tokens, desc=bench,
-                   protocol=protocol, seed=seed, decode=decode, run=run)
+                   protocol=protocol, seed=seed, decode=decode, run=run, probe=probe)
     order = list(dict.fromkeys(s.meta[group] for s in samples))
     if bench == "videomme":
         order = sorted(order, key=lambda d: E.VIDEOMME_DURATIONS.index(d) if d in E.VIDEOMME_DURATIONS else len(order))
     summary = E.summarize(res["records"], group, average, order, [s.meta for s in res["missing"]])
+    if probe:
+        summary["reasoning_probe"] = probe_summary(res["records"])
     rule = (f"original protocol, seed {seed}: sampled answers; an unparsed answer was guessed at random, as the "
             f"original did" if protocol == "original" else "clean protocol: an unparsed answer counts as wrong "
             "(guessed %: as if it were a random guess, the original code's rule)")
@@ -293,6 +354,8 @@ def parse_args(argv=None):
                    help="reason: think in <think> tags, answer in <answer> tags; option: answer with the letter")
     p.add_argument("--eval", metavar="FILE.jsonl", help="score a multiple-choice file (video, question, options, answer)")
     p.add_argument("--bench", choices=sorted(E.BENCHMARKS), help="score one of the paper's benchmarks, read from --root")
+    p.add_argument("--probe-reasoning", action="store_true", help="--eval, --bench: ask each in-format answer again "
+                   "with its thinking removed, halved or swapped; report how often the letter stays (docs/reasoning.md)")
     p.add_argument("--protocol", choices=["clean", "original"], default="clean",
                    help="--bench: clean (greedy, strict parser), or original: the paper's own evaluation (its prompts, "
                         "sampled answers, random guess when unparsed, its frames), to reproduce its table")
@@ -335,6 +398,8 @@ def main(argv=None):
             raise UsageError("--protocol original is for --bench, in reason mode (the original asked for reasons)")
         if args.samples < 1 or (args.samples > 1 and not original):
             raise UsageError("--samples K: K >= 1, and K > 1 only with --protocol original (clean decoding is greedy)")
+        if args.probe_reasoning and (original or args.mode != "reason" or not (args.eval or args.bench)):
+            raise UsageError("--probe-reasoning is for --eval or --bench, in reason mode with the clean protocol")
         max_new_tokens = args.max_new_tokens or (1024 if original else 512)
         if args.bench:  # read the benchmark first: a layout error should not wait for the model to load
             if not args.root or not os.path.isdir(args.root):
@@ -347,7 +412,7 @@ def main(argv=None):
         decode = G.FastDecode(lm) if (on_gpu if args.compile is None else args.compile) else lm.decode_step
         batch_size = args.batch_size or default_batch_size(model, max_new_tokens, frames)
         run = {"checkpoint": checkpoint_id(args.ckpt), "mode": args.mode, "frames": frames, "max_new_tokens": max_new_tokens,
-               "dtype": str(next(model.parameters()).dtype), "protocol": args.protocol}
+               "dtype": str(next(model.parameters()).dtype), "protocol": args.protocol, **({"probe": True} if args.probe_reasoning else {})}
         if args.bench:
             preds = args.predictions or os.path.join(args.ckpt, "eval", f"{args.bench}.{args.protocol if original else args.mode}.jsonl")
             os.makedirs(os.path.dirname(os.path.abspath(preds)), exist_ok=True)
@@ -356,7 +421,7 @@ def main(argv=None):
                 path = f"{os.path.splitext(preds)[0]}.seed{seed}.jsonl" if original else preds
                 runs.append(run_benchmark(model, tok, samples, args.bench, args.mode, path, batch_size, frames,
                                           max_new_tokens, args.protocol, seed, decode,
-                                          {**run, "seed": seed} if original else run))
+                                          {**run, "seed": seed} if original else run, args.probe_reasoning))
             if len(runs) > 1:  # one sampled run is noisy: the spread over seeds says how much
                 averages = [r["average"] for r in runs]
                 mean, std = float(np.mean(averages)), float(np.std(averages, ddof=1))
@@ -371,10 +436,15 @@ def main(argv=None):
                 raise UsageError(f"--eval {args.eval}: no such file")
             samples = D.read_samples(args.eval, args.root, mode=args.mode)[0]
             preds = args.predictions or os.path.splitext(args.eval)[0] + f".{args.mode}.predictions.jsonl"
-            res = evaluate(model, tok, samples, args.mode, preds, batch_size, frames, max_new_tokens, decode=decode, run=run)
+            res = evaluate(model, tok, samples, args.mode, preds, batch_size, frames, max_new_tokens, decode=decode, run=run,
+                           probe=args.probe_reasoning)
             speed = f", {res['tokens_per_s']:.0f} tokens/s" if res["tokens_per_s"] else ""
             print(f"accuracy {res['accuracy']:.4f} ({res['correct']}/{res['total']}), unparsed {res['unparsed']}, "
                   f"missing videos {res['missing_videos']}{speed}; predictions in {preds}")
+            if args.probe_reasoning:
+                with open(os.path.splitext(preds)[0] + ".summary.json", "w") as f:
+                    json.dump({"accuracy": res["accuracy"], "total": res["total"], "run": run,
+                               "reasoning_probe": probe_summary(res["records"])}, f, indent=1)
             return 0
         if not os.path.exists(args.video):
             raise UsageError(f"--video {args.video}: no such file")

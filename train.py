@@ -11,7 +11,7 @@ The vision tower is frozen in both stages: its features are computed once per vi
 rollout, the reference and the policy passes. Weights stay in fp32 (the paper's lr 1e-6 is below bf16's
 resolution), compute runs in bf16 on a GPU.
 
-    python train.py                                   # the CPU demo: synthetic videos, SFT, then GRPO
+    python demo.py                                    # the CPU demo: synthetic videos, SFT, then GRPO
     python train.py --stage sft --init BASE_DIR --data nextqa-coldstart-16.json --out runs/sft
     python train.py --stage grpo --init runs/sft/checkpoint --data nextqa_0-30s.jsonl --root videos --out runs/grpo
     torchrun --nproc_per_node 8 train.py --stage grpo ...     # 8 GPUs: data parallel (+ --fsdp: sharded)
@@ -43,6 +43,7 @@ from tqdm import tqdm
 import data as D
 import grpo as G
 import model as M
+import sample
 from parallel import (average_gradients, format_plan, gather, memory_plan, on_rank0, reduce_metrics, setup_distributed,
                       shard, teardown_distributed)
 from runs import (RunError, SaveFailed, Stopped, append_jsonl, catch_stop_signals, check_room, checkpoint_bytes,
@@ -113,6 +114,8 @@ class TrainConfig:
     lora_alpha: float = option(0.0, "LoRA scale alpha / rank (0: 2 x rank, TinyLLaVA's LoRA recipe)")
     dry_run: bool = option(False, "print the GPU memory plan of these flags from --init's config.json alone, then exit")
     nproc: int = option(0, "processes the plan assumes (0: torchrun's WORLD_SIZE, else 1)")
+    eval_data: str = option("", "held-out multiple-choice file scored as sample.py --eval does, at the end and every --eval-every")
+    eval_every: int = option(0, "with --eval-data: score it every N optimizer steps (0: only at the end)")
 
     def __post_init__(self):
         self.lr = self.lr or (1e-5 if self.stage == "sft" else 1e-6)
@@ -137,7 +140,7 @@ def check_config(cfg):
     bad = [f"{v(n)}: must be >= 1" for n in ("prompts_per_step", "micro_batch", "max_new_tokens", "frames", "save_every",
                                             "max_len", "updates_per_rollout") if getattr(c, n) < 1]
     bad += [f"{v(n)}: must be >= 0" for n in ("steps", "stop_after", "rollout_batch", "top_k", "weight_decay", "max_grad_norm", "beta",
-                                             "noise_std", "epsilon_low", "epsilon_high", "lora", "nproc") if getattr(c, n) < 0]
+                                             "noise_std", "epsilon_low", "epsilon_high", "lora", "nproc", "eval_every") if getattr(c, n) < 0]
     bad += [f"{v(f.name)}: must be one of {', '.join(f.metadata['choices'])}" for f in fields(c)
             if f.metadata["choices"] and getattr(c, f.name) not in f.metadata["choices"]]
     bad += [msg for ok, msg in [
@@ -311,10 +314,10 @@ def decode_texts(tok, rollout):
     return [tok.decode(r[m > 0]) for r, m in zip(rollout.completion_ids.cpu(), rollout.mask.cpu())]
 
 
-def collect(sampler, ref, tok, samples, load, cfg, device, gen):
+def collect(sampler, ref, tok, samples, load, cfg, device, gen, reward_fns=None):
     """Rollouts, rewards, advantages and reference log-probs for one step's prompts -> Experience,
     or None if no video of the step could be read. The prompts decode `cfg.rollout_batch` at a time
-    (all together by default): one decode step reads the weights once for all their rows."""
+    (all together by default): one decode step reads the weights once for all their rows. reward_fns: grpo.score's."""
     G_, times = cfg.group_size, {"rollout": 0.0, "reference": 0.0}
     # One seed per prompt, drawn for every prompt of the step: its samples are the same however the
     # prompts are batched, and whichever videos fail to load.
@@ -342,7 +345,7 @@ def collect(sampler, ref, tok, samples, load, cfg, device, gen):
     ro = G.concat_rollouts(rolls)
     texts = decode_texts(tok, ro)
     solutions = [s.solution for s in samples for _ in range(G_)]
-    scores = G.score(texts, solutions)
+    scores = G.score(texts, solutions, reward_fns)
     if cfg.temporal:
         acc_s = G.score(decode_texts(tok, G.concat_rollouts(shuffled)), solutions)["accuracy"]
         scores["reward"] = scores["reward"] + G.temporal_bonus(scores["accuracy"], acc_s, G_)
@@ -398,10 +401,10 @@ def optimizer_step(optimizer, params, sampler, max_grad_norm):
     return finite
 
 
-def grpo_step(model, sampler, ref, tok, samples, load, cfg, device, gen, apply_update):
+def grpo_step(model, sampler, ref, tok, samples, load, cfg, device, gen, apply_update, reward_fns=None):
     """collect, then update. -> the step's metrics (the caller takes the last optimizer step)."""
     t0 = time.perf_counter()
-    exp = collect(sampler, ref, tok, samples, load, cfg, device, gen)
+    exp = collect(sampler, ref, tok, samples, load, cfg, device, gen, reward_fns)
     if exp is None:
         return {"skipped_step": 1.0}
     t = time.perf_counter()
@@ -428,9 +431,22 @@ def run_budget(seconds, records, done, total):
             f"(step 1 took {seconds[0]:.1f} s, compiling included)")
 
 
+def evaluate_policy(sampler, tok, samples, cfg, rank, world):
+    """--eval-data scored as sample.py --eval does (greedy, the sampler's decode: compiled on a GPU), each rank its
+    share, a rollout's rows at a time. -> eval/accuracy, eval/format and, where rows carry a "fact", the reasoning's."""
+    res = sample.evaluate(sampler.model.eval(), tok, samples[rank::world], "reason", batch_size=cfg.prompts_per_step * cfg.group_size,
+                          frames=cfg.frames, max_new_tokens=cfg.max_new_tokens, progress=False, decode=sampler.decode)
+    keys = {"accuracy": "correct", "reasoning_accuracy": "reasoning_right", "answer_agrees_with_reasoning": "reasoning_agrees"}
+    mine = {k: [r[v] for r in res["records"] if v in r] for k, v in keys.items()}
+    mine["format"] = [G.format_reward(r["output"]) > 0 for r in res["records"]]
+    every = gather(mine, world)
+    return {f"eval/{k}": float(np.mean(v)) for k in mine for v in [[x for m in every for x in m[k]]] if v}
+
+
 @releasing_locks
-def train(cfg):
+def train(cfg, reward_fns=None):
     """Run one stage as configured; returns the last step's metrics. Writes everything under cfg.out.
+    reward_fns: extra GRPO rewards, name -> fn(completion, solution) (grpo.score).
     Raises RunError (or data.DataError, weights.CheckpointError) on bad input before any work, Diverged
     after MAX_NONFINITE_IN_A_ROW non-finite steps in a row."""
     check_config(cfg)
@@ -444,6 +460,7 @@ def train(cfg):
         tqdm.write(f"skipping row: {msg}")
     if not samples:
         raise RunError(f"no usable samples in {cfg.data}")
+    held_out = D.read_samples(cfg.eval_data)[0] if cfg.eval_data else []
 
     resume_from = on_rank0(lambda: prepare_out(cfg, MAY_CHANGE_ON_RESUME), rank, world)  # rank 0 locks and tidies OUT
     state = load_state(resume_from) if resume_from else None
@@ -460,12 +477,12 @@ def train(cfg):
     start_connector, ref = setup_lora(model, cfg, device, state) if cfg.lora else None, None
     # On a GPU the rollouts sample from a bf16 copy of the policy (with --lora: the policy itself, its base already
     # bf16); on a CPU from the policy itself. Under --fsdp the policy is sharded, so the rollouts always sample
-    # from a whole copy. SFT never samples: its sampler is the policy itself.
+    # from a whole copy. SFT samples only to evaluate: its sampler is the policy itself (a copy under --fsdp).
     if on_gpu(device) and not low_precision(device) and rank == 0:
         tqdm.write("this GPU has no bf16 (V100, T4 ...): the sampler, the reference and every pass run in fp32")
-    grpo = cfg.stage == "grpo"
-    sampler = G.Sampler(model, low_precision(device) if grpo else None, compile=cfg.compile and grpo,
-                        own_copy=cfg.fsdp and grpo, cuda_graph=on_gpu(device))
+    grpo, decodes = cfg.stage == "grpo", cfg.stage == "grpo" or bool(cfg.eval_data)  # --eval-data decodes in SFT too
+    sampler = G.Sampler(model, low_precision(device) if grpo else None, compile=cfg.compile and decodes,
+                        own_copy=cfg.fsdp and decodes, cuda_graph=on_gpu(device))
     if cfg.stage == "grpo" and cfg.beta > 0:
         if cfg.lora:  # the sampler's decoder (no copy), run with its adapters off (collect), and the start connector
             ref = copy.copy(sampler.model)
@@ -552,7 +569,7 @@ def train(cfg):
             if cfg.stage == "sft":
                 m = sft_step(model, tok, batch, load, cfg, device)
             else:
-                m = grpo_step(model, sampler, ref, tok, batch, load, cfg, device, gen, apply_update)
+                m = grpo_step(model, sampler, ref, tok, batch, load, cfg, device, gen, apply_update, reward_fns)
         except FloatingPointError:  # non-finite logits in a rollout
             m = {"nan": 1.0}
         m = reduce_metrics({**m, "skipped_samples": len(load.skipped)}, world)  # the same on every rank
@@ -564,6 +581,8 @@ def train(cfg):
                 tqdm.write(f"step {step + 1}: non-finite loss, logits or gradient, update skipped ({nan_steps} so far)")
             optimizer.zero_grad(set_to_none=True)
         schedule.step()
+        if held_out and (step + 1 == total or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):  # a resume keeps them
+            m.update(evaluate_policy(sampler, tok, held_out, cfg, rank, world))
         if on_gpu(device):
             m["peak_memory_gb"], m["planned_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9, plan[1] / 1e9
         seconds.append(time.perf_counter() - t_step)
@@ -573,7 +592,8 @@ def train(cfg):
         if rank == 0:
             append_jsonl(metrics_path, record)
             records.append(record)
-            plot_curves(records, os.path.join(cfg.out, "curves.png"), curve_keys)
+            plot_curves(records, os.path.join(cfg.out, "curves.png"), curve_keys + [k for k in (
+                "eval/accuracy", "eval/reasoning_accuracy") if any(k in r for r in records)])
         shown = ("loss",) if cfg.stage == "sft" else ("reward", "accuracy", "kl", "completion_length")
         bar.set_postfix({k: f"{m[k]:.3g}" for k in shown if isinstance(m.get(k), float)})
         if nan_run >= MAX_NONFINITE_IN_A_ROW:
@@ -596,11 +616,9 @@ def train(cfg):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Cold-start SFT and GRPO for TinyLLaVA-Video. With no flags (or --demo "
-                                "[--out --seed --device]): the CPU demo (synthetic videos, a small model, SFT then "
-                                "GRPO, then both evaluated).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Cold-start SFT and GRPO for TinyLLaVA-Video (the CPU demo: python demo.py).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = lambda msg: (print(f"train.py: {msg} (see --help)", file=sys.stderr), sys.exit(2))
-    p.add_argument("--demo", action="store_true", help="run the CPU demo (only --out, --seed, --device apply)")
     for f in fields(TrainConfig):  # every field a flag, its help and choices from the field
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         if f.type is bool:
@@ -629,24 +647,14 @@ def main(argv=None):
     """-> exit code: 0 done, 1 diverged or a save failed, 2 bad flags, data, checkpoint or run folder (a folder in use),
     128 + the signal's number when SIGTERM or SIGINT stopped the run after saving it (143, 130); one line each."""
     argv = sys.argv[1:] if argv is None else argv
-    args, parser = parse_args(argv)
-    given = sorted(k for k, v in vars(args).items() if v != parser.get_default(k))
+    args, _ = parse_args(argv)
     previous_handlers = catch_stop_signals()
     try:
-        if (args.demo or not argv) and "WORLD_SIZE" in os.environ:
-            raise RunError("the demo runs in one process; under torchrun give --data (e.g. the demo's OUT/data files)")
-        if args.demo or not argv:
-            extra = [k for k in given if k not in ("demo", "out", "seed", "device")]
-            if extra:
-                raise RunError(f"--demo takes only --out, --seed and --device, not --{extra[0].replace('_', '-')}")
-            import demo  # the demo drives train(); imported here, not at the top, to avoid a cycle
-            demo.demo(args.out, args.seed, args.device)
-            return 0
-        cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k != "demo"})
+        cfg = TrainConfig(**vars(args))
         if cfg.dry_run:
             return dry_run(cfg)
         if not args.data:
-            raise RunError("--data is required (the CPU demo runs with no flags at all, or with --demo)")
+            raise RunError("--data is required (the CPU demo: python demo.py [--seed N --out DIR])")
         train(cfg)
         return 0
     except (RunError, D.DataError, D.VideoError, CheckpointError, Diverged, SaveFailed, Stopped) as e:

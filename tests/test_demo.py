@@ -1,9 +1,10 @@
 """demo.py: the synthetic task (deterministic, balanced, its answers really in the frames) and the
-default run `python train.py`, shortened."""
+demo's own command `python demo.py`, shortened; its fact checker."""
 
 import collections
 import json
 import os
+import shlex
 
 import numpy as np
 import pytest
@@ -12,7 +13,6 @@ import data as D
 import demo
 import model as M
 import sample
-import train
 
 
 def test_synthetic_task_is_deterministic_balanced_and_readable(tmp_path):
@@ -57,19 +57,23 @@ def test_synthetic_answers_are_in_the_frames(task):
 
 @pytest.mark.slow  # the whole demo, shortened
 @pytest.mark.usefixtures("one_thread")
-def test_default_run_shortened(tmp_path, monkeypatch, capsys):
-    """`python train.py` with no flags, at a few steps per stage: data, tokenizer, base, SFT, GRPO, evaluation."""
+def test_demo_shortened_and_its_model_answers_the_command_line(tmp_path, monkeypatch, capsys):
+    """`python demo.py --reward-reasoning`, at a few steps per stage: data, tokenizer, base, SFT, GRPO (scored on the
+    held-out file as it goes), evaluation with the reasoning checked; then the printed ask command gives the answer
+    the evaluation gave to the same row (the same prompt: one format from the cold start to the command line)."""
     small = dict(frames=8, n_train=16, n_coldstart=8, n_test=8, n_captions=16,
                  base=dict(lr=1e-3, steps=2, prompts_per_step=8, micro_batch=8),
                  sft=dict(lr=1e-3, steps=2, prompts_per_step=4, micro_batch=4),
-                 grpo=dict(lr=1e-4, steps=2, prompts_per_step=4, micro_batch=4, group_size=4, max_new_tokens=8, beta=0.01))
+                 grpo=dict(lr=1e-4, steps=2, prompts_per_step=4, micro_batch=4, group_size=4, max_new_tokens=8, beta=0.01, eval_every=1))
     monkeypatch.setattr(demo, "DEMO", small)
-    assert train.main(["--demo", "--out", str(tmp_path), "--seed", "3"]) == 0
+    assert demo.main(["--out", str(tmp_path), "--seed", "3", "--reward-reasoning"]) == 0
     out = capsys.readouterr().out
     summary = json.loads(out.strip().splitlines()[-1])
-    assert set(summary) >= {"sft_accuracy", "grpo_accuracy", "per_task", "seconds"}
+    assert set(summary) >= {"sft_accuracy", "grpo_accuracy", "per_task", "seconds", "reasoning_accuracy", "answer_agrees_with_reasoning"}
     per_task = summary["per_task"]
     assert set(per_task) == {"sft", "grpo"} and set(per_task["sft"]) == set(per_task["grpo"]) and set(per_task["sft"]) <= set(demo.TASKS)
+    for name in ("reasoning_accuracy", "answer_agrees_with_reasoning"):
+        assert set(summary[name]) == {"sft", "grpo"} and set(summary[name]["grpo"]) == set(per_task["grpo"]) | {"all"}
     assert all(0 <= a <= 1 for stage in per_task.values() for a in stage.values())
     assert "one held-out question" in out and "cold start:" in out and "GRPO:" in out
     assert 0 <= summary["sft_accuracy"] <= 1 and 0 <= summary["grpo_accuracy"] <= 1 and summary["n_test"] == 8
@@ -84,5 +88,42 @@ def test_default_run_shortened(tmp_path, monkeypatch, capsys):
     for stage in ("base", "sft", "grpo"):
         assert (tmp_path / stage / "checkpoint" / "model.safetensors").exists()
     assert (tmp_path / "grpo" / "curves.png").exists()
+    rows = [json.loads(line) for line in open(tmp_path / "grpo" / "metrics.jsonl")]
+    assert all("eval/accuracy" in r and "eval/reasoning_accuracy" in r and "reward/reasoning" in r for r in rows)
     config = M.TinyLLaVAConfig.from_dict(json.load(open(tmp_path / "grpo" / "checkpoint" / "config.json")))
     assert config.connector.connector_type == "groupresampler" and config.connector.group == small["frames"]  # one group a frame
+
+    # every stage's prompts are the evaluation's (the command line's) prompts
+    data = tmp_path / "data"
+    cli = lambda s: D.mc_question(s.question.split("\n")[0], s.meta["options"])  # noqa: E731
+    assert all(s.question == cli(s) for f in ("train.jsonl", "test.jsonl") for s in D.read_samples(str(data / f))[0])
+    cold = D.read_samples(str(data / "coldstart.json"))[0]
+    assert all(s.question.endswith(D.REASON_SUFFIX) and "\nA. " in s.question for s in cold)
+    ask = shlex.split(out.split("ask the GRPO model a question of your own:")[1].strip().splitlines()[0])
+    assert ask[:2] == ["python", "sample.py"]
+    assert sample.main(ask[2:] + ["--max-new-tokens", "8"]) == 0
+    answered = capsys.readouterr().out.strip()
+    video = ask[ask.index("--video") + 1]
+    test = D.read_samples(str(data / "test.jsonl"))[0]
+    model, tok = sample.load(str(tmp_path / "grpo" / "checkpoint"), "cpu")
+    row = sample.evaluate(model, tok, [s for s in test if s.video == video], batch_size=1, frames=8, max_new_tokens=8, progress=False)
+    assert answered == row["records"][0]["output"].strip()
+
+
+@pytest.mark.parametrize("task", list(demo.TASKS))
+def test_fact_checker_on_written_reasoning(task):
+    options = demo.TASKS[task][1]
+    right, wrong = options[2], options[0]  # the answer is C
+    _, why = demo.render(task, right, np.random.RandomState(0))
+    _, why_wrong = demo.render(task, wrong, np.random.RandomState(0))
+    check = lambda think, pred: sample.check_reasoning(f"<think>{think}</think> <answer>{pred}</answer>", demo.FACTS[task],  # noqa: E731
+                                                       options, "C", pred)
+    assert check(why, "C") == (True, True)  # right fact, agreeing letter
+    assert check(why, "A") == (True, False)  # right fact, the letter of another option
+    assert check(why_wrong, "A") == (False, True)  # the wrong fact, and the letter it implies
+    assert check("I looked at the video.", "C") == (False, False)  # no fact stated
+    assert check(why + " " + why_wrong, "C") == (False, False)  # two facts: not a statement of the true one
+    assert sample.check_reasoning(f"{why} <answer>C</answer>", demo.FACTS[task], options, "C", "C") == (False, False)  # no <think>
+    assert demo.reasoning_reward(f"<think>{why}</think> <answer>A</answer>", "C") == 1.0
+    assert demo.reasoning_reward(f"<think>{why_wrong}</think> <answer>C</answer>", "C") == 0.0
+    assert demo.reasoning_reward(f"<think>{why} {why_wrong}</think> <answer>C</answer>", "C") == 0.0

@@ -95,7 +95,7 @@ def grpo_gradient(task, out, **kw):
     """One GRPO step on injected completions; rank 0 saves the averaged gradient to OUT/grad.pt."""
     real_score = G.score
 
-    def score(texts, solutions):  # rewards that differ within a group, from the text alone
+    def score(texts, solutions, reward_fns=None):  # rewards that differ within a group, from the text alone
         return {**real_score(texts, solutions), "reward": torch.tensor([float(len(t) % 5) for t in texts])}
 
     G.Sampler.rollout, G.score, undo = injected_rollout, score, recording_gradients(out)

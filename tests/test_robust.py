@@ -152,20 +152,25 @@ def test_a_run_is_never_overwritten_or_resumed_by_mistake(task, tmp_path, capsys
     assert [json.loads(r)["step"] for r in open(out / "metrics.jsonl")] == [1, 2]
 
 
-# ----------------------------------------------------------------------------- 4. flags without --data are not the demo
+# ----------------------------------------------------------------------------- 4. the demo has its own command line
 
 
-def test_only_a_flagless_command_runs_the_demo(monkeypatch, capsys):
+def test_train_needs_data_and_the_demo_has_its_own_command(monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(demo, "demo", lambda out, seed, device="": calls.append((out, seed)) or {})
+    monkeypatch.setattr(demo, "demo", lambda out, seed, device="", reward_reasoning=False: calls.append((out, seed, reward_reasoning)) or {})
     assert train.main(["--stage", "grpo", "--init", "X", "--steps", "2"]) == 2
     assert "--data" in one_line(capsys) and calls == []
-    assert train.main(["--seed", "3"]) == 2 and calls == []
+    assert train.main([]) == 2 and "demo.py" in one_line(capsys) and calls == []
+    with pytest.raises(SystemExit) as e:
+        train.main(["--demo"])
+    assert e.value.code == 2 and calls == []
     capsys.readouterr()
-    train.main([])
-    train.main(["--demo", "--seed", "3", "--out", "x"])
-    assert calls == [("runs/demo", 0), ("x", 3)]
-    assert train.main(["--demo", "--steps", "3"]) == 2 and "--steps" in one_line(capsys)
+    assert demo.main([]) == 0 and demo.main(["--seed", "3", "--out", "x", "--reward-reasoning"]) == 0
+    assert calls == [("runs/demo", 0, False), ("x", 3, True)]
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--steps", "3"])
+    assert e.value.code == 2 and "--steps" in one_line(capsys, "demo.py")
+    assert "import demo" not in open(train.__file__).read()  # no circle, not even inside a function
 
 
 # ----------------------------------------------------------------------------- 5. divergence

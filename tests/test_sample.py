@@ -3,6 +3,7 @@ interrupted run from its predictions file (on conftest.py's miniature MLVU, gene
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -86,3 +87,38 @@ def test_single_question_prints_generates_answer_stops_at_eos_and_honours_mode(c
                               "--mode", mode, "--max-new-tokens", "12", "--frames", "4"], capsys)
         assert code == 0, err
         assert out == want[mode] + "\n", mode
+
+
+@pytest.mark.parametrize("uses_thinking", [False, True])
+def test_reasoning_probe(ckpt, tmp_path, monkeypatch, capsys, uses_thinking):
+    """--probe-reasoning on a scripted model: one whose letter cannot depend on its thinking keeps it under every
+    edit (rates 1.0); one that reads its letter from its thinking ("it is B") loses it (rates below 1)."""
+    root = str(tmp_path / "MLVU")
+    mlvu(root)
+    tasks = sorted({s.meta["task"] for s in E.read_mlvu(root, "reason")})
+    answers = {t: f"<think>The {t} clip shows it is {'BCD'[i % 3]}</think> <answer>{'BCD'[i % 3]}</answer>" for i, t in enumerate(tasks)}
+    calls = []
+
+    def generate(model, tok, questions, pixels, max_new_tokens=512, prefills=None, **kw):
+        calls.append((len(questions), prefills is not None))
+        first = [answers[max((k for k in answers if k in q), key=len)] for q in questions]
+        if prefills is None:
+            return first
+        assert max_new_tokens <= 8 and all(p.endswith("</think> <answer") for p in prefills)
+        said = [re.search(r"it is ([A-D])", p) for p in prefills]
+        return [f">{(s.group(1) if s else 'A') if uses_thinking else sample.parse_answer(f)}</answer>" for s, f in zip(said, first)]
+
+    monkeypatch.setattr(sample, "generate", generate)
+    preds = str(tmp_path / "mlvu.jsonl")
+    code, out, _ = run(["--ckpt", ckpt, "--bench", "mlvu", "--root", root, "--predictions", preds, "--batch-size", "3",
+                        "--probe-reasoning"], capsys)
+    assert code == 0 and "reasoning probe" in out
+    assert [n for n, prefilled in calls if not prefilled] == [3, 3, 2]  # the re-asks: one batch per batch
+    assert sum(prefilled for _, prefilled in calls) == 3
+    probe = json.load(open(tmp_path / "mlvu.summary.json"))["reasoning_probe"]
+    assert probe["probed"] == 8 and probe["counts"] == {"removed": 8, "half": 8, "swapped": 8}
+    if uses_thinking:
+        assert probe["same_letter"]["removed"] == 0.0 and probe["same_letter"]["half"] == 0.0
+        assert probe["same_letter"]["swapped"] < 1.0
+    else:
+        assert probe["same_letter"] == {"removed": 1.0, "half": 1.0, "swapped": 1.0}

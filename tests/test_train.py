@@ -271,3 +271,40 @@ def test_optimizer_step_refreshes_a_sampler_copy():
         p.grad = torch.full_like(p, float("nan"))
     assert not train.optimizer_step(optimizer, params, sampler, max_grad_norm=1.0)
     assert all(torch.equal(theirs[n], before[n]) for n in moved)
+
+
+@pytest.mark.slow
+def test_held_out_evaluation_every_n_steps_at_the_end_and_after_a_resume(task, tmp_path):
+    """--eval-data: scored at every --eval-every steps and the last, in both stages; a run stopped and resumed
+    scores at the same steps, with the same figures; the reasoning figures where rows carry a "fact"."""
+    kw = dict(eval_data=task["test"], eval_every=2, steps=5, save_every=1)
+    run(task, tmp_path / "straight", **kw)
+    run(task, tmp_path / "split", stop_after=3, **kw)
+    run(task, tmp_path / "split", resume=True, **kw)
+    evals = lambda out: [(r["step"], r["eval/accuracy"], r["eval/format"]) for r in map(json.loads, open(out / "metrics.jsonl"))  # noqa: E731
+                         if "eval/accuracy" in r]
+    assert [e[0] for e in evals(tmp_path / "straight")] == [2, 4, 5] and evals(tmp_path / "split") == evals(tmp_path / "straight")
+    rows = [json.loads(line) for line in open(tmp_path / "straight" / "metrics.jsonl")]
+    assert 0 <= rows[-1]["eval/reasoning_accuracy"] <= 1 and 0 <= rows[-1]["eval/answer_agrees_with_reasoning"] <= 1
+    run(task, tmp_path / "sft", stage="sft", eval_data=task["test"], steps=2)  # 0: only at the end
+    assert ["eval/accuracy" in json.loads(line) for line in open(tmp_path / "sft" / "metrics.jsonl")] == [False, True]
+
+
+def test_an_extra_reward_reaches_the_loss(task, monkeypatch):
+    """train(reward_fns=...) (the demo's --reward-reasoning): the extra reward is scored, logged and changes the
+    advantages, hence the loss."""
+    model, tok = train.load_model(train.TrainConfig(init=task["init"]), torch.device("cpu"))
+    samples = D.read_samples(task["grpo"])[0][:2]
+    load = train.VideoLoader(4, model.config.vision.image_size)
+    cfg = train.TrainConfig(stage="grpo", group_size=3, max_new_tokens=6, micro_batch=2, noise_std=0, beta=0)
+    bonus = {"bonus": lambda completion, solution: float(len(completion) % 2)}  # differs between a group's answers
+    exps = [train.collect(train.G.Sampler(model), None, tok, samples, load, cfg, torch.device("cpu"),
+                          torch.Generator().manual_seed(5), fns) for fns in (None, bonus)]
+    assert exps[0].texts == exps[1].texts and "bonus" in exps[1].scores
+    assert torch.equal(exps[1].scores["reward"], exps[0].scores["reward"] + exps[1].scores["bonus"])
+    losses = []
+    for exp in exps:
+        model.zero_grad()
+        train.update(model, exp, cfg, tok.pad_id, lambda: None)
+        losses.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert any(not torch.equal(a, b) for a, b in zip(*losses))

@@ -61,7 +61,7 @@ def scripted_rewards(monkeypatch, *accuracies):
     """G.score with the rewards (and accuracies) given per call, in order: REWARDS if none."""
     real, calls = G.score, []
 
-    def score(texts, solutions):
+    def score(texts, solutions, reward_fns=None):
         out = real(texts, solutions)
         if accuracies:
             out["accuracy"] = torch.tensor(accuracies[len(calls)])
