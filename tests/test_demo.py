@@ -99,6 +99,7 @@ def test_demo_shortened_and_its_model_answers_the_command_line(tmp_path, monkeyp
     assert all(s.question == cli(s) for f in ("train.jsonl", "test.jsonl") for s in D.read_samples(str(data / f))[0])
     cold = D.read_samples(str(data / "coldstart.json"))[0]
     assert all(s.question.endswith(D.REASON_SUFFIX) and "\nA. " in s.question for s in cold)
+    capsys.readouterr()  # what the evaluations above printed
     ask = shlex.split(out.split("ask the GRPO model a question of your own:")[1].strip().splitlines()[0])
     assert ask[:2] == ["python", "sample.py"]
     assert sample.main(ask[2:] + ["--max-new-tokens", "8"]) == 0

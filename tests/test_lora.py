@@ -110,8 +110,8 @@ def test_dry_run_at_the_published_shapes(tmp_path, capsys):
 def test_lora_run_checkpoints_merged_and_resumes_exactly(task, tmp_path, capsys, monkeypatch):
     base, real_collect, ref_err, moved = W.from_pretrained(task["init"], dtype=torch.float32), train.collect, [], []
 
-    def collect(sampler, ref, tok, samples, load, cfg, device, gen):  # the reference's log-probs are the start model's
-        exp = real_collect(sampler, ref, tok, samples, load, cfg, device, gen)
+    def collect(sampler, ref, tok, samples, load, cfg, device, gen, *rest):  # the reference's log-probs are the start model's
+        exp = real_collect(sampler, ref, tok, samples, load, cfg, device, gen, *rest)
         with torch.no_grad():
             for ids, pmask, feats, comp, cmask, rows, T in exp.micro_batches(cfg.micro_batch, tok.pad_id):
                 want = G.completion_logprobs(base, ids, base.connect(feats), comp, cmask, pmask, cfg.temperature)
