@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import data as D
-import eval as E
-import grpo as G
+import data
+import eval
+import grpo
 import weights
 from eval import UsageError
 from runs import RunError, hold, releasing_locks
@@ -52,7 +52,7 @@ def load(ckpt, device=None, dtype=None):
             print("sample.py: this GPU has no bf16 (V100, T4 ...): the model runs in fp32", file=sys.stderr)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32)
     model = weights.from_pretrained(ckpt, device=device, dtype=dtype).eval()
-    return model, D.Tokenizer(ckpt, model.config.text.vocab_size)
+    return model, data.Tokenizer(ckpt, model.config.text.vocab_size)
 
 
 def checkpoint_id(ckpt):
@@ -116,7 +116,7 @@ def probe_reasoning(texts, ask, num_options):
     answer's different thinking, the answer prefilled up to "<answer" and continued. ask(rows, prefills) -> the
     continuations; num_options: per text. -> per text None (not in format) or {"removed", "half", "swapped"}: the
     letter then given."""
-    out = [{} if G.format_reward(t) > 0 else None for t in texts]
+    out = [{} if grpo.format_reward(t) > 0 else None for t in texts]
     at = [i for i, o in enumerate(out) if o is not None]
     thinks = [THINK.search(texts[i]) for i in at]
     rows, prefills, keys = [], [], []
@@ -139,11 +139,11 @@ def generate(model, tok, questions, pixels, max_new_tokens=512, temperature=0.0,
     left-padded and decoded together with the KV cache through `decode` (a grpo.FastDecode on a GPU). With
     `prefills` (B strings) each answer is forced to start with its prefill and only the continuation returned."""
     device = next(model.parameters()).device
-    ids, mask = D.collate_prompts([tok.prompt_ids(q) + tok.encode(p) for q, p in zip(questions, prefills or [""] * len(questions))],
+    ids, mask = data.collate_prompts([tok.prompt_ids(q) + tok.encode(p) for q, p in zip(questions, prefills or [""] * len(questions))],
                                   tok.pad_id)
     dtype = next(model.vision_tower.parameters()).dtype
     embeds = torch.cat([model.encode_video(pixels[i:i + 8].to(device, dtype)) for i in range(0, len(pixels), 8)])
-    ro = G.rollout(model, ids.to(device), embeds, tok.eos_id, tok.pad_id, mask.to(device), group_size=1,
+    ro = grpo.rollout(model, ids.to(device), embeds, tok.eos_id, tok.pad_id, mask.to(device), group_size=1,
                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
                    decode=decode)
     return [tok.decode(r[m > 0]) for r, m in zip(ro.completion_ids.cpu(), ro.mask.cpu())]
@@ -179,7 +179,7 @@ def stream(model, tok, question, pixels, max_new_tokens=512, temperature=0.0, to
     logits = lm.logits(lm.model(embeds, mask, cache)[:, -1])
     out, shown = [], ""
     for _ in range(max_new_tokens):
-        token, _ = G.sample_token(logits, temperature, top_k, top_p)
+        token, _ = grpo.sample_token(logits, temperature, top_k, top_p)
         if token.item() == tok.eos_id:
             break
         out.append(token.item())
@@ -249,9 +249,9 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
             batch, pixels, used = [], [], []
             for s in todo[i:i + batch_size]:
                 try:
-                    pix, idx = E.load_clip(s, frames, size)
+                    pix, idx = eval.load_clip(s, frames, size)
                     batch.append(s), pixels.append(pix), used.append(idx.tolist())
-                except D.VideoError as e:
+                except data.VideoError as e:
                     missing.append(s)
                     tqdm.write(f"missing video, counted as skipped: {e}", file=sys.stderr)
                     bar.update(1)
@@ -276,13 +276,13 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
             for s, text, idx, probed in zip(batch, texts, used, probes):
                 num_options = len(s.meta.get("options") or []) or 26
                 rng = random.Random(f"{seed}:{sample_key(s)}")  # the original's guess, repeatable
-                pred, guessed = E.parse_original(text, s.meta["choices"], rng) if original else (
+                pred, guessed = eval.parse_original(text, s.meta["choices"], rng) if original else (
                     parse_answer(text, num_options, mode), False)
                 # GRPO rows give the solution as "<answer>B</answer>", multiple-choice rows as "B"
                 answer = parse_answer(s.solution, 26, "reason" if "<answer>" in s.solution else "option")
                 r = {"key": sample_key(s), "video": s.video, "answer": answer, "pred": pred,
                      "correct": pred is not None and pred == answer, "output": text, "num_options": num_options,
-                     "prompt": D.build_prompt(s.question), "frames": idx,
+                     "prompt": data.build_prompt(s.question), "frames": idx,
                      **({"guessed": guessed, "seed": seed} if original else {}), **({"probe": probed} if probe else {}),
                      **(dict(zip(("reasoning_right", "reasoning_agrees"), check_reasoning(
                          text, s.meta["fact"], s.meta.get("options") or [], answer, pred))) if "fact" in s.meta else {}),
@@ -317,19 +317,19 @@ def sample_key(s):
 def run_benchmark(model, tok, samples, bench, mode, predictions, batch_size, frames, max_new_tokens,
                   protocol="clean", seed=0, decode=None, run=None, probe=False):
     """Answer (or resume) every item, print the table, write the summary beside the predictions."""
-    _, group, average = E.BENCHMARKS[bench]
+    _, group, average = eval.BENCHMARKS[bench]
     res = evaluate(model, tok, samples, mode, predictions, batch_size, frames, max_new_tokens, desc=bench,
                    protocol=protocol, seed=seed, decode=decode, run=run, probe=probe)
     order = list(dict.fromkeys(s.meta[group] for s in samples))
     if bench == "videomme":
-        order = sorted(order, key=lambda d: E.VIDEOMME_DURATIONS.index(d) if d in E.VIDEOMME_DURATIONS else len(order))
-    summary = E.summarize(res["records"], group, average, order, [s.meta for s in res["missing"]])
+        order = sorted(order, key=lambda d: eval.VIDEOMME_DURATIONS.index(d) if d in eval.VIDEOMME_DURATIONS else len(order))
+    summary = eval.summarize(res["records"], group, average, order, [s.meta for s in res["missing"]])
     if probe:
         summary["reasoning_probe"] = probe_summary(res["records"])
     rule = (f"original protocol, seed {seed}: sampled answers; an unparsed answer was guessed at random, as the "
             f"original did" if protocol == "original" else "clean protocol: an unparsed answer counts as wrong "
             "(guessed %: as if it were a random guess, the original code's rule)")
-    print(E.format_table(f"{bench}, {mode} mode, {frames} frames, {rule}; a missing video is left out.", summary, group))
+    print(eval.format_table(f"{bench}, {mode} mode, {frames} frames, {rule}; a missing video is left out.", summary, group))
     if summary["missing"]:
         print(f"warning: {summary['missing']} of {len(samples)} items have no readable video: this is not the "
               f"benchmark's full score")
@@ -353,7 +353,7 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=["reason", "option"], default="reason",
                    help="reason: think in <think> tags, answer in <answer> tags; option: answer with the letter")
     p.add_argument("--eval", metavar="FILE.jsonl", help="score a multiple-choice file (video, question, options, answer)")
-    p.add_argument("--bench", choices=sorted(E.BENCHMARKS), help="score one of the paper's benchmarks, read from --root")
+    p.add_argument("--bench", choices=sorted(eval.BENCHMARKS), help="score one of the paper's benchmarks, read from --root")
     p.add_argument("--probe-reasoning", action="store_true", help="--eval, --bench: ask each in-format answer again "
                    "with its thinking removed, halved or swapped; report how often the letter stays (docs/reasoning.md)")
     p.add_argument("--protocol", choices=["clean", "original"], default="clean",
@@ -404,12 +404,12 @@ def main(argv=None):
         if args.bench:  # read the benchmark first: a layout error should not wait for the model to load
             if not args.root or not os.path.isdir(args.root):
                 raise UsageError(f"--bench {args.bench} needs --root DIR, the benchmark's folder (got {args.root})")
-            samples = E.BENCHMARKS[args.bench][0](args.root, args.mode, args.protocol)
+            samples = eval.BENCHMARKS[args.bench][0](args.root, args.mode, args.protocol)
         model, tok = load(args.ckpt, args.device)
         frames = args.frames or int(model.config.raw.get("num_frames", 16))  # the checkpoint's, else the paper's
         lm = model.language_model
         on_gpu = lm.model.embed_tokens.weight.is_cuda  # there answers decode through a compiled step + CUDA graph
-        decode = G.FastDecode(lm) if (on_gpu if args.compile is None else args.compile) else lm.decode_step
+        decode = grpo.FastDecode(lm) if (on_gpu if args.compile is None else args.compile) else lm.decode_step
         batch_size = args.batch_size or default_batch_size(model, max_new_tokens, frames)
         run = {"checkpoint": checkpoint_id(args.ckpt), "mode": args.mode, "frames": frames, "max_new_tokens": max_new_tokens,
                "dtype": str(next(model.parameters()).dtype), "protocol": args.protocol, **({"probe": True} if args.probe_reasoning else {})}
@@ -434,7 +434,7 @@ def main(argv=None):
         if args.eval:
             if not os.path.exists(args.eval):
                 raise UsageError(f"--eval {args.eval}: no such file")
-            samples = D.read_samples(args.eval, args.root, mode=args.mode)[0]
+            samples = data.read_samples(args.eval, args.root, mode=args.mode)[0]
             preds = args.predictions or os.path.splitext(args.eval)[0] + f".{args.mode}.predictions.jsonl"
             res = evaluate(model, tok, samples, args.mode, preds, batch_size, frames, max_new_tokens, decode=decode, run=run,
                            probe=args.probe_reasoning)
@@ -448,13 +448,13 @@ def main(argv=None):
             return 0
         if not os.path.exists(args.video):
             raise UsageError(f"--video {args.video}: no such file")
-        pixels = D.load_video(args.video, num_frames=frames, size=model.config.vision.image_size)
-        question = D.mc_question(args.question, args.options, args.mode) if args.options else args.question
+        pixels = data.load_video(args.video, num_frames=frames, size=model.config.vision.image_size)
+        question = data.mc_question(args.question, args.options, args.mode) if args.options else args.question
         for piece in stream(model, tok, question, pixels, max_new_tokens, args.temperature, args.top_k, args.top_p, decode):
             print(piece, end="", flush=True)
         print()
         return 0
-    except (UsageError, RunError, D.VideoError, D.DataError, weights.CheckpointError, FloatingPointError) as e:
+    except (UsageError, RunError, data.VideoError, data.DataError, weights.CheckpointError, FloatingPointError) as e:
         print(f"sample.py: {e}", file=sys.stderr)
         return 2
 
