@@ -16,6 +16,7 @@ answered, resumably, with the same code as --eval.
 
 import argparse
 import contextlib
+import functools
 import glob
 import hashlib
 import json
@@ -215,6 +216,67 @@ def read_predictions(path, run=None):
     return done
 
 
+def num_options(s):
+    return len(s.meta.get("options") or []) or 26
+
+
+def load_clips(samples, frames, size):
+    """-> the samples whose video could be read, their clips (T, 3, S, S) and frame indices, and those whose could not
+    (reported)."""
+    batch, pixels, used, lost = [], [], [], []
+    for s in samples:
+        try:
+            pix, idx = eval.load_clip(s, frames, size)
+            batch.append(s), pixels.append(pix), used.append(idx.tolist())
+        except data.VideoError as e:
+            lost.append(s)
+            tqdm.write(f"missing video, counted as skipped: {e}", file=sys.stderr)
+    return batch, pixels, used, lost
+
+
+def ask_clips(fits, model, tok, questions, pixels, max_new_tokens, prefills=None, strip=False, **kw):
+    """generate_fitting over clips of different lengths (a "unique" pick gives a short clip fewer frames): each
+    length is asked apart. -> the answers, in order (stripped with `strip`)."""
+    texts = [None] * len(questions)
+    for shape in dict.fromkeys(p.shape for p in pixels):
+        at = [k for k, p in enumerate(pixels) if p.shape == shape]
+        answers = generate_fitting(fits, model, tok, [questions[k] for k in at], torch.stack([pixels[k] for k in at]),
+                                   max_new_tokens, prefills=[prefills[k] for k in at] if prefills else None, **kw)
+        for k, text in zip(at, answers):
+            texts[k] = text.strip() if strip else text
+    return texts
+
+
+def make_record(s, text, frames, mode, protocol, seed, run, probe=False, probed=None):
+    """One answer's record: its letter (the original's parser and seeded guess under protocol "original") against
+    the solution's, the exact prompt, the frame indices, the reasoning checks of a row with a "fact" pattern, the
+    probe's letters (with `probe`) and the sample's meta but its options."""
+    original = protocol == "original"
+    rng = random.Random(f"{seed}:{sample_key(s)}")  # the original's guess, repeatable
+    pred, guessed = eval.parse_original(text, s.meta["choices"], rng) if original else (
+        parse_answer(text, num_options(s), mode), False)
+    # GRPO rows give the solution as "<answer>B</answer>", multiple-choice rows as "B"
+    answer = parse_answer(s.solution, 26, "reason" if "<answer>" in s.solution else "option")
+    checks = check_reasoning(text, s.meta["fact"], s.meta.get("options") or [], answer, pred) if "fact" in s.meta else ()
+    return {"key": sample_key(s), "video": s.video, "answer": answer, "pred": pred,
+            "correct": pred is not None and pred == answer, "output": text, "num_options": num_options(s),
+            "prompt": data.build_prompt(s.question), "frames": frames,
+            **({"guessed": guessed, "seed": seed} if original else {}), **({"probe": probed} if probe else {}),
+            **dict(zip(("reasoning_right", "reasoning_agrees"), checks)),
+            **{k: v for k, v in s.meta.items() if k != "options"}, "run": run}
+
+
+def append_to(path):
+    """`path` opened to append to, a last line an interruption cut short ended first so the next starts its own."""
+    out = open(path, "a")
+    if out.tell() > 0:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                out.write("\n")
+    return out
+
+
 @releasing_locks
 def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8, frames=None, max_new_tokens=512,
              progress=True, desc="eval", protocol="clean", seed=0, decode=None, run=None, probe=False):
@@ -224,72 +286,38 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
     item, so a command repeats its answers. Each answer is appended to `predictions` as soon as it exists, and items
     found there with the same `run` are not asked again. A video that cannot be read is reported, skipped and counted
     (asked again next run). A row with a "fact" pattern gets its reasoning checked (check_reasoning); with `probe`
-    each in-format answer is probed (probe_reasoning). -> {"accuracy", "correct", "total", "unparsed", "missing_videos", "tokens_per_s"}, the
-    records (with the exact prompt, the frame indices and the sample's meta but its options) and "missing" samples."""
-    original = protocol == "original"
+    each in-format answer is probed (probe_reasoning). -> {"accuracy", "correct", "total", "unparsed",
+    "missing_videos", "tokens_per_s"}, the records (make_record) and "missing" samples."""
     device = next(model.parameters()).device
-    sampling = dict(temperature=1.0, top_k=50, top_p=1.0, generator=torch.Generator(device).manual_seed(seed)) if original else {}
+    sampling = dict(temperature=1.0, top_k=50, top_p=1.0, generator=torch.Generator(device).manual_seed(seed)) if (
+        protocol == "original") else {}
     frames = frames or int(model.config.raw.get("num_frames", 16))
-    size = model.config.vision.image_size
     if predictions:  # one writer per predictions file: a second would interleave its answers with ours
         hold(predictions + ".lock", f"predictions file {predictions}")
     done = read_predictions(predictions, run) if predictions else {}
     records = [done[k] for k in (sample_key(s) for s in samples) if k in done]
     todo = [s for s in samples if sample_key(s) not in done]
     missing, tokens, seconds, fits = [], 0, 0.0, {}
-    out = open(predictions, "a") if predictions else contextlib.nullcontext()
-    if predictions and out.tell() > 0:
-        with open(predictions, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                out.write("\n")  # end a line an interruption cut short, so the next answer starts its own
+    ask = functools.partial(ask_clips, fits, model, tok, decode=decode, strip=protocol == "original", **sampling)
     bar = tqdm(total=len(samples), initial=len(records), desc=desc, disable=not progress, dynamic_ncols=True)
-    with out, bar:
+    with append_to(predictions) if predictions else contextlib.nullcontext() as out, bar:
         for i in range(0, len(todo), batch_size):
-            batch, pixels, used = [], [], []
-            for s in todo[i:i + batch_size]:
-                try:
-                    pix, idx = eval.load_clip(s, frames, size)
-                    batch.append(s), pixels.append(pix), used.append(idx.tolist())
-                except data.VideoError as e:
-                    missing.append(s)
-                    tqdm.write(f"missing video, counted as skipped: {e}", file=sys.stderr)
-                    bar.update(1)
+            batch, pixels, used, lost = load_clips(todo[i:i + batch_size], frames, model.config.vision.image_size)
+            missing += lost
+            bar.update(len(lost))
             if not batch:
                 continue
-            def ask(rows, max_new, prefills=None):  # answers for batch[rows]; a clip short of frames ("unique") goes apart
-                texts = [None] * len(rows)
-                for shape in dict.fromkeys(pixels[j].shape for j in rows):
-                    at = [k for k, j in enumerate(rows) if pixels[j].shape == shape]
-                    answers = generate_fitting(fits, model, tok, [batch[rows[k]].question for k in at],
-                                               torch.stack([pixels[rows[k]] for k in at]), max_new, decode=decode, **sampling,
-                                               prefills=[prefills[k] for k in at] if prefills else None)
-                    for k, text in zip(at, answers):
-                        texts[k] = text.strip() if original else text
-                return texts
             t = time.perf_counter()
-            texts = ask(range(len(batch)), max_new_tokens)
-            probes = probe_reasoning(texts, lambda rows, prefills: ask(rows, 8, prefills), [
-                len(s.meta.get("options") or []) or 26 for s in batch]) if probe else [None] * len(batch)
+            texts = ask([s.question for s in batch], pixels, max_new_tokens)
+            probes = probe_reasoning(texts, lambda rows, prefills: ask(  # the letter after the edited thinking
+                [batch[j].question for j in rows], [pixels[j] for j in rows], 8, prefills),
+                [num_options(s) for s in batch]) if probe else [None] * len(batch)
             seconds += time.perf_counter() - t
             tokens += sum(len(tok.encode(x)) + 1 for x in texts)
             for s, text, idx, probed in zip(batch, texts, used, probes):
-                num_options = len(s.meta.get("options") or []) or 26
-                rng = random.Random(f"{seed}:{sample_key(s)}")  # the original's guess, repeatable
-                pred, guessed = eval.parse_original(text, s.meta["choices"], rng) if original else (
-                    parse_answer(text, num_options, mode), False)
-                # GRPO rows give the solution as "<answer>B</answer>", multiple-choice rows as "B"
-                answer = parse_answer(s.solution, 26, "reason" if "<answer>" in s.solution else "option")
-                r = {"key": sample_key(s), "video": s.video, "answer": answer, "pred": pred,
-                     "correct": pred is not None and pred == answer, "output": text, "num_options": num_options,
-                     "prompt": data.build_prompt(s.question), "frames": idx,
-                     **({"guessed": guessed, "seed": seed} if original else {}), **({"probe": probed} if probe else {}),
-                     **(dict(zip(("reasoning_right", "reasoning_agrees"), check_reasoning(
-                         text, s.meta["fact"], s.meta.get("options") or [], answer, pred))) if "fact" in s.meta else {}),
-                     **{k: v for k, v in s.meta.items() if k != "options"}, "run": run}
-                records.append(r)
+                records.append(make_record(s, text, idx, mode, protocol, seed, run, probe, probed))
                 if predictions:
-                    print(json.dumps(r), file=out, flush=True)
+                    print(json.dumps(records[-1]), file=out, flush=True)
             bar.update(len(batch))
             correct = sum(r["correct"] for r in records)
             bar.set_postfix(acc=f"{correct / len(records):.3f}", missing=len(missing), tok_s=f"{tokens / seconds:.0f}")
