@@ -221,8 +221,7 @@ def num_options(s):
 
 
 def load_clips(samples, frames, size):
-    """-> the samples whose video could be read, their clips (T, 3, S, S) and frame indices, and those whose could not
-    (reported)."""
+    """-> the samples whose video reads, their clips (T, 3, S, S) and frame indices; and those whose does not (told)."""
     batch, pixels, used, lost = [], [], [], []
     for s in samples:
         try:
@@ -248,9 +247,8 @@ def ask_clips(fits, model, tok, questions, pixels, max_new_tokens, prefills=None
 
 
 def make_record(s, text, frames, mode, protocol, seed, run, probe=False, probed=None):
-    """One answer's record: its letter (the original's parser and seeded guess under protocol "original") against
-    the solution's, the exact prompt, the frame indices, the reasoning checks of a row with a "fact" pattern, the
-    probe's letters (with `probe`) and the sample's meta but its options."""
+    """One answer's record: its letter against the solution's, the exact prompt, the frame indices, the reasoning
+    checks of a row with a "fact" pattern, the probe's letters (with `probe`), the sample's meta but its options."""
     original = protocol == "original"
     rng = random.Random(f"{seed}:{sample_key(s)}")  # the original's guess, repeatable
     pred, guessed = eval.parse_original(text, s.meta["choices"], rng) if original else (
@@ -288,9 +286,8 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
     (asked again next run). A row with a "fact" pattern gets its reasoning checked (check_reasoning); with `probe`
     each in-format answer is probed (probe_reasoning). -> {"accuracy", "correct", "total", "unparsed",
     "missing_videos", "tokens_per_s"}, the records (make_record) and "missing" samples."""
-    device = next(model.parameters()).device
-    sampling = dict(temperature=1.0, top_k=50, top_p=1.0, generator=torch.Generator(device).manual_seed(seed)) if (
-        protocol == "original") else {}
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    sampling = dict(temperature=1.0, top_k=50, top_p=1.0, generator=generator) if protocol == "original" else {}
     frames = frames or int(model.config.raw.get("num_frames", 16))
     if predictions:  # one writer per predictions file: a second would interleave its answers with ours
         hold(predictions + ".lock", f"predictions file {predictions}")
@@ -319,8 +316,8 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
                 if predictions:
                     print(json.dumps(records[-1]), file=out, flush=True)
             bar.update(len(batch))
-            correct = sum(r["correct"] for r in records)
-            bar.set_postfix(acc=f"{correct / len(records):.3f}", missing=len(missing), tok_s=f"{tokens / seconds:.0f}")
+            bar.set_postfix(acc=f"{sum(r['correct'] for r in records) / len(records):.3f}", missing=len(missing),
+                            tok_s=f"{tokens / seconds:.0f}")
     correct = sum(r["correct"] for r in records)
     return {"accuracy": correct / max(len(records), 1), "correct": correct, "total": len(records),
             "unparsed": sum(r["pred"] is None for r in records), "missing_videos": len(missing), "records": records,
@@ -411,23 +408,22 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if not args.bench and not args.eval and not (args.video and args.question):
-            raise UsageError("give --video and --question, --eval FILE.jsonl, or --bench NAME --root DIR")
-        if args.bench and args.eval:
-            raise UsageError("give --bench or --eval, not both")
-        for ok, msg in [(args.max_new_tokens is None or args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+        original, reason = args.protocol == "original", args.mode == "reason"
+        for ok, msg in [(args.bench or args.eval or (args.video and args.question),
+                         "give --video and --question, --eval FILE.jsonl, or --bench NAME --root DIR"),
+                        (not (args.bench and args.eval), "give --bench or --eval, not both"),
+                        (args.max_new_tokens is None or args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
                         (args.frames >= 0, "--frames must be >= 0"), (args.top_k >= 0, "--top-k must be >= 0"),
                         (args.batch_size >= 0, "--batch-size must be >= 0 (0: as many as fit)"),
-                        (args.temperature >= 0, "--temperature must be >= 0"), (0 < args.top_p <= 1, "--top-p must be in (0, 1]")]:
+                        (args.temperature >= 0, "--temperature must be >= 0"), (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
+                        (not original or (args.bench and reason),
+                         "--protocol original is for --bench, in reason mode (the original asked for reasons)"),
+                        (args.samples == 1 or (args.samples > 1 and original),
+                         "--samples K: K >= 1, and K > 1 only with --protocol original (clean decoding is greedy)"),
+                        (not args.probe_reasoning or (not original and reason and (args.eval or args.bench)),
+                         "--probe-reasoning is for --eval or --bench, in reason mode with the clean protocol")]:
             if not ok:
                 raise UsageError(msg)
-        original = args.protocol == "original"
-        if original and (not args.bench or args.mode != "reason"):
-            raise UsageError("--protocol original is for --bench, in reason mode (the original asked for reasons)")
-        if args.samples < 1 or (args.samples > 1 and not original):
-            raise UsageError("--samples K: K >= 1, and K > 1 only with --protocol original (clean decoding is greedy)")
-        if args.probe_reasoning and (original or args.mode != "reason" or not (args.eval or args.bench)):
-            raise UsageError("--probe-reasoning is for --eval or --bench, in reason mode with the clean protocol")
         max_new_tokens = args.max_new_tokens or (1024 if original else 512)
         if args.bench:  # read the benchmark first: a layout error should not wait for the model to load
             if not args.root or not os.path.isdir(args.root):
