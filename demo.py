@@ -27,9 +27,9 @@ import cv2
 import numpy as np
 import torch
 
-import data as D
-import grpo as G
-import model as M
+import data
+import grpo
+from model import ConnectorConfig, TextConfig, TinyLLaVA, TinyLLaVAConfig, VisionConfig
 import sample
 import train
 import weights
@@ -129,7 +129,7 @@ def _write_video(path, frames):
                 writer.write(f)
             writer.release()
             return out
-    raise D.VideoError(f"{path}: OpenCV cannot write mp4v or MJPG video here")
+    raise data.VideoError(f"{path}: OpenCV cannot write mp4v or MJPG video here")
 
 
 def make_synthetic(out_dir, n_train=2000, n_coldstart=64, n_test=200, seed=0, n_captions=0):
@@ -162,7 +162,7 @@ def make_synthetic(out_dir, n_train=2000, n_coldstart=64, n_test=200, seed=0, n_
         question, options = TASKS[task]
         frames, why = render(task, options[k], rng)
         video = _write_video(os.path.join(out_dir, "videos", f"{i:05d}.mp4"), frames)
-        problem = question + "\nOptions:\n" + D.format_options(options)
+        problem = question + "\nOptions:\n" + data.format_options(options)
         rows.append(dict(video="./videos/" + os.path.basename(video), task=task, question=question, options=options,
                          letter="ABCD"[k], why=why, problem=problem))
     train, cold = rows[:n_train], rows[n_train:n_train + n_coldstart]
@@ -183,7 +183,7 @@ def make_synthetic(out_dir, n_train=2000, n_coldstart=64, n_test=200, seed=0, n_
     write_jsonl(paths["test"], [mc(r) for r in test])
     with open(paths["coldstart"], "w") as f:
         json.dump([{"video": r["video"], "task": r["task"], "conversations": [
-            {"from": "human", "value": "<image>\n" + D.mc_question(r["question"], r["options"])},
+            {"from": "human", "value": "<image>\n" + data.mc_question(r["question"], r["options"])},
             {"from": "gpt", "value": f"<think>{r['why']}</think> <answer>{r['letter']}</answer>"}]} for r in cold], f, indent=1)
     with open(paths["captions"], "w") as f:  # what the base model learns to see, on videos of their own
         json.dump([{"video": r["video"], "task": r["task"], "conversations": [
@@ -198,9 +198,9 @@ def synthetic_tokenizer(paths, vocab_size=512):
     """Train (once) and load the small tokenizer of the synthetic task, saved as ROOT/tokenizer.json."""
     path = os.path.join(paths["root"], "tokenizer.json")
     if not os.path.exists(path):
-        texts = [D.build_prompt(s.question) + " " + s.solution for f in (paths["coldstart"], paths["train"]) for s in D.read_samples(f)[0]]
-        D.train_tokenizer(texts, path, vocab_size)
-    return D.Tokenizer(path)
+        texts = [data.build_prompt(s.question) + " " + s.solution for f in (paths["coldstart"], paths["train"]) for s in data.read_samples(f)[0]]
+        data.train_tokenizer(texts, path, vocab_size)
+    return data.Tokenizer(path)
 
 
 # ----------------------------------------------------------------------------- the demo
@@ -208,13 +208,13 @@ def synthetic_tokenizer(paths, vocab_size=512):
 
 def demo_config(vocab_size):
     # 32x32 frames in 8x8 patches (15 kept a frame), one resampler group of 4 latents per frame: 32 video tokens.
-    return M.TinyLLaVAConfig(
-        vision=M.VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
-                              image_size=32, patch_size=8),
-        connector=M.ConnectorConfig(connector_type="groupresampler", num_queries=4 * DEMO["frames"], group=DEMO["frames"],
-                                    num_resampler_layers=1, vision_hidden_size=64, hidden_size=128, heads=2),
-        text=M.TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
+    return TinyLLaVAConfig(
+        vision=VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+                            image_size=32, patch_size=8),
+        connector=ConnectorConfig(connector_type="groupresampler", num_queries=4 * DEMO["frames"], group=DEMO["frames"],
+                                  num_resampler_layers=1, vision_hidden_size=64, hidden_size=128, heads=2),
+        text=TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
         raw={"num_frames": DEMO["frames"]})
 
 
@@ -230,7 +230,7 @@ def reasoning_reward(completion, solution):
     """--reward-reasoning: 1.0 when the thinking states the true fact of exactly one task, else 0.0. A training
     row gives only the letter; each task's options come in a fixed order, so the letter names the true fact of
     whichever task the thinking speaks of (the check cannot see the question)."""
-    return float(sum(sample.check_reasoning(completion, FACTS[t], TASKS[t][1], G._answer(solution), None)[0] for t in TASKS) == 1)
+    return float(sum(sample.check_reasoning(completion, FACTS[t], TASKS[t][1], grpo._answer(solution), None)[0] for t in TASKS) == 1)
 
 
 def report(results, test, out):
@@ -264,7 +264,7 @@ def demo(out, seed, device="", reward_reasoning=False):
     tok_path = os.path.join(paths["root"], "tokenizer.json")
     init = os.path.join(out, "init")
     torch.manual_seed(seed)
-    model = M.TinyLLaVA(demo_config(tok.vocab_size))
+    model = TinyLLaVA(demo_config(tok.vocab_size))
     weights.save_pretrained(model, init)
     shutil.copy(tok_path, os.path.join(init, "tokenizer.json"))
     common = dict(seed=seed, frames=DEMO["frames"], device=device, save_every=10**9, overwrite=True)
@@ -278,7 +278,7 @@ def demo(out, seed, device="", reward_reasoning=False):
                                   out=os.path.join(out, "grpo"), eval_data=paths["test"], **common, **DEMO["grpo"]),
                 reward_fns={"reasoning": reasoning_reward} if reward_reasoning else None)
 
-    test = D.read_samples(paths["test"])[0]  # held-out questions, asked as sample.py asks them
+    test = data.read_samples(paths["test"])[0]  # held-out questions, asked as sample.py asks them
     results = {}
     for stage in ("sft", "grpo"):
         model, tok = sample.load(os.path.join(out, stage, "checkpoint"), device or None)
@@ -309,7 +309,7 @@ def main(argv=None):
     try:
         demo(args.out, args.seed, args.device, args.reward_reasoning)
         return 0
-    except (train.RunError, D.DataError, D.VideoError, M.CheckpointError, train.Diverged) as e:
+    except (train.RunError, data.DataError, data.VideoError, weights.CheckpointError, train.Diverged) as e:
         print(f"demo.py: {e}", file=sys.stderr)
         return 1 if isinstance(e, train.Diverged) else 2
 

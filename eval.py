@@ -16,7 +16,7 @@ import re
 import cv2
 import numpy as np
 
-import data as D
+import data
 
 
 class UsageError(Exception):
@@ -51,7 +51,7 @@ def pick_frames(rule, n, num_frames, bound=None, fps=None):
             max(1, round(bound[0] * fps)), min(round(bound[1] * fps), n), 1)
         seg = (end - start) / num_frames
         return np.array([int(start + seg / 2 + np.round(seg * i)) for i in range(num_frames)]) - first
-    idx = D.frame_indices(n, num_frames)
+    idx = data.frame_indices(n, num_frames)
     return np.unique(idx) if rule == "unique" else idx
 
 
@@ -61,26 +61,26 @@ def read_clip(path, num_frames, bound=None, fps=None, rule="clean"):
     by the "clean" rule, and by "segments" on a frame folder."""
     if os.path.isdir(path):
         if bound is not None and not fps:
-            raise D.DataError(f"{path}: a folder of frames with start/end seconds but no frame rate")
+            raise data.DataError(f"{path}: a folder of frames with start/end seconds but no frame rate")
         names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTS))
         if not names:
-            raise D.VideoError(f"{path}: a folder with no frame images ({', '.join(IMAGE_EXTS)})")
+            raise data.VideoError(f"{path}: a folder with no frame images ({', '.join(IMAGE_EXTS)})")
         idx = pick_frames(rule, len(names), num_frames, bound, fps)
         if idx.min() < 0 or idx.max() >= len(names):
-            raise D.VideoError(f"{path}: frames {idx.tolist()} of {len(names)} (start/end outside the folder?)")
+            raise data.VideoError(f"{path}: frames {idx.tolist()} of {len(names)} (start/end outside the folder?)")
         frames = []
         for i in idx:
             img = cv2.imread(os.path.join(path, names[i]), cv2.IMREAD_COLOR)
             if img is None:
-                raise D.VideoError(f"{os.path.join(path, names[i])}: OpenCV cannot read this image")
+                raise data.VideoError(f"{os.path.join(path, names[i])}: OpenCV cannot read this image")
             frames.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
         return np.stack(frames), idx
 
     def pick(n, rate):
         if bound is not None and rule == "clean" and not rate > 0:
-            raise D.VideoError(f"{path}: no frame rate in the file, so its start/end seconds cannot be found")
+            raise data.VideoError(f"{path}: no frame rate in the file, so its start/end seconds cannot be found")
         return pick_frames(rule, n, num_frames, bound if rule == "clean" else None, rate)
-    return D.read_frames(path, pick)
+    return data.read_frames(path, pick)
 
 
 def load_clip(sample, num_frames, size):
@@ -88,7 +88,7 @@ def load_clip(sample, num_frames, size):
     seconds), "fps" (of a frame folder) and "frames_rule" (default "clean") come from the readers below."""
     m = sample.meta
     frames, idx = read_clip(sample.video, num_frames, m.get("bound"), m.get("fps"), m.get("frames_rule", "clean"))
-    return D.preprocess_frames(frames, size), idx
+    return data.preprocess_frames(frames, size), idx
 
 
 # ----------------------------------------------------------------------------- the original answer parser
@@ -121,7 +121,7 @@ def parse_original(text, choices, rng):
 
 def need(item, key, where):
     if not isinstance(item, dict) or key not in item:
-        raise D.DataError(f"{where}: no field {key!r}")
+        raise data.DataError(f"{where}: no field {key!r}")
     return item[key]
 
 
@@ -132,13 +132,13 @@ def read_json(path, what):
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
-            raise D.DataError(f"{path}: not valid JSON ({e})") from None
+            raise data.DataError(f"{path}: not valid JSON ({e})") from None
 
 
 def letter_of(answer, among, where, what="options"):
     """The letter of `answer` by its place among the options (their texts, or the benchmark's own letters)."""
     if answer not in among:
-        raise D.DataError(f"{where}: answer {answer!r} is not one of the {what} {among}")
+        raise data.DataError(f"{where}: answer {answer!r} is not one of the {what} {among}")
     return chr(ord("A") + among.index(answer))
 
 
@@ -146,9 +146,9 @@ def mc_sample(video, question, options, letter, mode, body=None, choices=None, *
     """clean (no body): the options rendered "A. text", one per line, and the mode's suffix (data.mc_question,
     as in training). original: the benchmark's own prompt body, then the reasoning suffix."""
     if body is None:
-        return D.Sample(video, D.mc_question(question, options, mode), letter, {"options": options, **meta})
+        return data.Sample(video, data.mc_question(question, options, mode), letter, {"options": options, **meta})
     choices = choices or [chr(ord("A") + i) for i in range(len(options))]
-    return D.Sample(video, body + D.REASON_SUFFIX, letter, {"options": options, "choices": choices, **meta})
+    return data.Sample(video, body + data.REASON_SUFFIX, letter, {"options": options, "choices": choices, **meta})
 
 
 def lettered(options, form):

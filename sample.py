@@ -16,6 +16,7 @@ answered, resumably, with the same code as --eval.
 
 import argparse
 import contextlib
+import functools
 import glob
 import hashlib
 import json
@@ -29,9 +30,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import data as D
-import eval as E
-import grpo as G
+import data
+import eval
+import grpo
 import weights
 from eval import UsageError
 from runs import RunError, hold, releasing_locks
@@ -52,7 +53,7 @@ def load(ckpt, device=None, dtype=None):
             print("sample.py: this GPU has no bf16 (V100, T4 ...): the model runs in fp32", file=sys.stderr)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32)
     model = weights.from_pretrained(ckpt, device=device, dtype=dtype).eval()
-    return model, D.Tokenizer(ckpt, model.config.text.vocab_size)
+    return model, data.Tokenizer(ckpt, model.config.text.vocab_size)
 
 
 def checkpoint_id(ckpt):
@@ -116,7 +117,7 @@ def probe_reasoning(texts, ask, num_options):
     answer's different thinking, the answer prefilled up to "<answer" and continued. ask(rows, prefills) -> the
     continuations; num_options: per text. -> per text None (not in format) or {"removed", "half", "swapped"}: the
     letter then given."""
-    out = [{} if G.format_reward(t) > 0 else None for t in texts]
+    out = [{} if grpo.format_reward(t) > 0 else None for t in texts]
     at = [i for i, o in enumerate(out) if o is not None]
     thinks = [THINK.search(texts[i]) for i in at]
     rows, prefills, keys = [], [], []
@@ -139,11 +140,11 @@ def generate(model, tok, questions, pixels, max_new_tokens=512, temperature=0.0,
     left-padded and decoded together with the KV cache through `decode` (a grpo.FastDecode on a GPU). With
     `prefills` (B strings) each answer is forced to start with its prefill and only the continuation returned."""
     device = next(model.parameters()).device
-    ids, mask = D.collate_prompts([tok.prompt_ids(q) + tok.encode(p) for q, p in zip(questions, prefills or [""] * len(questions))],
+    ids, mask = data.collate_prompts([tok.prompt_ids(q) + tok.encode(p) for q, p in zip(questions, prefills or [""] * len(questions))],
                                   tok.pad_id)
     dtype = next(model.vision_tower.parameters()).dtype
     embeds = torch.cat([model.encode_video(pixels[i:i + 8].to(device, dtype)) for i in range(0, len(pixels), 8)])
-    ro = G.rollout(model, ids.to(device), embeds, tok.eos_id, tok.pad_id, mask.to(device), group_size=1,
+    ro = grpo.rollout(model, ids.to(device), embeds, tok.eos_id, tok.pad_id, mask.to(device), group_size=1,
                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
                    decode=decode)
     return [tok.decode(r[m > 0]) for r, m in zip(ro.completion_ids.cpu(), ro.mask.cpu())]
@@ -179,7 +180,7 @@ def stream(model, tok, question, pixels, max_new_tokens=512, temperature=0.0, to
     logits = lm.logits(lm.model(embeds, mask, cache)[:, -1])
     out, shown = [], ""
     for _ in range(max_new_tokens):
-        token, _ = G.sample_token(logits, temperature, top_k, top_p)
+        token, _ = grpo.sample_token(logits, temperature, top_k, top_p)
         if token.item() == tok.eos_id:
             break
         out.append(token.item())
@@ -215,6 +216,65 @@ def read_predictions(path, run=None):
     return done
 
 
+def num_options(s):
+    return len(s.meta.get("options") or []) or 26
+
+
+def load_clips(samples, frames, size):
+    """-> the samples whose video reads, their clips (T, 3, S, S) and frame indices; and those whose does not (told)."""
+    batch, pixels, used, lost = [], [], [], []
+    for s in samples:
+        try:
+            pix, idx = eval.load_clip(s, frames, size)
+            batch.append(s), pixels.append(pix), used.append(idx.tolist())
+        except data.VideoError as e:
+            lost.append(s)
+            tqdm.write(f"missing video, counted as skipped: {e}", file=sys.stderr)
+    return batch, pixels, used, lost
+
+
+def ask_clips(fits, model, tok, questions, pixels, max_new_tokens, prefills=None, strip=False, **kw):
+    """generate_fitting over clips of different lengths (a "unique" pick gives a short clip fewer frames): each
+    length is asked apart. -> the answers, in order (stripped with `strip`)."""
+    texts = [None] * len(questions)
+    for shape in dict.fromkeys(p.shape for p in pixels):
+        at = [k for k, p in enumerate(pixels) if p.shape == shape]
+        answers = generate_fitting(fits, model, tok, [questions[k] for k in at], torch.stack([pixels[k] for k in at]),
+                                   max_new_tokens, prefills=[prefills[k] for k in at] if prefills else None, **kw)
+        for k, text in zip(at, answers):
+            texts[k] = text.strip() if strip else text
+    return texts
+
+
+def make_record(s, text, frames, mode, protocol, seed, run, probe=False, probed=None):
+    """One answer's record: its letter against the solution's, the exact prompt, the frame indices, the reasoning
+    checks of a row with a "fact" pattern, the probe's letters (with `probe`), the sample's meta but its options."""
+    original = protocol == "original"
+    rng = random.Random(f"{seed}:{sample_key(s)}")  # the original's guess, repeatable
+    pred, guessed = eval.parse_original(text, s.meta["choices"], rng) if original else (
+        parse_answer(text, num_options(s), mode), False)
+    # GRPO rows give the solution as "<answer>B</answer>", multiple-choice rows as "B"
+    answer = parse_answer(s.solution, 26, "reason" if "<answer>" in s.solution else "option")
+    checks = check_reasoning(text, s.meta["fact"], s.meta.get("options") or [], answer, pred) if "fact" in s.meta else ()
+    return {"key": sample_key(s), "video": s.video, "answer": answer, "pred": pred,
+            "correct": pred is not None and pred == answer, "output": text, "num_options": num_options(s),
+            "prompt": data.build_prompt(s.question), "frames": frames,
+            **({"guessed": guessed, "seed": seed} if original else {}), **({"probe": probed} if probe else {}),
+            **dict(zip(("reasoning_right", "reasoning_agrees"), checks)),
+            **{k: v for k, v in s.meta.items() if k != "options"}, "run": run}
+
+
+def append_to(path):
+    """`path` opened to append to, a last line an interruption cut short ended first so the next starts its own."""
+    out = open(path, "a")
+    if out.tell() > 0:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                out.write("\n")
+    return out
+
+
 @releasing_locks
 def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8, frames=None, max_new_tokens=512,
              progress=True, desc="eval", protocol="clean", seed=0, decode=None, run=None, probe=False):
@@ -224,75 +284,40 @@ def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8,
     item, so a command repeats its answers. Each answer is appended to `predictions` as soon as it exists, and items
     found there with the same `run` are not asked again. A video that cannot be read is reported, skipped and counted
     (asked again next run). A row with a "fact" pattern gets its reasoning checked (check_reasoning); with `probe`
-    each in-format answer is probed (probe_reasoning). -> {"accuracy", "correct", "total", "unparsed", "missing_videos", "tokens_per_s"}, the
-    records (with the exact prompt, the frame indices and the sample's meta but its options) and "missing" samples."""
-    original = protocol == "original"
-    device = next(model.parameters()).device
-    sampling = dict(temperature=1.0, top_k=50, top_p=1.0, generator=torch.Generator(device).manual_seed(seed)) if original else {}
+    each in-format answer is probed (probe_reasoning). -> {"accuracy", "correct", "total", "unparsed",
+    "missing_videos", "tokens_per_s"}, the records (make_record) and "missing" samples."""
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    sampling = dict(temperature=1.0, top_k=50, top_p=1.0, generator=generator) if protocol == "original" else {}
     frames = frames or int(model.config.raw.get("num_frames", 16))
-    size = model.config.vision.image_size
     if predictions:  # one writer per predictions file: a second would interleave its answers with ours
         hold(predictions + ".lock", f"predictions file {predictions}")
     done = read_predictions(predictions, run) if predictions else {}
     records = [done[k] for k in (sample_key(s) for s in samples) if k in done]
     todo = [s for s in samples if sample_key(s) not in done]
     missing, tokens, seconds, fits = [], 0, 0.0, {}
-    out = open(predictions, "a") if predictions else contextlib.nullcontext()
-    if predictions and out.tell() > 0:
-        with open(predictions, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                out.write("\n")  # end a line an interruption cut short, so the next answer starts its own
+    ask = functools.partial(ask_clips, fits, model, tok, decode=decode, strip=protocol == "original", **sampling)
     bar = tqdm(total=len(samples), initial=len(records), desc=desc, disable=not progress, dynamic_ncols=True)
-    with out, bar:
+    with append_to(predictions) if predictions else contextlib.nullcontext() as out, bar:
         for i in range(0, len(todo), batch_size):
-            batch, pixels, used = [], [], []
-            for s in todo[i:i + batch_size]:
-                try:
-                    pix, idx = E.load_clip(s, frames, size)
-                    batch.append(s), pixels.append(pix), used.append(idx.tolist())
-                except D.VideoError as e:
-                    missing.append(s)
-                    tqdm.write(f"missing video, counted as skipped: {e}", file=sys.stderr)
-                    bar.update(1)
+            batch, pixels, used, lost = load_clips(todo[i:i + batch_size], frames, model.config.vision.image_size)
+            missing += lost
+            bar.update(len(lost))
             if not batch:
                 continue
-            def ask(rows, max_new, prefills=None):  # answers for batch[rows]; a clip short of frames ("unique") goes apart
-                texts = [None] * len(rows)
-                for shape in dict.fromkeys(pixels[j].shape for j in rows):
-                    at = [k for k, j in enumerate(rows) if pixels[j].shape == shape]
-                    answers = generate_fitting(fits, model, tok, [batch[rows[k]].question for k in at],
-                                               torch.stack([pixels[rows[k]] for k in at]), max_new, decode=decode, **sampling,
-                                               prefills=[prefills[k] for k in at] if prefills else None)
-                    for k, text in zip(at, answers):
-                        texts[k] = text.strip() if original else text
-                return texts
             t = time.perf_counter()
-            texts = ask(range(len(batch)), max_new_tokens)
-            probes = probe_reasoning(texts, lambda rows, prefills: ask(rows, 8, prefills), [
-                len(s.meta.get("options") or []) or 26 for s in batch]) if probe else [None] * len(batch)
+            texts = ask([s.question for s in batch], pixels, max_new_tokens)
+            probes = probe_reasoning(texts, lambda rows, prefills: ask(  # the letter after the edited thinking
+                [batch[j].question for j in rows], [pixels[j] for j in rows], 8, prefills),
+                [num_options(s) for s in batch]) if probe else [None] * len(batch)
             seconds += time.perf_counter() - t
             tokens += sum(len(tok.encode(x)) + 1 for x in texts)
             for s, text, idx, probed in zip(batch, texts, used, probes):
-                num_options = len(s.meta.get("options") or []) or 26
-                rng = random.Random(f"{seed}:{sample_key(s)}")  # the original's guess, repeatable
-                pred, guessed = E.parse_original(text, s.meta["choices"], rng) if original else (
-                    parse_answer(text, num_options, mode), False)
-                # GRPO rows give the solution as "<answer>B</answer>", multiple-choice rows as "B"
-                answer = parse_answer(s.solution, 26, "reason" if "<answer>" in s.solution else "option")
-                r = {"key": sample_key(s), "video": s.video, "answer": answer, "pred": pred,
-                     "correct": pred is not None and pred == answer, "output": text, "num_options": num_options,
-                     "prompt": D.build_prompt(s.question), "frames": idx,
-                     **({"guessed": guessed, "seed": seed} if original else {}), **({"probe": probed} if probe else {}),
-                     **(dict(zip(("reasoning_right", "reasoning_agrees"), check_reasoning(
-                         text, s.meta["fact"], s.meta.get("options") or [], answer, pred))) if "fact" in s.meta else {}),
-                     **{k: v for k, v in s.meta.items() if k != "options"}, "run": run}
-                records.append(r)
+                records.append(make_record(s, text, idx, mode, protocol, seed, run, probe, probed))
                 if predictions:
-                    print(json.dumps(r), file=out, flush=True)
+                    print(json.dumps(records[-1]), file=out, flush=True)
             bar.update(len(batch))
-            correct = sum(r["correct"] for r in records)
-            bar.set_postfix(acc=f"{correct / len(records):.3f}", missing=len(missing), tok_s=f"{tokens / seconds:.0f}")
+            bar.set_postfix(acc=f"{sum(r['correct'] for r in records) / len(records):.3f}", missing=len(missing),
+                            tok_s=f"{tokens / seconds:.0f}")
     correct = sum(r["correct"] for r in records)
     return {"accuracy": correct / max(len(records), 1), "correct": correct, "total": len(records),
             "unparsed": sum(r["pred"] is None for r in records), "missing_videos": len(missing), "records": records,
@@ -317,19 +342,19 @@ def sample_key(s):
 def run_benchmark(model, tok, samples, bench, mode, predictions, batch_size, frames, max_new_tokens,
                   protocol="clean", seed=0, decode=None, run=None, probe=False):
     """Answer (or resume) every item, print the table, write the summary beside the predictions."""
-    _, group, average = E.BENCHMARKS[bench]
+    _, group, average = eval.BENCHMARKS[bench]
     res = evaluate(model, tok, samples, mode, predictions, batch_size, frames, max_new_tokens, desc=bench,
                    protocol=protocol, seed=seed, decode=decode, run=run, probe=probe)
     order = list(dict.fromkeys(s.meta[group] for s in samples))
     if bench == "videomme":
-        order = sorted(order, key=lambda d: E.VIDEOMME_DURATIONS.index(d) if d in E.VIDEOMME_DURATIONS else len(order))
-    summary = E.summarize(res["records"], group, average, order, [s.meta for s in res["missing"]])
+        order = sorted(order, key=lambda d: eval.VIDEOMME_DURATIONS.index(d) if d in eval.VIDEOMME_DURATIONS else len(order))
+    summary = eval.summarize(res["records"], group, average, order, [s.meta for s in res["missing"]])
     if probe:
         summary["reasoning_probe"] = probe_summary(res["records"])
     rule = (f"original protocol, seed {seed}: sampled answers; an unparsed answer was guessed at random, as the "
             f"original did" if protocol == "original" else "clean protocol: an unparsed answer counts as wrong "
             "(guessed %: as if it were a random guess, the original code's rule)")
-    print(E.format_table(f"{bench}, {mode} mode, {frames} frames, {rule}; a missing video is left out.", summary, group))
+    print(eval.format_table(f"{bench}, {mode} mode, {frames} frames, {rule}; a missing video is left out.", summary, group))
     if summary["missing"]:
         print(f"warning: {summary['missing']} of {len(samples)} items have no readable video: this is not the "
               f"benchmark's full score")
@@ -353,7 +378,7 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=["reason", "option"], default="reason",
                    help="reason: think in <think> tags, answer in <answer> tags; option: answer with the letter")
     p.add_argument("--eval", metavar="FILE.jsonl", help="score a multiple-choice file (video, question, options, answer)")
-    p.add_argument("--bench", choices=sorted(E.BENCHMARKS), help="score one of the paper's benchmarks, read from --root")
+    p.add_argument("--bench", choices=sorted(eval.BENCHMARKS), help="score one of the paper's benchmarks, read from --root")
     p.add_argument("--probe-reasoning", action="store_true", help="--eval, --bench: ask each in-format answer again "
                    "with its thinking removed, halved or swapped; report how often the letter stays (docs/reasoning.md)")
     p.add_argument("--protocol", choices=["clean", "original"], default="clean",
@@ -383,33 +408,32 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if not args.bench and not args.eval and not (args.video and args.question):
-            raise UsageError("give --video and --question, --eval FILE.jsonl, or --bench NAME --root DIR")
-        if args.bench and args.eval:
-            raise UsageError("give --bench or --eval, not both")
-        for ok, msg in [(args.max_new_tokens is None or args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+        original, reason = args.protocol == "original", args.mode == "reason"
+        for ok, msg in [(args.bench or args.eval or (args.video and args.question),
+                         "give --video and --question, --eval FILE.jsonl, or --bench NAME --root DIR"),
+                        (not (args.bench and args.eval), "give --bench or --eval, not both"),
+                        (args.max_new_tokens is None or args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
                         (args.frames >= 0, "--frames must be >= 0"), (args.top_k >= 0, "--top-k must be >= 0"),
                         (args.batch_size >= 0, "--batch-size must be >= 0 (0: as many as fit)"),
-                        (args.temperature >= 0, "--temperature must be >= 0"), (0 < args.top_p <= 1, "--top-p must be in (0, 1]")]:
+                        (args.temperature >= 0, "--temperature must be >= 0"), (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
+                        (not original or (args.bench and reason),
+                         "--protocol original is for --bench, in reason mode (the original asked for reasons)"),
+                        (args.samples == 1 or (args.samples > 1 and original),
+                         "--samples K: K >= 1, and K > 1 only with --protocol original (clean decoding is greedy)"),
+                        (not args.probe_reasoning or (not original and reason and (args.eval or args.bench)),
+                         "--probe-reasoning is for --eval or --bench, in reason mode with the clean protocol")]:
             if not ok:
                 raise UsageError(msg)
-        original = args.protocol == "original"
-        if original and (not args.bench or args.mode != "reason"):
-            raise UsageError("--protocol original is for --bench, in reason mode (the original asked for reasons)")
-        if args.samples < 1 or (args.samples > 1 and not original):
-            raise UsageError("--samples K: K >= 1, and K > 1 only with --protocol original (clean decoding is greedy)")
-        if args.probe_reasoning and (original or args.mode != "reason" or not (args.eval or args.bench)):
-            raise UsageError("--probe-reasoning is for --eval or --bench, in reason mode with the clean protocol")
         max_new_tokens = args.max_new_tokens or (1024 if original else 512)
         if args.bench:  # read the benchmark first: a layout error should not wait for the model to load
             if not args.root or not os.path.isdir(args.root):
                 raise UsageError(f"--bench {args.bench} needs --root DIR, the benchmark's folder (got {args.root})")
-            samples = E.BENCHMARKS[args.bench][0](args.root, args.mode, args.protocol)
+            samples = eval.BENCHMARKS[args.bench][0](args.root, args.mode, args.protocol)
         model, tok = load(args.ckpt, args.device)
         frames = args.frames or int(model.config.raw.get("num_frames", 16))  # the checkpoint's, else the paper's
         lm = model.language_model
         on_gpu = lm.model.embed_tokens.weight.is_cuda  # there answers decode through a compiled step + CUDA graph
-        decode = G.FastDecode(lm) if (on_gpu if args.compile is None else args.compile) else lm.decode_step
+        decode = grpo.FastDecode(lm) if (on_gpu if args.compile is None else args.compile) else lm.decode_step
         batch_size = args.batch_size or default_batch_size(model, max_new_tokens, frames)
         run = {"checkpoint": checkpoint_id(args.ckpt), "mode": args.mode, "frames": frames, "max_new_tokens": max_new_tokens,
                "dtype": str(next(model.parameters()).dtype), "protocol": args.protocol, **({"probe": True} if args.probe_reasoning else {})}
@@ -434,7 +458,7 @@ def main(argv=None):
         if args.eval:
             if not os.path.exists(args.eval):
                 raise UsageError(f"--eval {args.eval}: no such file")
-            samples = D.read_samples(args.eval, args.root, mode=args.mode)[0]
+            samples = data.read_samples(args.eval, args.root, mode=args.mode)[0]
             preds = args.predictions or os.path.splitext(args.eval)[0] + f".{args.mode}.predictions.jsonl"
             res = evaluate(model, tok, samples, args.mode, preds, batch_size, frames, max_new_tokens, decode=decode, run=run,
                            probe=args.probe_reasoning)
@@ -448,13 +472,13 @@ def main(argv=None):
             return 0
         if not os.path.exists(args.video):
             raise UsageError(f"--video {args.video}: no such file")
-        pixels = D.load_video(args.video, num_frames=frames, size=model.config.vision.image_size)
-        question = D.mc_question(args.question, args.options, args.mode) if args.options else args.question
+        pixels = data.load_video(args.video, num_frames=frames, size=model.config.vision.image_size)
+        question = data.mc_question(args.question, args.options, args.mode) if args.options else args.question
         for piece in stream(model, tok, question, pixels, max_new_tokens, args.temperature, args.top_k, args.top_p, decode):
             print(piece, end="", flush=True)
         print()
         return 0
-    except (UsageError, RunError, D.VideoError, D.DataError, weights.CheckpointError, FloatingPointError) as e:
+    except (UsageError, RunError, data.VideoError, data.DataError, weights.CheckpointError, FloatingPointError) as e:
         print(f"sample.py: {e}", file=sys.stderr)
         return 2
 
