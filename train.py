@@ -60,6 +60,11 @@ def option(default, help, choices=None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
+# --help shows the flags in these groups, each opened by its field below (the fields keep this order)
+GROUPS = {"stage": "the paper's recipe (its defaults)", "loss_type": "its variants", "out": "the run",
+          "micro_batch": "scale", "lora": "LoRA and memory", "eval_data": "evaluation"}
+
+
 @dataclass
 class TrainConfig:
     """Every flag of train.py; the defaults are the paper's. Empty / 0 defaults are resolved per stage below."""
@@ -71,18 +76,13 @@ class TrainConfig:
                             ("groupresampler", "naiveresampler", "mlp2x_gelu"))
     data: str = option("", "training data: NextQA GRPO .jsonl or cold-start .json")
     root: str = option("", "directory the video paths are relative to (default: the data file's)")
-    out: str = option("runs/demo", "run directory: metrics.jsonl, curves.png, checkpoint/")
-    seed: int = option(0, "seed of the data order, the sampling and the advantage noise")
     lr: float = option(0.0, "peak learning rate (0: the paper's, 1e-5 sft, 1e-6 grpo)")
     schedule: str = option("", "learning-rate schedule (default: constant for sft, cosine for grpo)", ("constant", "cosine"))
     warmup: float = option(0.03, "fraction of the steps spent in linear warmup (cosine)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0: off)")
     epochs: float = option(1.0, "passes over the data")
-    steps: int = option(0, "optimizer steps (0: from --epochs)")
-    stop_after: int = option(0, "stop after this many steps, keeping the schedule of --steps (resume later)")
     prompts_per_step: int = option(0, "prompts (grpo) or samples (sft) per optimizer step (0: the paper's, 4 sft, 8 grpo)")
-    micro_batch: int = option(1, "prompts or samples per forward pass (gradients accumulate up to --prompts-per-step)")
     group_size: int = option(8, "completions sampled per prompt (G)")
     max_new_tokens: int = option(512, "longest completion")
     temperature: float = option(1.0, "sampling temperature")
@@ -92,6 +92,9 @@ class TrainConfig:
     kl_clamp: bool = option(True, "clamp the per-token KL to [-100, 100], as the original code does")
     noise_std: float = option(0.02, "std of the Gaussian noise added to the advantages")
     scale: str = option("group", "advantage scaling: group (paper), batch, none", ("group", "batch", "none"))
+    frames: int = option(16, "frames sampled uniformly per video")
+    max_len: int = option(3072, "truncate sequences (prompt + answer) to this many token ids")
+
     loss_type: str = option("grpo", "grpo (paper), bnpo, dr_grpo, dapo (TRL's names)", grpo.LOSS_TYPES)
     updates_per_rollout: int = option(1, "optimizer steps per batch of rollouts (>1 uses the clipped ratio)")
     epsilon_low: float = option(0.2, "lower clip range of the ratio")
@@ -99,21 +102,28 @@ class TrainConfig:
     mask_truncated: bool = option(False, "leave completions that hit --max-new-tokens out of the loss")
     skip_zero_variance: bool = option(False, "leave groups whose rewards are all equal out of the loss")
     temporal: bool = option(False, "T-GRPO: +0.3 to correct answers when ordered frames beat shuffled ones")
-    rollout_batch: int = option(0, "prompts whose G rollouts decode as one batch (0: all prompts of the step); "
-                                   "a decode step reads the weights once for all its rows")
-    compile: bool = option(True, "decode rollouts through torch.compile, and a CUDA graph on a GPU")
-    frames: int = option(16, "frames sampled uniformly per video")
-    max_len: int = option(3072, "truncate sequences (prompt + answer) to this many token ids")
-    device: str = option("", "cuda, cpu, ... (default: cuda if available)")
-    grad_checkpointing: bool = option(True, "recompute decoder layers in backward to save memory (GPU)")
+
+    out: str = option("runs/demo", "run directory: metrics.jsonl, curves.png, checkpoint/")
+    seed: int = option(0, "seed of the data order, the sampling and the advantage noise")
+    steps: int = option(0, "optimizer steps (0: from --epochs)")
+    stop_after: int = option(0, "stop after this many steps, keeping the schedule of --steps (resume later)")
     save_every: int = option(50, "write the checkpoint every N steps (and at the end)")
     resume: bool = option(False, "continue from OUT/checkpoint (same settings; --steps, --stop-after ... may change)")
     overwrite: bool = option(False, "start over in an OUT that already holds a run (its metrics and checkpoint go)")
+    device: str = option("", "cuda, cpu, ... (default: cuda if available)")
+
+    micro_batch: int = option(1, "prompts or samples per forward pass (gradients accumulate up to --prompts-per-step)")
+    rollout_batch: int = option(0, "prompts whose G rollouts decode as one batch (0: all prompts of the step); "
+                                   "a decode step reads the weights once for all its rows")
+    compile: bool = option(True, "decode rollouts through torch.compile, and a CUDA graph on a GPU")
     fsdp: bool = option(False, "under torchrun: shard the trainable model, its gradients and AdamW state (FSDP2)")
+
     lora: int = option(0, "LoRA rank: adapters on the decoder's linear layers, its weights frozen (0: full fine-tune)")
     lora_alpha: float = option(0.0, "LoRA scale alpha / rank (0: 2 x rank, TinyLLaVA's LoRA recipe)")
+    grad_checkpointing: bool = option(True, "recompute decoder layers in backward to save memory (GPU)")
     dry_run: bool = option(False, "print the GPU memory plan of these flags from --init's config.json alone, then exit")
     nproc: int = option(0, "processes the plan assumes (0: torchrun's WORLD_SIZE, else 1)")
+
     eval_data: str = option("", "held-out multiple-choice file scored as sample.py --eval does, at the end and every --eval-every")
     eval_every: int = option(0, "with --eval-data: score it every N optimizer steps (0: only at the end)")
 
@@ -670,10 +680,11 @@ def parse_args(argv=None):
     p.error = lambda msg: (print(f"train.py: {msg} (see --help)", file=sys.stderr), sys.exit(2))
     for f in fields(TrainConfig):  # every field a flag, its help and choices from the field
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        group = p.add_argument_group(GROUPS[f.name]) if f.name in GROUPS else group
         if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
         else:
-            p.add_argument(flag, type=f.type, default=f.default, help=meta["help"], choices=meta["choices"])
+            group.add_argument(flag, type=f.type, default=f.default, help=meta["help"], choices=meta["choices"])
     return p.parse_args(argv), p
 
 
