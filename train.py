@@ -40,15 +40,15 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from tqdm import tqdm
 
-import data as D
-import grpo as G
-import model as M
+import data
+import grpo
 import sample
 from parallel import (average_gradients, format_plan, gather, memory_plan, on_rank0, reduce_metrics, setup_distributed,
                       shard, teardown_distributed)
 from runs import (RunError, SaveFailed, Stopped, append_jsonl, catch_stop_signals, check_room, checkpoint_bytes,
                   load_state, plot_curves, prepare_out, read_jsonl, releasing_locks, stop_requested, tokenizer_file,
                   write_checkpoint)
+from model import TinyLLaVAConfig, adapters_off, add_lora, merge_lora
 from weights import CheckpointError, from_parts, from_pretrained, save_pretrained
 
 
@@ -58,6 +58,11 @@ from weights import CheckpointError, from_parts, from_pretrained, save_pretraine
 def option(default, help, choices=None):
     """A TrainConfig field with its --help text (and allowed values) beside it."""
     return field(default=default, metadata={"help": help, "choices": choices})
+
+
+# --help shows the flags in these groups, each opened by its field below (the fields keep this order)
+GROUPS = {"stage": "the paper's recipe (its defaults)", "loss_type": "its variants", "out": "the run",
+          "micro_batch": "scale", "lora": "LoRA and memory", "eval_data": "evaluation"}
 
 
 @dataclass
@@ -71,18 +76,13 @@ class TrainConfig:
                             ("groupresampler", "naiveresampler", "mlp2x_gelu"))
     data: str = option("", "training data: NextQA GRPO .jsonl or cold-start .json")
     root: str = option("", "directory the video paths are relative to (default: the data file's)")
-    out: str = option("runs/demo", "run directory: metrics.jsonl, curves.png, checkpoint/")
-    seed: int = option(0, "seed of the data order, the sampling and the advantage noise")
     lr: float = option(0.0, "peak learning rate (0: the paper's, 1e-5 sft, 1e-6 grpo)")
     schedule: str = option("", "learning-rate schedule (default: constant for sft, cosine for grpo)", ("constant", "cosine"))
     warmup: float = option(0.03, "fraction of the steps spent in linear warmup (cosine)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0: off)")
     epochs: float = option(1.0, "passes over the data")
-    steps: int = option(0, "optimizer steps (0: from --epochs)")
-    stop_after: int = option(0, "stop after this many steps, keeping the schedule of --steps (resume later)")
     prompts_per_step: int = option(0, "prompts (grpo) or samples (sft) per optimizer step (0: the paper's, 4 sft, 8 grpo)")
-    micro_batch: int = option(1, "prompts or samples per forward pass (gradients accumulate up to --prompts-per-step)")
     group_size: int = option(8, "completions sampled per prompt (G)")
     max_new_tokens: int = option(512, "longest completion")
     temperature: float = option(1.0, "sampling temperature")
@@ -92,28 +92,38 @@ class TrainConfig:
     kl_clamp: bool = option(True, "clamp the per-token KL to [-100, 100], as the original code does")
     noise_std: float = option(0.02, "std of the Gaussian noise added to the advantages")
     scale: str = option("group", "advantage scaling: group (paper), batch, none", ("group", "batch", "none"))
-    loss_type: str = option("grpo", "grpo (paper), bnpo, dr_grpo, dapo (TRL's names)", G.LOSS_TYPES)
+    frames: int = option(16, "frames sampled uniformly per video")
+    max_len: int = option(3072, "truncate sequences (prompt + answer) to this many token ids")
+
+    loss_type: str = option("grpo", "grpo (paper), bnpo, dr_grpo, dapo (TRL's names)", grpo.LOSS_TYPES)
     updates_per_rollout: int = option(1, "optimizer steps per batch of rollouts (>1 uses the clipped ratio)")
     epsilon_low: float = option(0.2, "lower clip range of the ratio")
     epsilon_high: float = option(0.2, "upper clip range of the ratio (0.28 in DAPO)")
     mask_truncated: bool = option(False, "leave completions that hit --max-new-tokens out of the loss")
     skip_zero_variance: bool = option(False, "leave groups whose rewards are all equal out of the loss")
     temporal: bool = option(False, "T-GRPO: +0.3 to correct answers when ordered frames beat shuffled ones")
-    rollout_batch: int = option(0, "prompts whose G rollouts decode as one batch (0: all prompts of the step); "
-                                   "a decode step reads the weights once for all its rows")
-    compile: bool = option(True, "decode rollouts through torch.compile, and a CUDA graph on a GPU")
-    frames: int = option(16, "frames sampled uniformly per video")
-    max_len: int = option(3072, "truncate sequences (prompt + answer) to this many token ids")
-    device: str = option("", "cuda, cpu, ... (default: cuda if available)")
-    grad_checkpointing: bool = option(True, "recompute decoder layers in backward to save memory (GPU)")
+
+    out: str = option("runs/demo", "run directory: metrics.jsonl, curves.png, checkpoint/")
+    seed: int = option(0, "seed of the data order, the sampling and the advantage noise")
+    steps: int = option(0, "optimizer steps (0: from --epochs)")
+    stop_after: int = option(0, "stop after this many steps, keeping the schedule of --steps (resume later)")
     save_every: int = option(50, "write the checkpoint every N steps (and at the end)")
     resume: bool = option(False, "continue from OUT/checkpoint (same settings; --steps, --stop-after ... may change)")
     overwrite: bool = option(False, "start over in an OUT that already holds a run (its metrics and checkpoint go)")
+    device: str = option("", "cuda, cpu, ... (default: cuda if available)")
+
+    micro_batch: int = option(1, "prompts or samples per forward pass (gradients accumulate up to --prompts-per-step)")
+    rollout_batch: int = option(0, "prompts whose G rollouts decode as one batch (0: all prompts of the step); "
+                                   "a decode step reads the weights once for all its rows")
+    compile: bool = option(True, "decode rollouts through torch.compile, and a CUDA graph on a GPU")
     fsdp: bool = option(False, "under torchrun: shard the trainable model, its gradients and AdamW state (FSDP2)")
+
     lora: int = option(0, "LoRA rank: adapters on the decoder's linear layers, its weights frozen (0: full fine-tune)")
     lora_alpha: float = option(0.0, "LoRA scale alpha / rank (0: 2 x rank, TinyLLaVA's LoRA recipe)")
+    grad_checkpointing: bool = option(True, "recompute decoder layers in backward to save memory (GPU)")
     dry_run: bool = option(False, "print the GPU memory plan of these flags from --init's config.json alone, then exit")
     nproc: int = option(0, "processes the plan assumes (0: torchrun's WORLD_SIZE, else 1)")
+
     eval_data: str = option("", "held-out multiple-choice file scored as sample.py --eval does, at the end and every --eval-every")
     eval_every: int = option(0, "with --eval-data: score it every N optimizer steps (0: only at the end)")
 
@@ -166,7 +176,7 @@ def load_model(cfg, device, path=None):
     path = path or cfg.init
     model = (from_pretrained(path, device=device, dtype=torch.float32) if path else
              from_parts(cfg.vision, cfg.llm, connector=cfg.connector, device=device, dtype=torch.float32))
-    return model, D.Tokenizer(path or cfg.llm, model.config.text.vocab_size)
+    return model, data.Tokenizer(path or cfg.llm, model.config.text.vocab_size)
 
 
 def freeze_vision(model):
@@ -180,7 +190,7 @@ def setup_lora(model, cfg, device, state=None):
     if low_precision(device):
         model.language_model.to(low_precision(device)), model.vision_tower.to(low_precision(device))
     start = copy.deepcopy(model.connector).requires_grad_(False).eval().to(low_precision(device))
-    M.add_lora(model, cfg.lora, cfg.lora_alpha)
+    add_lora(model, cfg.lora, cfg.lora_alpha)
     if state is not None:
         trained = {n for n, p in model.named_parameters() if p.requires_grad}
         if trained - set(state["lora"]):
@@ -220,9 +230,9 @@ class VideoLoader:
         good, pixels = [], []
         for s in samples:
             try:
-                pixels.append(D.load_video(s.video, num_frames=self.frames, size=self.size))
+                pixels.append(data.load_video(s.video, num_frames=self.frames, size=self.size))
                 good.append(s)
-            except D.VideoError as e:
+            except data.VideoError as e:
                 self.skipped.append(str(e))
                 tqdm.write(f"skipping sample: {e}")
         return good, (torch.stack(pixels) if pixels else None)
@@ -256,7 +266,7 @@ def sft_step(model, tok, samples, load, cfg, device):
         if not batch:
             continue
         pairs = [tok.sft_ids(s.question, s.solution, cfg.max_len) for s in batch]
-        ids, labels, mask = (t.to(device) for t in D.collate_sft(pairs, tok.pad_id))
+        ids, labels, mask = (t.to(device) for t in data.collate_sft(pairs, tok.pad_id))
         with torch.no_grad():
             feats = model.vision_features(pixels.to(device))
         with autocast(device):
@@ -290,7 +300,7 @@ class Experience:
     """What one GRPO step learns from: P prompts x G completions, rows prompt-major."""
     prompt_ids: list  # P lists of token ids, each with one IMAGE_TOKEN_INDEX
     features: torch.Tensor  # (P, T*728, 1152) frozen vision features, computed once per video
-    rollout: G.Rollout  # (P*G, T) completions, their mask and log-probs under the sampler
+    rollout: grpo.Rollout  # (P*G, T) completions, their mask and log-probs under the sampler
     advantages: torch.Tensor  # (P*G,)
     loss_mask: torch.Tensor  # (P*G, T) tokens in the loss (rollout.mask, less skipped groups)
     ref_logp: torch.Tensor  # (P*G, T) under the frozen reference, or None (beta 0)
@@ -301,10 +311,10 @@ class Experience:
     def micro_batches(self, n, pad_id):
         """Slices of n prompts, each padded only as much as its own rows need (a single prompt has no padding,
         so the policy's attention runs unmasked): (ids, pmask, features, completions, their mask, rows, T)."""
-        G_ = self.rollout.group_size
+        G = self.rollout.group_size
         for a in range(0, len(self.prompt_ids), n):
-            ids, pmask = (t.to(self.features.device) for t in D.collate_prompts(self.prompt_ids[a:a + n], pad_id))
-            rows = slice(a * G_, (a + len(ids)) * G_)
+            ids, pmask = (t.to(self.features.device) for t in data.collate_prompts(self.prompt_ids[a:a + n], pad_id))
+            rows = slice(a * G, (a + len(ids)) * G)
             T = int(self.rollout.mask[rows].sum(1).max())  # drop the columns every row has finished by
             yield (ids, pmask, self.features[a:a + n], self.rollout.completion_ids[rows, :T],
                    self.rollout.mask[rows, :T], rows, T)
@@ -318,7 +328,7 @@ def collect(sampler, ref, tok, samples, load, cfg, device, gen, reward_fns=None)
     """Rollouts, rewards, advantages and reference log-probs for one step's prompts -> Experience,
     or None if no video of the step could be read. The prompts decode `cfg.rollout_batch` at a time
     (all together by default): one decode step reads the weights once for all their rows. reward_fns: grpo.score's."""
-    G_, times = cfg.group_size, {"rollout": 0.0, "reference": 0.0}
+    G, times = cfg.group_size, {"rollout": 0.0, "reference": 0.0}
     # One seed per prompt, drawn for every prompt of the step: its samples are the same however the
     # prompts are batched, and whichever videos fail to load.
     seeds = dict(zip(map(id, samples), torch.randint(0, 2**31, (len(samples),), generator=gen, device=gen.device).cpu()))
@@ -330,37 +340,37 @@ def collect(sampler, ref, tok, samples, load, cfg, device, gen, reward_fns=None)
     t = time.perf_counter()
     with torch.no_grad(), autocast(device):
         features = torch.cat([sampler.model.vision_features(pixels[i:i + 8].to(device)) for i in range(0, len(samples), 8)])
-    kw = dict(pad_id=tok.pad_id, group_size=G_, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+    kw = dict(pad_id=tok.pad_id, group_size=G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
               top_k=cfg.top_k, top_p=cfg.top_p)
     rolls, shuffled = [], []
     P = cfg.rollout_batch or len(samples)
     for a in range(0, len(samples), P):
-        ids, pmask = D.collate_prompts(prompt_ids[a:a + P], tok.pad_id)
+        ids, pmask = data.collate_prompts(prompt_ids[a:a + P], tok.pad_id)
         ids, pmask, seed = ids.to(device), pmask.to(device), torch.stack(seeds[a:a + P])
         rolls.append(sampler.rollout(ids, features[a:a + P], tok.eos_id, attention_mask=pmask, seeds=seed, **kw))
         if cfg.temporal:  # T-GRPO: the same prompts on shuffled frames; only their accuracy is used
             with torch.no_grad(), autocast(device):
-                shuf = sampler.model.vision_features(G.shuffle_frames(pixels[a:a + P].to(device), generator=gen))
+                shuf = sampler.model.vision_features(grpo.shuffle_frames(pixels[a:a + P].to(device), generator=gen))
             shuffled.append(sampler.rollout(ids, shuf, tok.eos_id, attention_mask=pmask, seeds=seed + 1, **kw))
-    ro = G.concat_rollouts(rolls)
+    ro = grpo.concat_rollouts(rolls)
     texts = decode_texts(tok, ro)
-    solutions = [s.solution for s in samples for _ in range(G_)]
-    scores = G.score(texts, solutions, reward_fns)
+    solutions = [s.solution for s in samples for _ in range(G)]
+    scores = grpo.score(texts, solutions, reward_fns)
     if cfg.temporal:
-        acc_s = G.score(decode_texts(tok, G.concat_rollouts(shuffled)), solutions)["accuracy"]
-        scores["reward"] = scores["reward"] + G.temporal_bonus(scores["accuracy"], acc_s, G_)
+        acc_s = grpo.score(decode_texts(tok, grpo.concat_rollouts(shuffled)), solutions)["accuracy"]
+        scores["reward"] = scores["reward"] + grpo.temporal_bonus(scores["accuracy"], acc_s, G)
     times["rollout"] = time.perf_counter() - t
-    advantages = G.group_advantages(scores["reward"], G_, cfg.noise_std, cfg.scale, generator=gen).to(device)
+    advantages = grpo.group_advantages(scores["reward"], G, cfg.noise_std, cfg.scale, generator=gen).to(device)
     loss_mask = ro.mask.clone()
     if cfg.skip_zero_variance:
-        loss_mask[G.zero_variance_groups(scores["reward"], G_).to(device)] = 0
+        loss_mask[grpo.zero_variance_groups(scores["reward"], G).to(device)] = 0
     exp = Experience(prompt_ids, features, ro, advantages, loss_mask, None, texts, scores, times)
     if ref is not None and cfg.beta > 0:
         t = time.perf_counter()
         exp.ref_logp = torch.zeros_like(ro.logprobs)
-        with torch.no_grad(), autocast(device), M.adapters_off(ref):  # LoRA: the reference is the base
+        with torch.no_grad(), autocast(device), adapters_off(ref):  # LoRA: the reference is the base
             for ids, pmask, feats, comp, cmask, rows, T in exp.micro_batches(cfg.micro_batch, tok.pad_id):
-                exp.ref_logp[rows, :T] = G.completion_logprobs(ref, ids, ref.connect(feats), comp, cmask, pmask, cfg.temperature).float()
+                exp.ref_logp[rows, :T] = grpo.completion_logprobs(ref, ids, ref.connect(feats), comp, cmask, pmask, cfg.temperature).float()
         times["reference"] = time.perf_counter() - t
     return exp
 
@@ -375,10 +385,10 @@ def update(model, exp, cfg, pad_id, apply_update):
     for update in range(cfg.updates_per_rollout):
         for ids, pmask, feats, comp, cmask, rows, T in exp.micro_batches(cfg.micro_batch, pad_id):
             with autocast(exp.features.device):
-                logp = G.completion_logprobs(model, ids, model.connect(feats), comp, cmask, pmask, cfg.temperature)
+                logp = grpo.completion_logprobs(model, ids, model.connect(feats), comp, cmask, pmask, cfg.temperature)
                 old = exp.rollout.logprobs[rows, :T] if cfg.updates_per_rollout > 1 else None
                 ref = None if exp.ref_logp is None else exp.ref_logp[rows, :T]
-                loss, lm = G.grpo_loss(logp, old, ref, exp.advantages[rows], exp.loss_mask[rows, :T], beta=cfg.beta,
+                loss, lm = grpo.grpo_loss(logp, old, ref, exp.advantages[rows], exp.loss_mask[rows, :T], beta=cfg.beta,
                                        loss_type=cfg.loss_type, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
                                        truncated=exp.rollout.truncated[rows] if cfg.mask_truncated else None,
                                        max_completion_length=cfg.max_new_tokens, kl_clamp=100.0 if cfg.kl_clamp else None)
@@ -410,7 +420,7 @@ def grpo_step(model, sampler, ref, tok, samples, load, cfg, device, gen, apply_u
     t = time.perf_counter()
     out = update(model, exp, cfg, tok.pad_id, apply_update)
     times = {**exp.times, "policy": time.perf_counter() - t, "step": time.perf_counter() - t0}
-    metrics = G.step_metrics(exp.rollout, exp.texts, exp.scores, cfg.group_size, kl=out.get("kl"), times=times)
+    metrics = grpo.step_metrics(exp.rollout, exp.texts, exp.scores, cfg.group_size, kl=out.get("kl"), times=times)
     metrics.update(loss=out.get("loss", float("nan")), clip_ratio=out.get("clip_ratio", 0.0), example=exp.texts[0])
     if out.get("nan"):
         metrics["nan"] = 1.0
@@ -438,9 +448,200 @@ def evaluate_policy(sampler, tok, samples, cfg, rank, world):
                           frames=cfg.frames, max_new_tokens=cfg.max_new_tokens, progress=False, decode=sampler.decode)
     keys = {"accuracy": "correct", "reasoning_accuracy": "reasoning_right", "answer_agrees_with_reasoning": "reasoning_agrees"}
     mine = {k: [r[v] for r in res["records"] if v in r] for k, v in keys.items()}
-    mine["format"] = [G.format_reward(r["output"]) > 0 for r in res["records"]]
+    mine["format"] = [grpo.format_reward(r["output"]) > 0 for r in res["records"]]
     every = gather(mine, world)
     return {f"eval/{k}": float(np.mean(v)) for k in mine for v in [[x for m in every for x in m[k]]] if v}
+
+
+class Run:
+    """One stage's run on this rank: the data, the model and its sampler, the reference, the optimizer and the
+    counters a checkpoint keeps; train() below is the recipe's loop over its methods."""
+
+    def __init__(self, cfg, reward_fns=None):
+        check_config(cfg)
+        self.cfg, self.reward_fns = cfg, reward_fns
+        self.rank, self.world, self.device = setup_distributed(cfg)
+        rank, world = self.rank, self.world
+        if cfg.prompts_per_step % world:
+            raise RunError(f"--prompts-per-step {cfg.prompts_per_step} does not split evenly over {world} processes")
+        self.share = cfg.prompts_per_step // world
+        torch.manual_seed(cfg.seed)  # the same on every rank: a fresh connector starts the same everywhere
+        self.samples, self.bad_rows = data.read_samples(cfg.data, cfg.root or None, errors="skip")
+        for msg in self.bad_rows if rank == 0 else ():
+            tqdm.write(f"skipping row: {msg}")
+        if not self.samples:
+            raise RunError(f"no usable samples in {cfg.data}")
+        self.held_out = data.read_samples(cfg.eval_data)[0] if cfg.eval_data else []
+        self.resume_from = on_rank0(lambda: prepare_out(cfg, MAY_CHANGE_ON_RESUME), rank, world)  # rank 0 locks, tidies
+        state = load_state(self.resume_from) if self.resume_from else None
+        if state and (state.get("world_size", 1), state.get("fsdp", False)) != (world, cfg.fsdp):
+            was = f"{state.get('world_size', 1)} process(es){' with --fsdp' if state.get('fsdp') else ''}"
+            raise RunError(f"{self.resume_from} was written by {was}; resume it the same way "
+                           f"(this run: {world}{' with --fsdp' if cfg.fsdp else ''})")
+        self.setup_model(state)
+        self.setup_optimizer()
+        self.start, self.nan_steps, self.nan_run = 0, 0, 0  # nan_run: non-finite steps in a row
+        self.records, self.seconds = [], []  # seconds: wall time of each step this process ran
+        self.metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+        if state:
+            self.resume(state)
+        elif os.path.exists(self.metrics_path) and rank == 0:  # --overwrite
+            os.remove(self.metrics_path)
+
+    def setup_model(self, state):
+        """The policy, its sampler and the frozen reference."""
+        cfg, device, rank = self.cfg, self.device, self.rank
+        self.model, self.tok = load_model(cfg, device, None if cfg.lora else self.resume_from)  # LoRA: the base
+        model = self.model
+        self.tok_file = tokenizer_file(self.resume_from or cfg.init or cfg.llm)
+        os.makedirs(cfg.out, exist_ok=True)
+        freeze_vision(model)
+        model.language_model.model.gradient_checkpointing = cfg.grad_checkpointing and on_gpu(device)
+        start_connector, self.ref = setup_lora(model, cfg, device, state) if cfg.lora else None, None
+        # On a GPU the rollouts sample from a bf16 copy of the policy (with --lora: the policy itself, its base already
+        # bf16); on a CPU from the policy itself. Under --fsdp the policy is sharded, so the rollouts always sample
+        # from a whole copy. SFT samples only to evaluate: its sampler is the policy itself (a copy under --fsdp).
+        if on_gpu(device) and not low_precision(device) and rank == 0:
+            tqdm.write("this GPU has no bf16 (V100, T4 ...): the sampler, the reference and every pass run in fp32")
+        is_grpo = cfg.stage == "grpo"
+        decodes = is_grpo or bool(cfg.eval_data)  # --eval-data decodes in SFT too
+        self.sampler = grpo.Sampler(model, low_precision(device) if is_grpo else None, compile=cfg.compile and decodes,
+                                    own_copy=cfg.fsdp and decodes, cuda_graph=on_gpu(device))
+        if not (is_grpo and cfg.beta > 0):
+            return
+        if cfg.lora:  # the sampler's decoder (no copy), run with its adapters off (collect), and the start connector
+            self.ref = copy.copy(self.sampler.model)
+            self.ref._modules = {**self.ref._modules, "connector": start_connector}
+        elif self.resume_from:  # the reference is the start model, not the resumed one
+            self.ref = from_pretrained(cfg.init or os.path.join(cfg.out, "reference"), device=device,
+                                       dtype=torch.float32).requires_grad_(False)  # in eval mode
+            self.ref.vision_tower = model.vision_tower
+        else:
+            self.ref = grpo.frozen_copy(model)
+            if not cfg.init and rank == 0:  # a fresh connector: keep the reference to resume against it
+                save_pretrained(self.ref, os.path.join(cfg.out, "reference"))
+        if low_precision(device) and not cfg.lora:
+            self.ref.connector.to(low_precision(device)), self.ref.language_model.to(low_precision(device))
+
+    def setup_optimizer(self):
+        """The memory plan and the disk check, then (the model sharded under --fsdp) AdamW, its schedule, the
+        sampling generator and the video loader."""
+        cfg, device, rank, world, model = self.cfg, self.device, self.rank, self.world, self.model
+        self.plan = memory_plan(cfg, model.config, world)
+        if rank == 0:
+            tqdm.write(format_plan(cfg, *self.plan, world))
+        self.total = cfg.steps or max(1, int(cfg.epochs * max(1, len(self.samples) // cfg.prompts_per_step)))
+        self.need = checkpoint_bytes(model, self.tok_file)
+        fresh = not self.resume_from and self.total > cfg.save_every
+        on_rank0(lambda: check_room(cfg.out, self.need, cfg.save_every, fresh), rank, world)
+        if cfg.fsdp:
+            shard(model, device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           fused=on_gpu(device) and not cfg.fsdp)
+        self.schedule = make_schedule(self.optimizer, cfg, self.total)
+        self.gen = torch.Generator(device=device).manual_seed(cfg.seed + 7919 * rank)  # each rank samples its own
+        self.load = VideoLoader(cfg.frames, model.config.vision.image_size)
+
+    def resume(self, state):
+        """The optimizer, schedule, RNGs and counters of the checkpoint; metrics.jsonl cut back to its step."""
+        if self.cfg.fsdp:  # saved whole (keyed by parameter name); each rank keeps its shard
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["scheduler"])
+        mine = state["ranks"][self.rank] if self.world > 1 else state
+        try:
+            self.gen.set_state(mine["generator"])
+        except RuntimeError:  # a CUDA generator's state does not fit a CPU one, nor back
+            tqdm.write(f"resuming on {self.device}, the checkpoint's generator was another device's: sampling will not "
+                       "repeat the draws the original run would have made")
+        torch.set_rng_state(mine["torch_rng"])
+        self.start, self.nan_steps, self.nan_run = state["step"], state["nan_steps"], state["nan_run"]
+        self.load.skipped = mine["skipped"]
+        if self.rank == 0:
+            self.records = read_jsonl(self.metrics_path, upto=self.start)  # drop what was logged after the checkpoint
+            with open(self.metrics_path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.records)
+            tqdm.write(f"resuming {self.cfg.out} at step {self.start} of {self.total}")
+
+    def apply_update(self):
+        if self.world > 1 and not self.cfg.fsdp:
+            average_gradients(self.params, self.world)
+        return optimizer_step(self.optimizer, self.params, self.sampler, self.cfg.max_grad_norm)
+
+    def step(self, step):
+        """Optimizer step `step` on this rank's share of its samples, evaluation when due. -> its metrics, the same on
+        every rank."""
+        cfg, device, t = self.cfg, self.device, time.perf_counter()
+        batch = step_samples(self.samples, step, cfg)[self.rank * self.share:(self.rank + 1) * self.share]
+        try:
+            if cfg.stage == "sft":
+                m = sft_step(self.model, self.tok, batch, self.load, cfg, device)
+            else:
+                m = grpo_step(self.model, self.sampler, self.ref, self.tok, batch, self.load, cfg, device, self.gen,
+                              self.apply_update, self.reward_fns)
+        except FloatingPointError:  # non-finite logits in a rollout
+            m = {"nan": 1.0}
+        m = reduce_metrics({**m, "skipped_samples": len(self.load.skipped)}, self.world)  # the same on every rank
+        if not m.get("nan") and not m.get("skipped_step") and not self.apply_update():
+            m["nan"] = 1.0  # a non-finite gradient
+        self.nan_steps, self.nan_run = self.nan_steps + bool(m.get("nan")), (self.nan_run + 1) * bool(m.get("nan"))
+        if m.get("nan"):
+            if self.rank == 0:
+                tqdm.write(f"step {step + 1}: non-finite loss, logits or gradient, update skipped "
+                           f"({self.nan_steps} so far)")
+            self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+        if self.held_out and (step + 1 == self.total or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+            m.update(evaluate_policy(self.sampler, self.tok, self.held_out, cfg, self.rank, self.world))  # resumes too
+        if on_gpu(device):
+            m["peak_memory_gb"], m["planned_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9, self.plan[1] / 1e9
+        self.seconds.append(time.perf_counter() - t)
+        return m
+
+    def log(self, step, m, bar):
+        """The step's record to metrics.jsonl, curves.png and the bar; the run's budget after this process's third
+        step. -> the record"""
+        if len(self.seconds) == 3 and step + 1 < self.total and self.rank == 0:
+            tqdm.write(run_budget(self.seconds, self.records + [m], step + 1, self.total))
+        record = {"step": step + 1, "lr": self.schedule.get_last_lr()[0], **m, "skipped_rows": len(self.bad_rows),
+                  "nan_steps": self.nan_steps}
+        sft = self.cfg.stage == "sft"
+        if self.rank == 0:
+            append_jsonl(self.metrics_path, record)
+            self.records.append(record)
+            curves = ["loss"] if sft else ["reward", "accuracy", "format", "kl", "completion_length"]
+            plot_curves(self.records, os.path.join(self.cfg.out, "curves.png"), curves + [k for k in (
+                "eval/accuracy", "eval/reasoning_accuracy") if any(k in r for r in self.records)])
+        shown = ("loss",) if sft else ("reward", "accuracy", "kl", "completion_length")
+        bar.set_postfix({k: f"{m[k]:.3g}" for k in shown if isinstance(m.get(k), float)})
+        return record
+
+    def save(self, step):
+        """OUT/checkpoint after `step` steps; every rank takes part: its RNG state, and its shards under --fsdp."""
+        cfg, rank, world, model = self.cfg, self.rank, self.world, self.model
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.params]
+        if not gather(bool(torch.stack([p.isfinite().all() for p in local]).all()), world) == [True] * world:
+            raise Diverged(f"step {step}: the weights are non-finite, the run has diverged; {cfg.out}/checkpoint "
+                           "keeps the last finite ones (start over with a lower --lr, --overwrite)")
+        ranks = gather({"generator": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                        "skipped": self.load.skipped}, world)
+        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(model, options=whole) if cfg.fsdp else model.state_dict() if cfg.lora else None
+        optim = get_optimizer_state_dict(model, self.optimizer, options=whole) if cfg.fsdp else self.optimizer.state_dict()
+        if rank == 0 and cfg.lora:  # the checkpoint's weights merged; the adapters and the connector as trained, in the state
+            trained = {n: weights[n] for n, p in model.named_parameters() if p.requires_grad}
+            weights = merge_lora({k: v.cpu() for k, v in weights.items()}, cfg.lora_alpha / cfg.lora)  # fp32 off the GPU
+        trainer_state = lambda: {
+            "step": step, "optimizer": optim, "scheduler": self.schedule.state_dict(), **ranks[0],
+            "skipped": [s for r in ranks for s in r["skipped"]], "nan_steps": self.nan_steps, "nan_run": self.nan_run,
+            "config": asdict(cfg), "world_size": world, "fsdp": cfg.fsdp, **({"ranks": ranks} if world > 1 else {}),
+            **({"lora": trained} if cfg.lora else {})}
+        # no rank runs ahead of a checkpoint being written, nor on when it failed
+        on_rank0(lambda: write_checkpoint(model, self.tok_file, trainer_state(), cfg.out, weights, self.need), rank,
+                 world, SaveFailed)
 
 
 @releasing_locks
@@ -449,166 +650,24 @@ def train(cfg, reward_fns=None):
     reward_fns: extra GRPO rewards, name -> fn(completion, solution) (grpo.score).
     Raises RunError (or data.DataError, weights.CheckpointError) on bad input before any work, Diverged
     after MAX_NONFINITE_IN_A_ROW non-finite steps in a row."""
-    check_config(cfg)
-    rank, world, device = setup_distributed(cfg)
-    if cfg.prompts_per_step % world:
-        raise RunError(f"--prompts-per-step {cfg.prompts_per_step} does not split evenly over {world} processes")
-    share = cfg.prompts_per_step // world
-    torch.manual_seed(cfg.seed)  # the same on every rank: a fresh connector starts the same everywhere
-    samples, bad_rows = D.read_samples(cfg.data, cfg.root or None, errors="skip")
-    for msg in bad_rows if rank == 0 else ():
-        tqdm.write(f"skipping row: {msg}")
-    if not samples:
-        raise RunError(f"no usable samples in {cfg.data}")
-    held_out = D.read_samples(cfg.eval_data)[0] if cfg.eval_data else []
-
-    resume_from = on_rank0(lambda: prepare_out(cfg, MAY_CHANGE_ON_RESUME), rank, world)  # rank 0 locks and tidies OUT
-    state = load_state(resume_from) if resume_from else None
-    if state and (state.get("world_size", 1), state.get("fsdp", False)) != (world, cfg.fsdp):
-        was = f"{state.get('world_size', 1)} process(es){' with --fsdp' if state.get('fsdp') else ''}"
-        raise RunError(f"{resume_from} was written by {was}; resume it the same way "
-                       f"(this run: {world}{' with --fsdp' if cfg.fsdp else ''})")
-    model, tok = load_model(cfg, device, None if cfg.lora else resume_from)  # LoRA: the base, adapters from the state
-    tok_file = tokenizer_file(resume_from or cfg.init or cfg.llm)
-    os.makedirs(cfg.out, exist_ok=True)
-    freeze_vision(model)
-    model.language_model.model.gradient_checkpointing = cfg.grad_checkpointing and on_gpu(device)
-
-    start_connector, ref = setup_lora(model, cfg, device, state) if cfg.lora else None, None
-    # On a GPU the rollouts sample from a bf16 copy of the policy (with --lora: the policy itself, its base already
-    # bf16); on a CPU from the policy itself. Under --fsdp the policy is sharded, so the rollouts always sample
-    # from a whole copy. SFT samples only to evaluate: its sampler is the policy itself (a copy under --fsdp).
-    if on_gpu(device) and not low_precision(device) and rank == 0:
-        tqdm.write("this GPU has no bf16 (V100, T4 ...): the sampler, the reference and every pass run in fp32")
-    grpo, decodes = cfg.stage == "grpo", cfg.stage == "grpo" or bool(cfg.eval_data)  # --eval-data decodes in SFT too
-    sampler = G.Sampler(model, low_precision(device) if grpo else None, compile=cfg.compile and decodes,
-                        own_copy=cfg.fsdp and decodes, cuda_graph=on_gpu(device))
-    if cfg.stage == "grpo" and cfg.beta > 0:
-        if cfg.lora:  # the sampler's decoder (no copy), run with its adapters off (collect), and the start connector
-            ref = copy.copy(sampler.model)
-            ref._modules = {**ref._modules, "connector": start_connector}
-        elif resume_from:  # the reference is the start model, not the resumed one
-            ref = from_pretrained(cfg.init or os.path.join(cfg.out, "reference"), device=device,
-                                  dtype=torch.float32).requires_grad_(False)  # in eval mode
-            ref.vision_tower = model.vision_tower
-        else:
-            ref = G.frozen_copy(model)
-            if not cfg.init and rank == 0:  # a fresh connector: keep the reference to resume against it
-                save_pretrained(ref, os.path.join(cfg.out, "reference"))
-        if low_precision(device) and not cfg.lora:
-            ref.connector.to(low_precision(device)), ref.language_model.to(low_precision(device))
-    plan = memory_plan(cfg, model.config, world)
-    if rank == 0:
-        tqdm.write(format_plan(cfg, *plan, world))
-    total = cfg.steps or max(1, int(cfg.epochs * max(1, len(samples) // cfg.prompts_per_step)))
-    need = checkpoint_bytes(model, tok_file)
-    on_rank0(lambda: check_room(cfg.out, need, cfg.save_every, not resume_from and total > cfg.save_every), rank, world)
-    if cfg.fsdp:
-        shard(model, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=on_gpu(device) and not cfg.fsdp)
-    schedule = make_schedule(optimizer, cfg, total)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 7919 * rank)  # each rank samples its own
-    load = VideoLoader(cfg.frames, model.config.vision.image_size)
-    start, nan_steps, nan_run = 0, 0, 0  # nan_run: non-finite steps in a row
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-    records = []
-    if resume_from:
-        if cfg.fsdp:  # saved whole (keyed by parameter name); each rank keeps its shard
-            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["scheduler"])
-        mine = state["ranks"][rank] if world > 1 else state
-        try:
-            gen.set_state(mine["generator"])
-        except RuntimeError:  # a CUDA generator's state does not fit a CPU one, nor back
-            tqdm.write(f"resuming on {device}, the checkpoint's generator was another device's: sampling will not "
-                       "repeat the draws the original run would have made")
-        torch.set_rng_state(mine["torch_rng"])
-        start, nan_steps, nan_run, load.skipped = state["step"], state["nan_steps"], state["nan_run"], mine["skipped"]
-        if rank == 0:
-            records = read_jsonl(metrics_path, upto=start)  # drop what was logged after the checkpoint
-            with open(metrics_path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
-            tqdm.write(f"resuming {cfg.out} at step {start} of {total}")
-    elif os.path.exists(metrics_path) and rank == 0:  # --overwrite
-        os.remove(metrics_path)
-
-    def apply_update():
-        if world > 1 and not cfg.fsdp:
-            average_gradients(params, world)
-        return optimizer_step(optimizer, params, sampler, cfg.max_grad_norm)
-
-    def save(step):  # every rank takes part: its RNG state, and its shards under --fsdp
-        local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
-        if not gather(bool(torch.stack([p.isfinite().all() for p in local]).all()), world) == [True] * world:
-            raise Diverged(f"step {step}: the weights are non-finite, the run has diverged; {cfg.out}/checkpoint "
-                           "keeps the last finite ones (start over with a lower --lr, --overwrite)")
-        ranks = gather({"generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "skipped": load.skipped}, world)
-        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights = get_model_state_dict(model, options=whole) if cfg.fsdp else model.state_dict() if cfg.lora else None
-        optim = get_optimizer_state_dict(model, optimizer, options=whole) if cfg.fsdp else optimizer.state_dict()
-        if rank == 0 and cfg.lora:  # the checkpoint's weights merged; the adapters and the connector as trained, in the state
-            trained = {n: weights[n] for n, p in model.named_parameters() if p.requires_grad}
-            weights = M.merge_lora({k: v.cpu() for k, v in weights.items()}, cfg.lora_alpha / cfg.lora)  # fp32 off the GPU
-        trainer_state = lambda: {"step": step, "optimizer": optim, "scheduler": schedule.state_dict(), **ranks[0],
-                                 "skipped": [s for r in ranks for s in r["skipped"]], "nan_steps": nan_steps, "nan_run": nan_run,
-                                 "config": asdict(cfg), "world_size": world, "fsdp": cfg.fsdp, **({"ranks": ranks} if world > 1 else {}),
-                                 **({"lora": trained} if cfg.lora else {})}
-        # no rank runs ahead of a checkpoint being written, nor on when it failed
-        on_rank0(lambda: write_checkpoint(model, tok_file, trainer_state(), cfg.out, weights, need), rank, world, SaveFailed)
-
-    curve_keys = ["loss"] if cfg.stage == "sft" else ["reward", "accuracy", "format", "kl", "completion_length"]
-    bar = tqdm(range(start, total), initial=start, total=total, desc=cfg.stage, dynamic_ncols=True, disable=rank > 0)
-    record, seconds = {}, []  # seconds: wall time of each step this process ran
+    run, record = Run(cfg, reward_fns), {}
+    bar = tqdm(range(run.start, run.total), initial=run.start, total=run.total, desc=cfg.stage, dynamic_ncols=True,
+               disable=run.rank > 0)
     for step in bar:
-        t_step = time.perf_counter()
-        batch = step_samples(samples, step, cfg)[rank * share:(rank + 1) * share]
-        try:
-            if cfg.stage == "sft":
-                m = sft_step(model, tok, batch, load, cfg, device)
-            else:
-                m = grpo_step(model, sampler, ref, tok, batch, load, cfg, device, gen, apply_update, reward_fns)
-        except FloatingPointError:  # non-finite logits in a rollout
-            m = {"nan": 1.0}
-        m = reduce_metrics({**m, "skipped_samples": len(load.skipped)}, world)  # the same on every rank
-        if not m.get("nan") and not m.get("skipped_step") and not apply_update():
-            m["nan"] = 1.0  # a non-finite gradient
-        nan_steps, nan_run = nan_steps + bool(m.get("nan")), (nan_run + 1) * bool(m.get("nan"))
-        if m.get("nan"):
-            if rank == 0:
-                tqdm.write(f"step {step + 1}: non-finite loss, logits or gradient, update skipped ({nan_steps} so far)")
-            optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        if held_out and (step + 1 == total or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):  # a resume keeps them
-            m.update(evaluate_policy(sampler, tok, held_out, cfg, rank, world))
-        if on_gpu(device):
-            m["peak_memory_gb"], m["planned_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9, plan[1] / 1e9
-        seconds.append(time.perf_counter() - t_step)
-        if len(seconds) == 3 and step + 1 < total and rank == 0:
-            tqdm.write(run_budget(seconds, records + [m], step + 1, total))
-        record = {"step": step + 1, "lr": schedule.get_last_lr()[0], **m, "skipped_rows": len(bad_rows), "nan_steps": nan_steps}
-        if rank == 0:
-            append_jsonl(metrics_path, record)
-            records.append(record)
-            plot_curves(records, os.path.join(cfg.out, "curves.png"), curve_keys + [k for k in (
-                "eval/accuracy", "eval/reasoning_accuracy") if any(k in r for r in records)])
-        shown = ("loss",) if cfg.stage == "sft" else ("reward", "accuracy", "kl", "completion_length")
-        bar.set_postfix({k: f"{m[k]:.3g}" for k in shown if isinstance(m.get(k), float)})
-        if nan_run >= MAX_NONFINITE_IN_A_ROW:
-            raise Diverged(f"{nan_run} non-finite steps in a row (to step {step + 1}): the run has diverged; "
+        record = run.log(step, run.step(step), bar)
+        if run.nan_run >= MAX_NONFINITE_IN_A_ROW:
+            raise Diverged(f"{run.nan_run} non-finite steps in a row (to step {step + 1}): the run has diverged; "
                            f"{cfg.out}/checkpoint keeps the last finite weights (start over with a lower --lr, --overwrite)")
-        last = step + 1 == total or (cfg.stop_after and step + 1 >= cfg.stop_after)
-        stop = next(filter(None, gather(stop_requested(), world)), None)  # a signal to any rank stops all at this step
+        last = step + 1 == run.total or (cfg.stop_after and step + 1 >= cfg.stop_after)
+        stop = next(filter(None, gather(stop_requested(), run.world)), None)  # a signal to any rank stops all here
         if last or stop or (step + 1) % cfg.save_every == 0:
-            save(step + 1)
+            run.save(step + 1)
         if stop and not last:
             raise Stopped(stop, step + 1, os.path.join(cfg.out, "checkpoint"))
         if last:
             break
-    if load.skipped and rank == 0:
-        tqdm.write(f"{len(load.skipped)} samples skipped: unreadable videos (see metrics.jsonl 'skipped_samples')")
+    if run.load.skipped and run.rank == 0:
+        tqdm.write(f"{len(run.load.skipped)} samples skipped: unreadable videos (see metrics.jsonl 'skipped_samples')")
     return record
 
 
@@ -621,10 +680,11 @@ def parse_args(argv=None):
     p.error = lambda msg: (print(f"train.py: {msg} (see --help)", file=sys.stderr), sys.exit(2))
     for f in fields(TrainConfig):  # every field a flag, its help and choices from the field
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        group = p.add_argument_group(GROUPS[f.name]) if f.name in GROUPS else group
         if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
         else:
-            p.add_argument(flag, type=f.type, default=f.default, help=meta["help"], choices=meta["choices"])
+            group.add_argument(flag, type=f.type, default=f.default, help=meta["help"], choices=meta["choices"])
     return p.parse_args(argv), p
 
 
@@ -635,7 +695,7 @@ def dry_run(cfg):
         raise RunError("--dry-run reads the model's shapes from --init DIR/config.json: give --init")
     try:
         with open(os.path.join(cfg.init, "config.json")) as f:
-            config = M.TinyLLaVAConfig.from_dict(json.load(f))
+            config = TinyLLaVAConfig.from_dict(json.load(f))
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise RunError(f"{cfg.init}/config.json: not a readable TinyLLaVA config ({type(e).__name__}: {e})") from None
     world = cfg.nproc or int(os.environ.get("WORLD_SIZE", 1))
@@ -657,7 +717,7 @@ def main(argv=None):
             raise RunError("--data is required (the CPU demo: python demo.py [--seed N --out DIR])")
         train(cfg)
         return 0
-    except (RunError, D.DataError, D.VideoError, CheckpointError, Diverged, SaveFailed, Stopped) as e:
+    except (RunError, data.DataError, data.VideoError, CheckpointError, Diverged, SaveFailed, Stopped) as e:
         print(f"train.py: {e}", file=sys.stderr)
         return 128 + e.signum if isinstance(e, Stopped) else 1 if isinstance(e, (Diverged, SaveFailed)) else 2
     finally:

@@ -33,7 +33,7 @@ def eos_task(task):  # noqa: F811
     init = os.path.join(os.path.dirname(task["init"]), "init_eos")
     if not os.path.exists(init):
         model = W.from_pretrained(task["init"], dtype=torch.float32)
-        eos = train.D.Tokenizer(task["init"], model.config.text.vocab_size).eos_id
+        eos = train.data.Tokenizer(task["init"], model.config.text.vocab_size).eos_id
         with torch.no_grad():
             model.language_model.model.embed_tokens.weight[eos] *= 60
         W.save_pretrained(model, init)

@@ -123,7 +123,7 @@ def test_bad_samples_are_skipped_and_counted(task, tmp_path):
 
 
 def test_nan_loss_skips_the_step(task, tmp_path, monkeypatch):
-    real = train.G.grpo_loss
+    real = train.grpo.grpo_loss
     calls = []
 
     def flaky(*a, **k):
@@ -131,7 +131,7 @@ def test_nan_loss_skips_the_step(task, tmp_path, monkeypatch):
         calls.append(1)
         return (loss * float("nan"), m) if len(calls) == 1 else (loss, m)
 
-    monkeypatch.setattr(train.G, "grpo_loss", flaky)
+    monkeypatch.setattr(train.grpo, "grpo_loss", flaky)
     run(task, tmp_path / "run", steps=2)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert rows[0]["nan_steps"] == 1 and rows[1]["nan_steps"] == 1
@@ -147,8 +147,8 @@ def test_paper_defaults_per_stage_kl_clamp_flag_and_slow_tokenizer_files(task, t
     assert cfg.prompts_per_step == 4 and cfg.kl_clamp
     cfg = train.TrainConfig(**flags(["--data", "x", "--no-kl-clamp"]))
     assert cfg.prompts_per_step == 8 and not cfg.kl_clamp
-    seen, real = [], train.G.grpo_loss
-    monkeypatch.setattr(train.G, "grpo_loss", lambda *a, **k: seen.append(k["kl_clamp"]) or real(*a, **k))
+    seen, real = [], train.grpo.grpo_loss
+    monkeypatch.setattr(train.grpo, "grpo_loss", lambda *a, **k: seen.append(k["kl_clamp"]) or real(*a, **k))
     run(task, tmp_path / "clamped", steps=1)
     assert set(seen) == {100.0}
     run(task, tmp_path / "free", steps=1, kl_clamp=False)
@@ -196,13 +196,13 @@ def test_one_step_the_same_however_it_is_batched_or_compiled(task):
     model, tok = train.load_model(train.TrainConfig(init=task["init"]), torch.device("cpu"))
     samples = D.read_samples(task["grpo"])[0][:3]
     load = train.VideoLoader(4, model.config.vision.image_size)
-    ref = train.G.frozen_copy(model)
+    ref = train.grpo.frozen_copy(model)
     results = {}
     for temperature in (0.0, 1.0):
         for rb, compiled in ((1, False), (3, False), (3, True)):
             cfg = train.TrainConfig(stage="grpo", group_size=3, max_new_tokens=10, temperature=temperature, rollout_batch=rb,
                                     micro_batch=2, noise_std=0)
-            sampler = train.G.Sampler(model, compile=compiled)
+            sampler = train.grpo.Sampler(model, compile=compiled)
             exp = train.collect(sampler, ref, tok, samples, load, cfg, torch.device("cpu"), torch.Generator().manual_seed(5))
             results[temperature, rb, compiled] = exp
         base = results[temperature, 1, False]
@@ -256,7 +256,7 @@ def test_optimizer_step_refreshes_a_sampler_copy():
     after every optimizer step, and not after a skipped (non-finite) one."""
     from conftest import tiny_model
     policy = tiny_model(size="tiny")
-    sampler = train.G.Sampler(policy, own_copy=True)
+    sampler = train.grpo.Sampler(policy, own_copy=True)
     assert sampler.model is not policy
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.1)
@@ -298,7 +298,7 @@ def test_an_extra_reward_reaches_the_loss(task, monkeypatch):
     load = train.VideoLoader(4, model.config.vision.image_size)
     cfg = train.TrainConfig(stage="grpo", group_size=3, max_new_tokens=6, micro_batch=2, noise_std=0, beta=0)
     bonus = {"bonus": lambda completion, solution: float(len(completion) % 2)}  # differs between a group's answers
-    exps = [train.collect(train.G.Sampler(model), None, tok, samples, load, cfg, torch.device("cpu"),
+    exps = [train.collect(train.grpo.Sampler(model), None, tok, samples, load, cfg, torch.device("cpu"),
                           torch.Generator().manual_seed(5), fns) for fns in (None, bonus)]
     assert exps[0].texts == exps[1].texts and "bonus" in exps[1].scores
     assert torch.equal(exps[1].scores["reward"], exps[0].scores["reward"] + exps[1].scores["bonus"])
