@@ -38,7 +38,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import grpo
-import model as M
+from model import TinyLLaVA, TinyLLaVAConfig, config as model_config
 import train
 from grpo import completion_logprobs, group_advantages, grpo_loss
 
@@ -217,7 +217,7 @@ class Bench:
         self.dtype = dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
         self.autocast = torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
         self.clock = Clock(self.device)
-        self.config = M.config("tiny") if args.tiny else M.TinyLLaVAConfig()
+        self.config = model_config("tiny") if args.tiny else TinyLLaVAConfig()
         threads = torch.get_num_threads()
         cpu = f"CPU ({platform.processor() or platform.machine()}, {threads} thread{'s' if threads > 1 else ''})"
         self.result = result = dict(command="python " + " ".join(["bench.py"] + args.argv),
@@ -246,7 +246,7 @@ class Bench:
         args, device, dtype = self.args, self.device, self.dtype
         torch.manual_seed(args.seed)
         with torch.device(device):
-            self.policy = policy = M.TinyLLaVA(self.config)
+            self.policy = policy = TinyLLaVA(self.config)
         train.freeze_vision(policy)
         policy.language_model.model.gradient_checkpointing = True
         self.sampler = sampler = grpo.Sampler(policy, dtype, compile=not args.no_compile)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-import model as M
+from model import TinyLLaVA, add_lora
 from runs import RunError
 
 
@@ -116,9 +116,9 @@ LOGIT_CHUNK = 64  # grpo.completion_logprobs' positions a chunk
 def memory_plan(cfg, config, world):
     """-> {part: (bytes, what)} and the total bytes, for train.py's `cfg` on `world` processes at `config`'s shapes."""
     with torch.device("meta"):
-        model = M.TinyLLaVA(config)
+        model = TinyLLaVA(config)
         if cfg.lora:
-            M.add_lora(model, cfg.lora, cfg.lora_alpha)
+            add_lora(model, cfg.lora, cfg.lora_alpha)
     count = lambda m, grad=None: sum(p.numel() for p in m.parameters() if grad is None or p.requires_grad == grad)
     t, v, c, shards, grpo = config.text, config.vision, config.connector, world if cfg.fsdp else 1, cfg.stage == "grpo"
     trained = count(model.connector) + (count(model.language_model, True) if cfg.lora else count(model.language_model))

@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-import data as D
+import data
 from weights import save_pretrained
 
 
@@ -227,7 +227,7 @@ def prepare_out(cfg, may_change=()):
 
 def tokenizer_file(directory):
     """The tokenizer files of a directory, copied into each checkpoint: tokenizer.json and/or the slow ones."""
-    paths = [os.path.join(directory, f) for f in D.TOKENIZER_FILES if os.path.exists(os.path.join(directory, f))]
+    paths = [os.path.join(directory, f) for f in data.TOKENIZER_FILES if os.path.exists(os.path.join(directory, f))]
     names = {os.path.basename(p) for p in paths}
     if "tokenizer.json" not in names and not {"vocab.json", "merges.txt"} <= names:
         raise RunError(f"no tokenizer.json (nor vocab.json and merges.txt) in {directory}")
