@@ -368,18 +368,23 @@ class Bench:
         samples = [SimpleNamespace(question="", solution="A") for _ in range(P)]
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
-        step_ms = []
+        step_ms, rollout_floor = [], P * sum(self.measured[k][1] for k in phases if k.startswith(("encode", "rollout")))
         for rb in sorted({1, P}):
             cfg = train.TrainConfig(stage="grpo", group_size=G, max_new_tokens=T, prompts_per_step=P, micro_batch=1,
                                     rollout_batch=rb, max_len=10**6)
+            rollout_ms = []  # the step's own clock of its rollout phase (videos encoded, rollouts, rewards)
 
-            def grpo_step(cfg=cfg):
-                train.grpo_step(self.policy, self.sampler, self.reference, tok, samples, load, cfg, self.device, self.gen,
-                                optimizer_step)
+            def grpo_step(cfg=cfg, rollout_ms=rollout_ms):
+                metrics = train.grpo_step(self.policy, self.sampler, self.reference, tok, samples, load, cfg, self.device,
+                                          self.gen, optimizer_step)
+                rollout_ms.append(metrics["time/rollout"] * 1e3)
                 optimizer_step()
 
             step_ms.append(self.time_it(f"GRPO step, {P} prompts, rollout batch {rb}", grpo_step,
                                         floor_ms=P * sum(self.measured[k][1] for k in phases), bound="sum of phases")[0])
+            name = f"  its rollout phase ({P * G} rows, {rb * G} at a time)"
+            self.measured[name] = (statistics.median(rollout_ms[self.args.warmup:]), rollout_floor, "sum of phases")
+            log(f"{name.strip()}: {self.measured[name][0]:.2f} ms")
         self.result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9 if self.cuda else None
         self.best_step = min(step_ms)
         hours = self.result["projected_nextqa_hours"] = NEXTQA_STEPS * self.best_step / 3.6e6

@@ -482,6 +482,10 @@ class Qwen2Model(nn.Module):
             mask = (causal[None] & key_real[:, None, :]) | (key_slots[None, :] == slots[:, None])[None]
             # In the attention's grouped layout: rows j*L + l for the j-th query head of a key/value head.
             rep = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
+            # Additive (0 or the lowest value) in the attention's dtype, made once for every layer: SDPA would
+            # convert a bool mask to this at every call (on the CPU, 40% of a decode step's attention).
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            mask = torch.zeros((), dtype=dtype, device=x.device).masked_fill(~mask, torch.finfo(dtype).min)
             mask = mask[:, None].repeat(1, 1, rep, 1)  # (B, 1, 8*L, S)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:

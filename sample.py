@@ -65,23 +65,27 @@ def checkpoint_id(ckpt):
     return f"{os.path.abspath(ckpt)} {h.hexdigest()[:16]}"
 
 
+def question_bytes(text, L, S, e):
+    """Bytes one question holds at the peak of its prefill of L = video + prompt tokens into S = L + max_new_tokens
+    cache slots (text: the decoder's config, e: bytes per element): its keys and values; the additive mask, once as
+    L x S and once per query head of a key/value head (8 L x S); the MLP's three L x intermediate tensors and a few
+    L x hidden ones. A slight overestimate (tests/test_sample.py measures it on the CPU)."""
+    kv = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * e  # per token
+    rep = text.num_attention_heads // text.num_key_value_heads
+    return kv * S + (rep + 1) * L * S * e + L * e * (3 * text.intermediate_size + 6 * text.hidden_size)
+
+
 def default_batch_size(model, max_new_tokens, frames, prompt_tokens=1024):
     """Questions answered together: on a GPU as many as 60% of the free memory holds, at most 256; 8 on a CPU.
-    A question holds its KV cache and, during its prefill of L = video + prompt tokens over S = L + max_new_tokens
-    slots, the mask (8 L x S, and as large again as the attention's bias), the MLP's three L x intermediate
-    tensors and a few L x hidden ones; the videos are encoded 8 at a time, once for the batch."""
+    The videos are encoded 8 at a time, once for the batch."""
     w = model.language_model.model.embed_tokens.weight
     if not w.is_cuda:
         return 8
-    c, v, e = model.config.text, model.config.vision, w.element_size()
-    L = model.config.connector.num_queries + prompt_tokens
-    S = L + max_new_tokens
-    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * e  # bytes per token
-    rep = c.num_attention_heads // c.num_key_value_heads
-    per_item = kv * S + rep * L * S * (1 + e) + L * e * (3 * c.intermediate_size + 6 * c.hidden_size)
+    v, e, L = model.config.vision, w.element_size(), model.config.connector.num_queries + prompt_tokens
+    per_question = question_bytes(model.config.text, L, L + max_new_tokens, e)
     video = 8 * frames * (v.image_size // v.patch_size) ** 2 * e * (4 * v.hidden_size + v.intermediate_size)
     free, _ = torch.cuda.mem_get_info(w.device)
-    return max(1, min(256, int((0.6 * free - video) // per_item)))
+    return max(1, min(256, int((0.6 * free - video) // per_question)))
 
 
 # ----------------------------------------------------------------------------- answers

@@ -141,6 +141,28 @@ def test_out_of_memory_halves_the_batch_and_goes_on(monkeypatch, capsys):
     assert capsys.readouterr().err.count("out of GPU memory") == 1
 
 
+def prefill_peak_bytes(model, batch, L, S):
+    """The most bytes live at once while `batch` questions of L tokens prefill into S cache slots, counted on the CPU
+    by the profiler (each allocation and free is charged to the one operation that made it)."""
+    text = model.config.text
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        cache = model.new_cache(batch, S)
+        model.language_model.logits(model.language_model.model(torch.randn(batch, L, text.hidden_size),
+                                                                torch.ones(batch, L, dtype=torch.bool), cache)[:, -1])
+        del cache
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.end)
+    live = torch.tensor([e.self_cpu_memory_usage for e in events]).cumsum(0)
+    return int(live.max())
+
+
+@pytest.mark.parametrize("L, new_tokens", [(200, 100), (400, 200), (20, 2000)])
+def test_the_batch_size_estimate_counts_what_a_question_holds(L, new_tokens):
+    model = tiny_model()
+    measured = (prefill_peak_bytes(model, 5, L, L + new_tokens) - prefill_peak_bytes(model, 1, L, L + new_tokens)) / 4
+    estimate = sample.question_bytes(model.config.text, L, L + new_tokens, 4)
+    assert measured <= estimate <= 1.5 * measured, (measured, estimate)
+
+
 def test_bench_frees_the_training_side_before_the_peers(monkeypatch, tmp_path):
     alive = []
     monkeypatch.setattr(bench, "hf_peers", lambda *a: alive.append(
