@@ -112,6 +112,16 @@ def test_cuda_device_n_is_made_current_and_the_graph_is_made_there(emulated_gpu)
     assert [s.device for s in emulated_gpu.streams] == [1, 1] and [g.device for g in emulated_gpu.graphs] == [1]
 
 
+@pytest.mark.parametrize("bf16", [True, False])
+def test_sample_load_makes_cuda_n_current_before_loading(ckpt, emulated_gpu, monkeypatch, capsys, bf16):
+    emulated_gpu.bf16, loaded, load = bf16, [], W.from_pretrained
+    monkeypatch.setattr(W, "from_pretrained", lambda path, device, dtype: loaded.append(
+        (emulated_gpu.device, device, dtype)) or load(path, device="cpu", dtype=dtype))
+    sample.load(ckpt, "cuda:1")
+    assert loaded == [(1, torch.device("cuda:1"), torch.bfloat16 if bf16 else torch.float32)]
+    assert ("no bf16" in capsys.readouterr().err) is not bf16
+
+
 def test_resume_on_another_device_says_so(task, tmp_path, capsys):  # noqa: F811
     run(task, tmp_path / "run", steps=2, stop_after=1)
     ckpt = str(tmp_path / "run" / "checkpoint")
