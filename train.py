@@ -43,12 +43,12 @@ from tqdm import tqdm
 import data
 import grpo
 import sample
-from parallel import (average_gradients, format_plan, gather, memory_plan, on_rank0, reduce_metrics, setup_distributed,
-                      shard, teardown_distributed)
+from parallel import (average_gradients, dry_run, gather, on_rank0, reduce_metrics, setup_distributed, shard, show_plan,
+                      teardown_distributed)
 from runs import (RunError, SaveFailed, Stopped, append_jsonl, catch_stop_signals, check_room, checkpoint_bytes,
                   load_state, plot_curves, prepare_out, read_jsonl, releasing_locks, stop_requested, tokenizer_file,
                   write_checkpoint)
-from model import TinyLLaVAConfig, adapters_off, add_lora, merge_lora
+from model import adapters_off, add_lora, merge_lora
 from weights import CheckpointError, from_parts, from_pretrained, save_pretrained
 
 
@@ -187,8 +187,7 @@ def setup_lora(model, cfg, device, state=None):
     """--lora: the decoder frozen (bf16 on a GPU, as is the vision tower) under adapters trained with the connector
     in fp32; a resumed run's adapters and connector come from its trainer state. -> the start connector, frozen
     (the reference is the decoder with its adapters off, and this connector)."""
-    if low_precision(device):
-        model.language_model.to(low_precision(device)), model.vision_tower.to(low_precision(device))
+    model.language_model.to(low_precision(device)), model.vision_tower.to(low_precision(device))  # None: as they are
     start = copy.deepcopy(model.connector).requires_grad_(False).eval().to(low_precision(device))
     add_lora(model, cfg.lora, cfg.lora_alpha)
     if state is not None:
@@ -200,15 +199,11 @@ def setup_lora(model, cfg, device, state=None):
 
 
 def make_schedule(optimizer, cfg, total):
+    """A linear warmup over the first --warmup of the steps (cosine only), then constant, or a cosine down to 0."""
     warm = max(1, round(cfg.warmup * total)) if cfg.schedule == "cosine" else 0
-
-    def factor(step):  # step counts finished optimizer steps
-        if step < warm:
-            return (step + 1) / warm
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        return 1.0 if cfg.schedule == "constant" else 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+    factor = lambda step: (step + 1) / warm if step < warm else cosine(step) if cfg.schedule == "cosine" else 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)  # step: the optimizer steps finished
 
 
 def step_samples(samples, step, cfg):
@@ -289,10 +284,8 @@ def sft_step(model, tok, samples, load, cfg, device):
 
 
 # ----------------------------------------------------------------------------- one GRPO step: collect, then update
-# A step is two halves with an Experience between them. `collect` needs no gradient: it samples G
-# completions per prompt (from the sampler), rewards them, turns rewards into advantages and takes
-# the reference's log-probs. `update` is the only part with a gradient. bench.py times these two
-# functions, so the speed it reports is the speed of a training run.
+# A step is two halves with an Experience between them: `collect` needs no gradient, `update` is the only part with one.
+# bench.py times these two functions, so the speed it reports is the speed of a training run.
 
 
 @dataclass
@@ -320,15 +313,11 @@ class Experience:
                    self.rollout.mask[rows, :T], rows, T)
 
 
-def decode_texts(tok, rollout):
-    return [tok.decode(r[m > 0]) for r, m in zip(rollout.completion_ids.cpu(), rollout.mask.cpu())]
-
-
 def collect(sampler, ref, tok, samples, load, cfg, device, gen, reward_fns=None):
-    """Rollouts, rewards, advantages and reference log-probs for one step's prompts -> Experience,
-    or None if no video of the step could be read. The prompts decode `cfg.rollout_batch` at a time
-    (all together by default): one decode step reads the weights once for all their rows. reward_fns: grpo.score's."""
+    """G completions per prompt from the sampler, their rewards, advantages and reference log-probs -> Experience, or
+    None if no video of the step could be read. Prompts decode --rollout-batch at a time. reward_fns: grpo.score's."""
     G, times = cfg.group_size, {"rollout": 0.0, "reference": 0.0}
+    decode_texts = lambda ro: [tok.decode(r[m > 0]) for r, m in zip(ro.completion_ids.cpu(), ro.mask.cpu())]
     # One seed per prompt, drawn for every prompt of the step: its samples are the same however the
     # prompts are batched, and whichever videos fail to load.
     seeds = dict(zip(map(id, samples), torch.randint(0, 2**31, (len(samples),), generator=gen, device=gen.device).cpu()))
@@ -353,11 +342,11 @@ def collect(sampler, ref, tok, samples, load, cfg, device, gen, reward_fns=None)
                 shuf = sampler.model.vision_features(grpo.shuffle_frames(pixels[a:a + P].to(device), generator=gen))
             shuffled.append(sampler.rollout(ids, shuf, tok.eos_id, attention_mask=pmask, seeds=seed + 1, **kw))
     ro = grpo.concat_rollouts(rolls)
-    texts = decode_texts(tok, ro)
+    texts = decode_texts(ro)
     solutions = [s.solution for s in samples for _ in range(G)]
     scores = grpo.score(texts, solutions, reward_fns)
     if cfg.temporal:
-        acc_s = grpo.score(decode_texts(tok, grpo.concat_rollouts(shuffled)), solutions)["accuracy"]
+        acc_s = grpo.score(decode_texts(grpo.concat_rollouts(shuffled)), solutions)["accuracy"]
         scores["reward"] = scores["reward"] + grpo.temporal_bonus(scores["accuracy"], acc_s, G)
     times["rollout"] = time.perf_counter() - t
     advantages = grpo.group_advantages(scores["reward"], G, cfg.noise_std, cfg.scale, generator=gen).to(device)
@@ -376,10 +365,9 @@ def collect(sampler, ref, tok, samples, load, cfg, device, gen, reward_fns=None)
 
 
 def update(model, exp, cfg, pad_id, apply_update):
-    """`cfg.updates_per_rollout` passes of the policy over the experience, gradients accumulated
-    over micro-batches of prompts and weighted so the loss is the mean over prompts, as if the whole
-    step were one batch. Between passes `apply_update()` takes an optimizer step (the caller takes
-    the last one). -> {"loss", "kl", "clip_ratio"} and "nan" if a loss was not finite."""
+    """--updates-per-rollout passes of the policy over the experience, gradients accumulated over micro-batches of
+    prompts and weighted so the loss is the mean over prompts, as if the whole step were one batch. Between passes
+    `apply_update()` takes an optimizer step (the caller takes the last one). -> "loss", "kl", "clip_ratio", or "nan"."""
     freeze_vision(model.train())
     losses, kls, clips = [], [], []
     for update in range(cfg.updates_per_rollout):
@@ -524,12 +512,9 @@ class Run:
             self.ref.connector.to(low_precision(device)), self.ref.language_model.to(low_precision(device))
 
     def setup_optimizer(self):
-        """The memory plan and the disk check, then (the model sharded under --fsdp) AdamW, its schedule, the
-        sampling generator and the video loader."""
+        """The memory plan and the disk check, then (the model sharded under --fsdp) AdamW and its schedule."""
         cfg, device, rank, world, model = self.cfg, self.device, self.rank, self.world, self.model
-        self.plan = memory_plan(cfg, model.config, world)
-        if rank == 0:
-            tqdm.write(format_plan(cfg, *self.plan, world))
+        self.planned = show_plan(cfg, model.config, world, rank)
         self.total = cfg.steps or max(1, int(cfg.epochs * max(1, len(self.samples) // cfg.prompts_per_step)))
         self.need = checkpoint_bytes(model, self.tok_file)
         fresh = not self.resume_from and self.total > cfg.save_every
@@ -572,8 +557,7 @@ class Run:
         return optimizer_step(self.optimizer, self.params, self.sampler, self.cfg.max_grad_norm)
 
     def step(self, step):
-        """Optimizer step `step` on this rank's share of its samples, evaluation when due. -> its metrics, the same on
-        every rank."""
+        """Optimizer step `step` on this rank's share, evaluation when due. -> its metrics, the same on every rank."""
         cfg, device, t = self.cfg, self.device, time.perf_counter()
         batch = step_samples(self.samples, step, cfg)[self.rank * self.share:(self.rank + 1) * self.share]
         try:
@@ -589,21 +573,20 @@ class Run:
             m["nan"] = 1.0  # a non-finite gradient
         self.nan_steps, self.nan_run = self.nan_steps + bool(m.get("nan")), (self.nan_run + 1) * bool(m.get("nan"))
         if m.get("nan"):
+            self.optimizer.zero_grad(set_to_none=True)
             if self.rank == 0:
                 tqdm.write(f"step {step + 1}: non-finite loss, logits or gradient, update skipped "
                            f"({self.nan_steps} so far)")
-            self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
         if self.held_out and (step + 1 == self.total or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
             m.update(evaluate_policy(self.sampler, self.tok, self.held_out, cfg, self.rank, self.world))  # resumes too
         if on_gpu(device):
-            m["peak_memory_gb"], m["planned_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9, self.plan[1] / 1e9
+            m["peak_memory_gb"], m["planned_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9, self.planned / 1e9
         self.seconds.append(time.perf_counter() - t)
         return m
 
     def log(self, step, m, bar):
-        """The step's record to metrics.jsonl, curves.png and the bar; the run's budget after this process's third
-        step. -> the record"""
+        """The step's record to metrics.jsonl, curves.png and the bar (the run's budget after step 3). -> the record"""
         if len(self.seconds) == 3 and step + 1 < self.total and self.rank == 0:
             tqdm.write(run_budget(self.seconds, self.records + [m], step + 1, self.total))
         record = {"step": step + 1, "lr": self.schedule.get_last_lr()[0], **m, "skipped_rows": len(self.bad_rows),
@@ -634,11 +617,10 @@ class Run:
         if rank == 0 and cfg.lora:  # the checkpoint's weights merged; the adapters and the connector as trained, in the state
             trained = {n: weights[n] for n, p in model.named_parameters() if p.requires_grad}
             weights = merge_lora({k: v.cpu() for k, v in weights.items()}, cfg.lora_alpha / cfg.lora)  # fp32 off the GPU
-        trainer_state = lambda: {
-            "step": step, "optimizer": optim, "scheduler": self.schedule.state_dict(), **ranks[0],
-            "skipped": [s for r in ranks for s in r["skipped"]], "nan_steps": self.nan_steps, "nan_run": self.nan_run,
-            "config": asdict(cfg), "world_size": world, "fsdp": cfg.fsdp, **({"ranks": ranks} if world > 1 else {}),
-            **({"lora": trained} if cfg.lora else {})}
+        trainer_state = lambda: {"step": step, "optimizer": optim, "scheduler": self.schedule.state_dict(), **ranks[0],
+                                 "skipped": [s for r in ranks for s in r["skipped"]], "nan_steps": self.nan_steps,
+                                 "nan_run": self.nan_run, "config": asdict(cfg), "world_size": world, "fsdp": cfg.fsdp,
+                                 **({"ranks": ranks} if world > 1 else {}), **({"lora": trained} if cfg.lora else {})}
         # no rank runs ahead of a checkpoint being written, nor on when it failed
         on_rank0(lambda: write_checkpoint(model, self.tok_file, trainer_state(), cfg.out, weights, self.need), rank,
                  world, SaveFailed)
@@ -646,10 +628,9 @@ class Run:
 
 @releasing_locks
 def train(cfg, reward_fns=None):
-    """Run one stage as configured; returns the last step's metrics. Writes everything under cfg.out.
-    reward_fns: extra GRPO rewards, name -> fn(completion, solution) (grpo.score).
-    Raises RunError (or data.DataError, weights.CheckpointError) on bad input before any work, Diverged
-    after MAX_NONFINITE_IN_A_ROW non-finite steps in a row."""
+    """Run one stage as configured, writing everything under cfg.out. -> the last step's metrics. reward_fns: extra GRPO
+    rewards, name -> fn(completion, solution) (grpo.score). Raises RunError (or data.DataError, weights.CheckpointError)
+    on bad input before any work, Diverged after MAX_NONFINITE_IN_A_ROW non-finite steps in a row."""
     run, record = Run(cfg, reward_fns), {}
     bar = tqdm(range(run.start, run.total), initial=run.start, total=run.total, desc=cfg.stage, dynamic_ncols=True,
                disable=run.rank > 0)
@@ -688,30 +669,15 @@ def parse_args(argv=None):
     return p.parse_args(argv), p
 
 
-def dry_run(cfg):
-    """--dry-run: the memory plan at --init's shapes, from its config.json alone (no weights, no data). -> 0"""
-    check_config(cfg)
-    if not cfg.init:
-        raise RunError("--dry-run reads the model's shapes from --init DIR/config.json: give --init")
-    try:
-        with open(os.path.join(cfg.init, "config.json")) as f:
-            config = TinyLLaVAConfig.from_dict(json.load(f))
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise RunError(f"{cfg.init}/config.json: not a readable TinyLLaVA config ({type(e).__name__}: {e})") from None
-    world = cfg.nproc or int(os.environ.get("WORLD_SIZE", 1))
-    print(format_plan(cfg, *memory_plan(cfg, config, world), world))
-    return 0
-
-
 def main(argv=None):
     """-> exit code: 0 done, 1 diverged or a save failed, 2 bad flags, data, checkpoint or run folder (a folder in use),
     128 + the signal's number when SIGTERM or SIGINT stopped the run after saving it (143, 130); one line each."""
-    argv = sys.argv[1:] if argv is None else argv
-    args, _ = parse_args(argv)
+    args, _ = parse_args(argv)  # argv None: sys.argv's
     previous_handlers = catch_stop_signals()
     try:
         cfg = TrainConfig(**vars(args))
         if cfg.dry_run:
+            check_config(cfg)
             return dry_run(cfg)
         if not args.data:
             raise RunError("--data is required (the CPU demo: python demo.py [--seed N --out DIR])")
