@@ -482,7 +482,6 @@ class Run:
         self.model, self.tok = load_model(cfg, device, None if cfg.lora else self.resume_from)  # LoRA: the base
         model = self.model
         self.tok_file = tokenizer_file(self.resume_from or cfg.init or cfg.llm)
-        os.makedirs(cfg.out, exist_ok=True)
         freeze_vision(model)
         model.language_model.model.gradient_checkpointing = cfg.grad_checkpointing and on_gpu(device)
         start_connector, self.ref = setup_lora(model, cfg, device, state) if cfg.lora else None, None
@@ -502,14 +501,12 @@ class Run:
             self.ref._modules = {**self.ref._modules, "connector": start_connector}
         elif self.resume_from:  # the reference is the start model, not the resumed one
             self.ref = from_pretrained(cfg.init or os.path.join(cfg.out, "reference"), device=device,
-                                       dtype=torch.float32).requires_grad_(False)  # in eval mode
+                                       dtype=low_precision(device) or torch.float32).requires_grad_(False)  # in eval mode
             self.ref.vision_tower = model.vision_tower
         else:
-            self.ref = grpo.frozen_copy(model)
+            self.ref = grpo.frozen_copy(model, low_precision(device))
             if not cfg.init and rank == 0:  # a fresh connector: keep the reference to resume against it
                 save_pretrained(self.ref, os.path.join(cfg.out, "reference"))
-        if low_precision(device) and not cfg.lora:
-            self.ref.connector.to(low_precision(device)), self.ref.language_model.to(low_precision(device))
 
     def setup_optimizer(self):
         """The memory plan and the disk check, then (the model sharded under --fsdp) AdamW and its schedule."""
@@ -591,15 +588,13 @@ class Run:
             tqdm.write(run_budget(self.seconds, self.records + [m], step + 1, self.total))
         record = {"step": step + 1, "lr": self.schedule.get_last_lr()[0], **m, "skipped_rows": len(self.bad_rows),
                   "nan_steps": self.nan_steps}
-        sft = self.cfg.stage == "sft"
+        curves = ["loss"] if self.cfg.stage == "sft" else ["reward", "accuracy", "format", "kl", "completion_length"]
         if self.rank == 0:
             append_jsonl(self.metrics_path, record)
             self.records.append(record)
-            curves = ["loss"] if sft else ["reward", "accuracy", "format", "kl", "completion_length"]
             plot_curves(self.records, os.path.join(self.cfg.out, "curves.png"), curves + [k for k in (
                 "eval/accuracy", "eval/reasoning_accuracy") if any(k in r for r in self.records)])
-        shown = ("loss",) if sft else ("reward", "accuracy", "kl", "completion_length")
-        bar.set_postfix({k: f"{m[k]:.3g}" for k in shown if isinstance(m.get(k), float)})
+        bar.set_postfix({k: f"{m[k]:.3g}" for k in curves if k != "format" and isinstance(m.get(k), float)})
         return record
 
     def save(self, step):
@@ -662,10 +657,8 @@ def parse_args(argv=None):
     for f in fields(TrainConfig):  # every field a flag, its help and choices from the field
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         group = p.add_argument_group(GROUPS[f.name]) if f.name in GROUPS else group
-        if f.type is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
-        else:
-            group.add_argument(flag, type=f.type, default=f.default, help=meta["help"], choices=meta["choices"])
+        how = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type, choices=meta["choices"])
+        group.add_argument(flag, default=f.default, help=meta["help"], **how)
     return p.parse_args(argv), p
 
 
