@@ -154,6 +154,7 @@ def check_config(cfg):
     bad += [f"{v(f.name)}: must be one of {', '.join(f.metadata['choices'])}" for f in fields(c)
             if f.metadata["choices"] and getattr(c, f.name) not in f.metadata["choices"]]
     bad += [msg for ok, msg in [
+        (c.data or c.dry_run, "--data is required (the CPU demo: python demo.py [--seed N --out DIR])"),
         (not (c.init and (c.vision or c.llm)), "give --init, or --vision and --llm, not both"),
         (c.init or (c.vision and c.llm), "give --init DIR, or --vision DIR and --llm DIR"),
         (c.group_size >= 2 or c.stage == "sft", f"{v('group_size')}: must be >= 2 (a group compares its answers)"),
@@ -184,9 +185,8 @@ def freeze_vision(model):
 
 
 def setup_lora(model, cfg, device, state=None):
-    """--lora: the decoder frozen (bf16 on a GPU, as is the vision tower) under adapters trained with the connector
-    in fp32; a resumed run's adapters and connector come from its trainer state. -> the start connector, frozen
-    (the reference is the decoder with its adapters off, and this connector)."""
+    """--lora: the decoder frozen (bf16 on a GPU, as is the vision tower) under adapters trained with the connector in
+    fp32; a resumed run's adapters and connector come from its trainer state. -> the start connector, frozen."""
     model.language_model.to(low_precision(device)), model.vision_tower.to(low_precision(device))  # None: as they are
     start = copy.deepcopy(model.connector).requires_grad_(False).eval().to(low_precision(device))
     add_lora(model, cfg.lora, cfg.lora_alpha)
@@ -207,8 +207,7 @@ def make_schedule(optimizer, cfg, total):
 
 
 def step_samples(samples, step, cfg):
-    """The samples of optimizer step `step`; epochs wrap around, each in a fixed permutation per (seed, epoch),
-    so resuming needs only the step."""
+    """The samples of step `step`, each epoch a fixed permutation per (seed, epoch): resuming needs only the step."""
     epoch, i = divmod(step, max(1, len(samples) // cfg.prompts_per_step))
     order = np.random.RandomState(cfg.seed * 1000 + epoch).permutation(len(samples))
     return [samples[j] for j in order[i * cfg.prompts_per_step:(i + 1) * cfg.prompts_per_step]]
@@ -318,8 +317,7 @@ def collect(sampler, ref, tok, samples, load, cfg, device, gen, reward_fns=None)
     None if no video of the step could be read. Prompts decode --rollout-batch at a time. reward_fns: grpo.score's."""
     G, times = cfg.group_size, {"rollout": 0.0, "reference": 0.0}
     decode_texts = lambda ro: [tok.decode(r[m > 0]) for r, m in zip(ro.completion_ids.cpu(), ro.mask.cpu())]
-    # One seed per prompt, drawn for every prompt of the step: its samples are the same however the
-    # prompts are batched, and whichever videos fail to load.
+    # One seed per prompt, drawn for all the step's prompts: its samples do not depend on batching nor on lost videos.
     seeds = dict(zip(map(id, samples), torch.randint(0, 2**31, (len(samples),), generator=gen, device=gen.device).cpu()))
     samples, pixels = load(samples)
     seeds = [seeds[id(s)] for s in samples]
@@ -365,9 +363,8 @@ def collect(sampler, ref, tok, samples, load, cfg, device, gen, reward_fns=None)
 
 
 def update(model, exp, cfg, pad_id, apply_update):
-    """--updates-per-rollout passes of the policy over the experience, gradients accumulated over micro-batches of
-    prompts and weighted so the loss is the mean over prompts, as if the whole step were one batch. Between passes
-    `apply_update()` takes an optimizer step (the caller takes the last one). -> "loss", "kl", "clip_ratio", or "nan"."""
+    """--updates-per-rollout passes over the experience, gradients accumulated over micro-batches of prompts, weighted so
+    the loss is the mean over the step's prompts; `apply_update()` steps between passes (the caller takes the last)."""
     freeze_vision(model.train())
     losses, kls, clips = [], [], []
     for update in range(cfg.updates_per_rollout):
@@ -442,8 +439,7 @@ def evaluate_policy(sampler, tok, samples, cfg, rank, world):
 
 
 class Run:
-    """One stage's run on this rank: the data, the model and its sampler, the reference, the optimizer and the
-    counters a checkpoint keeps; train() below is the recipe's loop over its methods."""
+    """One stage's run on this rank: data, model, sampler, reference, optimizer and the counters a checkpoint keeps."""
 
     def __init__(self, cfg, reward_fns=None):
         check_config(cfg)
@@ -485,9 +481,8 @@ class Run:
         freeze_vision(model)
         model.language_model.model.gradient_checkpointing = cfg.grad_checkpointing and on_gpu(device)
         start_connector, self.ref = setup_lora(model, cfg, device, state) if cfg.lora else None, None
-        # On a GPU the rollouts sample from a bf16 copy of the policy (with --lora: the policy itself, its base already
-        # bf16); on a CPU from the policy itself. Under --fsdp the policy is sharded, so the rollouts always sample
-        # from a whole copy. SFT samples only to evaluate: its sampler is the policy itself (a copy under --fsdp).
+        # Rollouts sample from a bf16 copy on a GPU (--lora: the policy, its base already bf16), from the policy on a
+        # CPU, from a whole copy under --fsdp (the policy is sharded). SFT decodes only to evaluate: no bf16 copy.
         if on_gpu(device) and not low_precision(device) and rank == 0:
             tqdm.write("this GPU has no bf16 (V100, T4 ...): the sampler, the reference and every pass run in fp32")
         is_grpo = cfg.stage == "grpo"
@@ -501,7 +496,7 @@ class Run:
             self.ref._modules = {**self.ref._modules, "connector": start_connector}
         elif self.resume_from:  # the reference is the start model, not the resumed one
             self.ref = from_pretrained(cfg.init or os.path.join(cfg.out, "reference"), device=device,
-                                       dtype=low_precision(device) or torch.float32).requires_grad_(False)  # in eval mode
+                                       dtype=low_precision(device) or torch.float32).requires_grad_(False)  # eval mode
             self.ref.vision_tower = model.vision_tower
         else:
             self.ref = grpo.frozen_copy(model, low_precision(device))
@@ -672,8 +667,6 @@ def main(argv=None):
         if cfg.dry_run:
             check_config(cfg)
             return dry_run(cfg)
-        if not args.data:
-            raise RunError("--data is required (the CPU demo: python demo.py [--seed N --out DIR])")
         train(cfg)
         return 0
     except (RunError, data.DataError, data.VideoError, CheckpointError, Diverged, SaveFailed, Stopped) as e:
