@@ -32,7 +32,10 @@ def setup_distributed(cfg):
         return 0, 1, device
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+    world = dist.get_world_size()
+    if cfg.prompts_per_step % world:  # each rank takes an equal share of a step's prompts
+        raise RunError(f"--prompts-per-step {cfg.prompts_per_step} does not split evenly over {world} processes")
+    return dist.get_rank(), world, device
 
 
 def teardown_distributed():

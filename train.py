@@ -446,8 +446,6 @@ class Run:
         self.cfg, self.reward_fns = cfg, reward_fns
         self.rank, self.world, self.device = setup_distributed(cfg)
         rank, world = self.rank, self.world
-        if cfg.prompts_per_step % world:
-            raise RunError(f"--prompts-per-step {cfg.prompts_per_step} does not split evenly over {world} processes")
         self.share = cfg.prompts_per_step // world
         torch.manual_seed(cfg.seed)  # the same on every rank: a fresh connector starts the same everywhere
         self.samples, self.bad_rows = data.read_samples(cfg.data, cfg.root or None, errors="skip")
