@@ -494,12 +494,14 @@ class Run:
             self.ref._modules = {**self.ref._modules, "connector": start_connector}
         elif self.resume_from:  # the reference is the start model, not the resumed one
             self.ref = from_pretrained(cfg.init or os.path.join(cfg.out, "reference"), device=device,
-                                       dtype=low_precision(device) or torch.float32).requires_grad_(False)  # eval mode
+                                       dtype=torch.float32).requires_grad_(False)  # in eval mode
             self.ref.vision_tower = model.vision_tower
         else:
-            self.ref = grpo.frozen_copy(model, low_precision(device))
+            self.ref = grpo.frozen_copy(model)
             if not cfg.init and rank == 0:  # a fresh connector: keep the reference to resume against it
                 save_pretrained(self.ref, os.path.join(cfg.out, "reference"))
+        if low_precision(device) and not cfg.lora:
+            self.ref.connector.to(low_precision(device)), self.ref.language_model.to(low_precision(device))
 
     def setup_optimizer(self):
         """The memory plan and the disk check, then (the model sharded under --fsdp) AdamW and its schedule."""
