@@ -565,10 +565,10 @@ class Run:
             m["nan"] = 1.0  # a non-finite gradient
         self.nan_steps, self.nan_run = self.nan_steps + bool(m.get("nan")), (self.nan_run + 1) * bool(m.get("nan"))
         if m.get("nan"):
-            self.optimizer.zero_grad(set_to_none=True)
             if self.rank == 0:
                 tqdm.write(f"step {step + 1}: non-finite loss, logits or gradient, update skipped "
                            f"({self.nan_steps} so far)")
+            self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
         if self.held_out and (step + 1 == self.total or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
             m.update(evaluate_policy(self.sampler, self.tok, self.held_out, cfg, self.rank, self.world))  # resumes too
