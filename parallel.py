@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-from model import TinyLLaVA, add_lora
+from model import TinyLLaVA, TinyLLaVAConfig, add_lora
 from runs import RunError
 
 
@@ -32,7 +32,10 @@ def setup_distributed(cfg):
         return 0, 1, device
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+    world = dist.get_world_size()
+    if cfg.prompts_per_step % world:  # each rank takes an equal share of a step's prompts
+        raise RunError(f"--prompts-per-step {cfg.prompts_per_step} does not split evenly over {world} processes")
+    return dist.get_rank(), world, device
 
 
 def teardown_distributed():
@@ -121,8 +124,8 @@ def memory_plan(cfg, config, world):
             add_lora(model, cfg.lora, cfg.lora_alpha)
     count = lambda m, grad=None: sum(p.numel() for p in m.parameters() if grad is None or p.requires_grad == grad)
     t, v, c, shards, grpo = config.text, config.vision, config.connector, world if cfg.fsdp else 1, cfg.stage == "grpo"
-    trained = count(model.connector) + (count(model.language_model, True) if cfg.lora else count(model.language_model))
     decoder, connector = count(model.language_model), count(model.connector)
+    trained = connector + (count(model.language_model, True) if cfg.lora else decoder)
     prompts = cfg.prompts_per_step // world  # this rank's share of a step
     vis_tokens = cfg.frames * ((v.image_size // v.patch_size) ** 2 - (config.vision_feature_select_strategy == "patch"))
     video = c.num_queries if c.connector_type != "mlp2x_gelu" else vis_tokens
@@ -134,7 +137,7 @@ def memory_plan(cfg, config, world):
     own_sampler = grpo and (not cfg.lora or cfg.fsdp)
     decoding = min(cfg.rollout_batch or prompts, prompts) * cfg.group_size  # rows decoding together
     parts = {
-        "weights": ((2 * (decoder - count(model.language_model, True)) + 4 * trained) / shards if cfg.lora else 4 * trained / shards,
+        "weights": ((2 * count(model.language_model, False) + 4 * trained) / shards if cfg.lora else 4 * trained / shards,
                     "frozen decoder bf16, adapters and connector fp32" if cfg.lora else "fp32 master of connector + decoder"),
         "gradients": (4 * trained / shards, "fp32"), "optimizer": (8 * trained / shards, "AdamW moments, fp32"),
         "vision tower": ((2 if cfg.lora else 4) * count(model.vision_tower), "frozen"),
@@ -152,10 +155,28 @@ def memory_plan(cfg, config, world):
     return parts, sum(b for b, _ in parts.values()) - min(phases)
 
 
-def format_plan(cfg, parts, total, world):
-    """The plan as lines for a person, the last one JSON: {"total_gb", "parts": {part: GB}}."""
+def show_plan(cfg, config, world, rank=0):
+    """Rank 0 prints the plan as lines for a person, the last one JSON {"total_gb", "parts": {part: GB}}. -> total"""
+    parts, total = memory_plan(cfg, config, world)
     how = f"{world} GPU{'s' * (world > 1)}" + (" --fsdp" if cfg.fsdp else " data parallel" if world > 1 else "")
-    head = f"memory plan, one GPU of {how}, {cfg.stage}{f' --lora {cfg.lora}' if cfg.lora else ', full fine-tune'} (estimate):"
-    lines = [head] + [f"  {k:<17}{b / 1e9:7.2f} GB  {what}" for k, (b, what) in parts.items()]
+    lora = f' --lora {cfg.lora}' if cfg.lora else ', full fine-tune'
+    lines = [f"memory plan, one GPU of {how}, {cfg.stage}{lora} (estimate):"]
+    lines += [f"  {k:<17}{b / 1e9:7.2f} GB  {what}" for k, (b, what) in parts.items()]
     lines.append(f"  {'total':<17}{total / 1e9:7.2f} GB  (KV cache or activations + logits: the larger)")
-    return "\n".join(lines + [json.dumps({"total_gb": round(total / 1e9, 2), "parts": {k: round(b / 1e9, 3) for k, (b, _) in parts.items()}})])
+    lines.append(json.dumps({"total_gb": round(total / 1e9, 2), "parts": {k: round(b / 1e9, 3) for k, (b, _) in parts.items()}}))
+    if rank == 0:
+        print("\n".join(lines))
+    return total
+
+
+def dry_run(cfg):
+    """--dry-run: the memory plan at --init's shapes, from its config.json alone (no weights, no data). -> 0"""
+    if not cfg.init:
+        raise RunError("--dry-run reads the model's shapes from --init DIR/config.json: give --init")
+    try:
+        with open(os.path.join(cfg.init, "config.json")) as f:
+            config = TinyLLaVAConfig.from_dict(json.load(f))
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise RunError(f"{cfg.init}/config.json: not a readable TinyLLaVA config ({type(e).__name__}: {e})") from None
+    show_plan(cfg, config, cfg.nproc or int(os.environ.get("WORLD_SIZE", 1)))
+    return 0

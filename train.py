@@ -43,12 +43,12 @@ from tqdm import tqdm
 import data
 import grpo
 import sample
-from parallel import (average_gradients, format_plan, gather, memory_plan, on_rank0, reduce_metrics, setup_distributed,
-                      shard, teardown_distributed)
+from parallel import (average_gradients, dry_run, gather, on_rank0, reduce_metrics, setup_distributed, shard, show_plan,
+                      teardown_distributed)
 from runs import (RunError, SaveFailed, Stopped, append_jsonl, catch_stop_signals, check_room, checkpoint_bytes,
                   load_state, plot_curves, prepare_out, read_jsonl, releasing_locks, stop_requested, tokenizer_file,
                   write_checkpoint)
-from model import TinyLLaVAConfig, adapters_off, add_lora, merge_lora
+from model import adapters_off, add_lora, merge_lora
 from weights import CheckpointError, from_parts, from_pretrained, save_pretrained
 
 
@@ -154,6 +154,7 @@ def check_config(cfg):
     bad += [f"{v(f.name)}: must be one of {', '.join(f.metadata['choices'])}" for f in fields(c)
             if f.metadata["choices"] and getattr(c, f.name) not in f.metadata["choices"]]
     bad += [msg for ok, msg in [
+        (c.data or c.dry_run, "--data is required (the CPU demo: python demo.py [--seed N --out DIR])"),
         (not (c.init and (c.vision or c.llm)), "give --init, or --vision and --llm, not both"),
         (c.init or (c.vision and c.llm), "give --init DIR, or --vision DIR and --llm DIR"),
         (c.group_size >= 2 or c.stage == "sft", f"{v('group_size')}: must be >= 2 (a group compares its answers)"),
@@ -184,11 +185,9 @@ def freeze_vision(model):
 
 
 def setup_lora(model, cfg, device, state=None):
-    """--lora: the decoder frozen (bf16 on a GPU, as is the vision tower) under adapters trained with the connector
-    in fp32; a resumed run's adapters and connector come from its trainer state. -> the start connector, frozen
-    (the reference is the decoder with its adapters off, and this connector)."""
-    if low_precision(device):
-        model.language_model.to(low_precision(device)), model.vision_tower.to(low_precision(device))
+    """--lora: the decoder frozen (bf16 on a GPU, as is the vision tower) under adapters trained with the connector in
+    fp32; a resumed run's adapters and connector come from its trainer state. -> the start connector, frozen."""
+    model.language_model.to(low_precision(device)), model.vision_tower.to(low_precision(device))  # None: as they are
     start = copy.deepcopy(model.connector).requires_grad_(False).eval().to(low_precision(device))
     add_lora(model, cfg.lora, cfg.lora_alpha)
     if state is not None:
@@ -200,20 +199,15 @@ def setup_lora(model, cfg, device, state=None):
 
 
 def make_schedule(optimizer, cfg, total):
+    """A linear warmup over the first --warmup of the steps (cosine only), then constant, or a cosine down to 0."""
     warm = max(1, round(cfg.warmup * total)) if cfg.schedule == "cosine" else 0
-
-    def factor(step):  # step counts finished optimizer steps
-        if step < warm:
-            return (step + 1) / warm
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        return 1.0 if cfg.schedule == "constant" else 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+    factor = lambda step: (step + 1) / warm if step < warm else cosine(step) if cfg.schedule == "cosine" else 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)  # step: the optimizer steps finished
 
 
 def step_samples(samples, step, cfg):
-    """The samples of optimizer step `step`; epochs wrap around, each in a fixed permutation per (seed, epoch),
-    so resuming needs only the step."""
+    """The samples of step `step`, each epoch a fixed permutation per (seed, epoch): resuming needs only the step."""
     epoch, i = divmod(step, max(1, len(samples) // cfg.prompts_per_step))
     order = np.random.RandomState(cfg.seed * 1000 + epoch).permutation(len(samples))
     return [samples[j] for j in order[i * cfg.prompts_per_step:(i + 1) * cfg.prompts_per_step]]
@@ -289,10 +283,8 @@ def sft_step(model, tok, samples, load, cfg, device):
 
 
 # ----------------------------------------------------------------------------- one GRPO step: collect, then update
-# A step is two halves with an Experience between them. `collect` needs no gradient: it samples G
-# completions per prompt (from the sampler), rewards them, turns rewards into advantages and takes
-# the reference's log-probs. `update` is the only part with a gradient. bench.py times these two
-# functions, so the speed it reports is the speed of a training run.
+# A step is two halves with an Experience between them: `collect` needs no gradient, `update` is the only part with one.
+# bench.py times these two functions, so the speed it reports is the speed of a training run.
 
 
 @dataclass
@@ -320,17 +312,12 @@ class Experience:
                    self.rollout.mask[rows, :T], rows, T)
 
 
-def decode_texts(tok, rollout):
-    return [tok.decode(r[m > 0]) for r, m in zip(rollout.completion_ids.cpu(), rollout.mask.cpu())]
-
-
 def collect(sampler, ref, tok, samples, load, cfg, device, gen, reward_fns=None):
-    """Rollouts, rewards, advantages and reference log-probs for one step's prompts -> Experience,
-    or None if no video of the step could be read. The prompts decode `cfg.rollout_batch` at a time
-    (all together by default): one decode step reads the weights once for all their rows. reward_fns: grpo.score's."""
+    """G completions per prompt from the sampler, their rewards, advantages and reference log-probs -> Experience, or
+    None if no video of the step could be read. Prompts decode --rollout-batch at a time. reward_fns: grpo.score's."""
     G, times = cfg.group_size, {"rollout": 0.0, "reference": 0.0}
-    # One seed per prompt, drawn for every prompt of the step: its samples are the same however the
-    # prompts are batched, and whichever videos fail to load.
+    decode_texts = lambda ro: [tok.decode(r[m > 0]) for r, m in zip(ro.completion_ids.cpu(), ro.mask.cpu())]
+    # One seed per prompt, drawn for all the step's prompts: its samples do not depend on batching nor on lost videos.
     seeds = dict(zip(map(id, samples), torch.randint(0, 2**31, (len(samples),), generator=gen, device=gen.device).cpu()))
     samples, pixels = load(samples)
     seeds = [seeds[id(s)] for s in samples]
@@ -353,11 +340,11 @@ def collect(sampler, ref, tok, samples, load, cfg, device, gen, reward_fns=None)
                 shuf = sampler.model.vision_features(grpo.shuffle_frames(pixels[a:a + P].to(device), generator=gen))
             shuffled.append(sampler.rollout(ids, shuf, tok.eos_id, attention_mask=pmask, seeds=seed + 1, **kw))
     ro = grpo.concat_rollouts(rolls)
-    texts = decode_texts(tok, ro)
+    texts = decode_texts(ro)
     solutions = [s.solution for s in samples for _ in range(G)]
     scores = grpo.score(texts, solutions, reward_fns)
     if cfg.temporal:
-        acc_s = grpo.score(decode_texts(tok, grpo.concat_rollouts(shuffled)), solutions)["accuracy"]
+        acc_s = grpo.score(decode_texts(grpo.concat_rollouts(shuffled)), solutions)["accuracy"]
         scores["reward"] = scores["reward"] + grpo.temporal_bonus(scores["accuracy"], acc_s, G)
     times["rollout"] = time.perf_counter() - t
     advantages = grpo.group_advantages(scores["reward"], G, cfg.noise_std, cfg.scale, generator=gen).to(device)
@@ -376,10 +363,8 @@ def collect(sampler, ref, tok, samples, load, cfg, device, gen, reward_fns=None)
 
 
 def update(model, exp, cfg, pad_id, apply_update):
-    """`cfg.updates_per_rollout` passes of the policy over the experience, gradients accumulated
-    over micro-batches of prompts and weighted so the loss is the mean over prompts, as if the whole
-    step were one batch. Between passes `apply_update()` takes an optimizer step (the caller takes
-    the last one). -> {"loss", "kl", "clip_ratio"} and "nan" if a loss was not finite."""
+    """--updates-per-rollout passes over the experience, gradients accumulated over micro-batches of prompts, weighted so
+    the loss is the mean over the step's prompts; `apply_update()` steps between passes (the caller takes the last)."""
     freeze_vision(model.train())
     losses, kls, clips = [], [], []
     for update in range(cfg.updates_per_rollout):
@@ -454,16 +439,13 @@ def evaluate_policy(sampler, tok, samples, cfg, rank, world):
 
 
 class Run:
-    """One stage's run on this rank: the data, the model and its sampler, the reference, the optimizer and the
-    counters a checkpoint keeps; train() below is the recipe's loop over its methods."""
+    """One stage's run on this rank: data, model, sampler, reference, optimizer and the counters a checkpoint keeps."""
 
     def __init__(self, cfg, reward_fns=None):
         check_config(cfg)
         self.cfg, self.reward_fns = cfg, reward_fns
         self.rank, self.world, self.device = setup_distributed(cfg)
         rank, world = self.rank, self.world
-        if cfg.prompts_per_step % world:
-            raise RunError(f"--prompts-per-step {cfg.prompts_per_step} does not split evenly over {world} processes")
         self.share = cfg.prompts_per_step // world
         torch.manual_seed(cfg.seed)  # the same on every rank: a fresh connector starts the same everywhere
         self.samples, self.bad_rows = data.read_samples(cfg.data, cfg.root or None, errors="skip")
@@ -494,13 +476,11 @@ class Run:
         self.model, self.tok = load_model(cfg, device, None if cfg.lora else self.resume_from)  # LoRA: the base
         model = self.model
         self.tok_file = tokenizer_file(self.resume_from or cfg.init or cfg.llm)
-        os.makedirs(cfg.out, exist_ok=True)
         freeze_vision(model)
         model.language_model.model.gradient_checkpointing = cfg.grad_checkpointing and on_gpu(device)
         start_connector, self.ref = setup_lora(model, cfg, device, state) if cfg.lora else None, None
-        # On a GPU the rollouts sample from a bf16 copy of the policy (with --lora: the policy itself, its base already
-        # bf16); on a CPU from the policy itself. Under --fsdp the policy is sharded, so the rollouts always sample
-        # from a whole copy. SFT samples only to evaluate: its sampler is the policy itself (a copy under --fsdp).
+        # Rollouts sample from a bf16 copy on a GPU (--lora: the policy, its base already bf16), from the policy on a
+        # CPU, from a whole copy under --fsdp (the policy is sharded). SFT decodes only to evaluate: no bf16 copy.
         if on_gpu(device) and not low_precision(device) and rank == 0:
             tqdm.write("this GPU has no bf16 (V100, T4 ...): the sampler, the reference and every pass run in fp32")
         is_grpo = cfg.stage == "grpo"
@@ -524,12 +504,9 @@ class Run:
             self.ref.connector.to(low_precision(device)), self.ref.language_model.to(low_precision(device))
 
     def setup_optimizer(self):
-        """The memory plan and the disk check, then (the model sharded under --fsdp) AdamW, its schedule, the
-        sampling generator and the video loader."""
+        """The memory plan and the disk check, then (the model sharded under --fsdp) AdamW and its schedule."""
         cfg, device, rank, world, model = self.cfg, self.device, self.rank, self.world, self.model
-        self.plan = memory_plan(cfg, model.config, world)
-        if rank == 0:
-            tqdm.write(format_plan(cfg, *self.plan, world))
+        self.planned = show_plan(cfg, model.config, world, rank)
         self.total = cfg.steps or max(1, int(cfg.epochs * max(1, len(self.samples) // cfg.prompts_per_step)))
         self.need = checkpoint_bytes(model, self.tok_file)
         fresh = not self.resume_from and self.total > cfg.save_every
@@ -572,8 +549,7 @@ class Run:
         return optimizer_step(self.optimizer, self.params, self.sampler, self.cfg.max_grad_norm)
 
     def step(self, step):
-        """Optimizer step `step` on this rank's share of its samples, evaluation when due. -> its metrics, the same on
-        every rank."""
+        """Optimizer step `step` on this rank's share, evaluation when due. -> its metrics, the same on every rank."""
         cfg, device, t = self.cfg, self.device, time.perf_counter()
         batch = step_samples(self.samples, step, cfg)[self.rank * self.share:(self.rank + 1) * self.share]
         try:
@@ -597,26 +573,23 @@ class Run:
         if self.held_out and (step + 1 == self.total or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
             m.update(evaluate_policy(self.sampler, self.tok, self.held_out, cfg, self.rank, self.world))  # resumes too
         if on_gpu(device):
-            m["peak_memory_gb"], m["planned_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9, self.plan[1] / 1e9
+            m["peak_memory_gb"], m["planned_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9, self.planned / 1e9
         self.seconds.append(time.perf_counter() - t)
         return m
 
     def log(self, step, m, bar):
-        """The step's record to metrics.jsonl, curves.png and the bar; the run's budget after this process's third
-        step. -> the record"""
+        """The step's record to metrics.jsonl, curves.png and the bar (the run's budget after step 3). -> the record"""
         if len(self.seconds) == 3 and step + 1 < self.total and self.rank == 0:
             tqdm.write(run_budget(self.seconds, self.records + [m], step + 1, self.total))
         record = {"step": step + 1, "lr": self.schedule.get_last_lr()[0], **m, "skipped_rows": len(self.bad_rows),
                   "nan_steps": self.nan_steps}
-        sft = self.cfg.stage == "sft"
+        curves = ["loss"] if self.cfg.stage == "sft" else ["reward", "accuracy", "format", "kl", "completion_length"]
         if self.rank == 0:
             append_jsonl(self.metrics_path, record)
             self.records.append(record)
-            curves = ["loss"] if sft else ["reward", "accuracy", "format", "kl", "completion_length"]
             plot_curves(self.records, os.path.join(self.cfg.out, "curves.png"), curves + [k for k in (
                 "eval/accuracy", "eval/reasoning_accuracy") if any(k in r for r in self.records)])
-        shown = ("loss",) if sft else ("reward", "accuracy", "kl", "completion_length")
-        bar.set_postfix({k: f"{m[k]:.3g}" for k in shown if isinstance(m.get(k), float)})
+        bar.set_postfix({k: f"{m[k]:.3g}" for k in curves if k != "format" and isinstance(m.get(k), float)})
         return record
 
     def save(self, step):
@@ -634,11 +607,10 @@ class Run:
         if rank == 0 and cfg.lora:  # the checkpoint's weights merged; the adapters and the connector as trained, in the state
             trained = {n: weights[n] for n, p in model.named_parameters() if p.requires_grad}
             weights = merge_lora({k: v.cpu() for k, v in weights.items()}, cfg.lora_alpha / cfg.lora)  # fp32 off the GPU
-        trainer_state = lambda: {
-            "step": step, "optimizer": optim, "scheduler": self.schedule.state_dict(), **ranks[0],
-            "skipped": [s for r in ranks for s in r["skipped"]], "nan_steps": self.nan_steps, "nan_run": self.nan_run,
-            "config": asdict(cfg), "world_size": world, "fsdp": cfg.fsdp, **({"ranks": ranks} if world > 1 else {}),
-            **({"lora": trained} if cfg.lora else {})}
+        trainer_state = lambda: {"step": step, "optimizer": optim, "scheduler": self.schedule.state_dict(), **ranks[0],
+                                 "skipped": [s for r in ranks for s in r["skipped"]], "nan_steps": self.nan_steps,
+                                 "nan_run": self.nan_run, "config": asdict(cfg), "world_size": world, "fsdp": cfg.fsdp,
+                                 **({"ranks": ranks} if world > 1 else {}), **({"lora": trained} if cfg.lora else {})}
         # no rank runs ahead of a checkpoint being written, nor on when it failed
         on_rank0(lambda: write_checkpoint(model, self.tok_file, trainer_state(), cfg.out, weights, self.need), rank,
                  world, SaveFailed)
@@ -646,10 +618,9 @@ class Run:
 
 @releasing_locks
 def train(cfg, reward_fns=None):
-    """Run one stage as configured; returns the last step's metrics. Writes everything under cfg.out.
-    reward_fns: extra GRPO rewards, name -> fn(completion, solution) (grpo.score).
-    Raises RunError (or data.DataError, weights.CheckpointError) on bad input before any work, Diverged
-    after MAX_NONFINITE_IN_A_ROW non-finite steps in a row."""
+    """Run one stage as configured, writing everything under cfg.out. -> the last step's metrics. reward_fns: extra GRPO
+    rewards, name -> fn(completion, solution) (grpo.score). Raises RunError (or data.DataError, weights.CheckpointError)
+    on bad input before any work, Diverged after MAX_NONFINITE_IN_A_ROW non-finite steps in a row."""
     run, record = Run(cfg, reward_fns), {}
     bar = tqdm(range(run.start, run.total), initial=run.start, total=run.total, desc=cfg.stage, dynamic_ncols=True,
                disable=run.rank > 0)
@@ -681,40 +652,21 @@ def parse_args(argv=None):
     for f in fields(TrainConfig):  # every field a flag, its help and choices from the field
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         group = p.add_argument_group(GROUPS[f.name]) if f.name in GROUPS else group
-        if f.type is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
-        else:
-            group.add_argument(flag, type=f.type, default=f.default, help=meta["help"], choices=meta["choices"])
+        how = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type, choices=meta["choices"])
+        group.add_argument(flag, default=f.default, help=meta["help"], **how)
     return p.parse_args(argv), p
-
-
-def dry_run(cfg):
-    """--dry-run: the memory plan at --init's shapes, from its config.json alone (no weights, no data). -> 0"""
-    check_config(cfg)
-    if not cfg.init:
-        raise RunError("--dry-run reads the model's shapes from --init DIR/config.json: give --init")
-    try:
-        with open(os.path.join(cfg.init, "config.json")) as f:
-            config = TinyLLaVAConfig.from_dict(json.load(f))
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise RunError(f"{cfg.init}/config.json: not a readable TinyLLaVA config ({type(e).__name__}: {e})") from None
-    world = cfg.nproc or int(os.environ.get("WORLD_SIZE", 1))
-    print(format_plan(cfg, *memory_plan(cfg, config, world), world))
-    return 0
 
 
 def main(argv=None):
     """-> exit code: 0 done, 1 diverged or a save failed, 2 bad flags, data, checkpoint or run folder (a folder in use),
     128 + the signal's number when SIGTERM or SIGINT stopped the run after saving it (143, 130); one line each."""
-    argv = sys.argv[1:] if argv is None else argv
-    args, _ = parse_args(argv)
+    args, _ = parse_args(argv)  # argv None: sys.argv's
     previous_handlers = catch_stop_signals()
     try:
         cfg = TrainConfig(**vars(args))
         if cfg.dry_run:
+            check_config(cfg)
             return dry_run(cfg)
-        if not args.data:
-            raise RunError("--data is required (the CPU demo: python demo.py [--seed N --out DIR])")
         train(cfg)
         return 0
     except (RunError, data.DataError, data.VideoError, CheckpointError, Diverged, SaveFailed, Stopped) as e:
