@@ -422,9 +422,7 @@ def check_args(args):
                     (not args.probe_reasoning or (not original and reason and (args.eval or args.bench)),
                      "--probe-reasoning is for --eval or --bench, in reason mode with the clean protocol"),
                     (not args.bench or (args.root and os.path.isdir(args.root)),
-                     f"--bench {args.bench} needs --root DIR, the benchmark's folder (got {args.root})"),
-                    (not args.eval or os.path.exists(args.eval), f"--eval {args.eval}: no such file"),
-                    (args.bench or args.eval or os.path.exists(args.video), f"--video {args.video}: no such file")]:
+                     f"--bench {args.bench} needs --root DIR, the benchmark's folder (got {args.root})")]:
         if not ok:
             raise UsageError(msg)
 
@@ -450,6 +448,8 @@ def score_benchmark(args, model, tok, samples, run, **ask):
 
 def score_file(args, model, tok, run, **ask):
     """--eval: the accuracy over a multiple-choice file (and the reasoning probe's summary beside it)."""
+    if not os.path.exists(args.eval):
+        raise UsageError(f"--eval {args.eval}: no such file")
     samples = data.read_samples(args.eval, args.root, mode=args.mode)[0]
     preds = args.predictions or os.path.splitext(args.eval)[0] + f".{args.mode}.predictions.jsonl"
     res = evaluate(model, tok, samples, args.mode, preds, run=run, probe=args.probe_reasoning, **ask)
@@ -483,6 +483,8 @@ def main(argv=None):
             score_benchmark(args, model, tok, samples, **ask)
         elif args.eval:
             score_file(args, model, tok, **ask)
+        elif not os.path.exists(args.video):
+            raise UsageError(f"--video {args.video}: no such file")
         else:  # one question: the answer printed as it is generated
             pixels = data.load_video(args.video, num_frames=frames, size=model.config.vision.image_size)
             question = data.mc_question(args.question, args.options, args.mode) if args.options else args.question
