@@ -35,7 +35,6 @@ class DataError(ValueError):
 
 # ----------------------------------------------------------------------------- frames
 
-
 def frame_indices(n, num_frames):
     """The original's uniform pick: num_frames indices over n frames (repeats when n < num_frames)."""
     return np.linspace(0, n - 1, num_frames).astype(int)
@@ -69,10 +68,8 @@ def _read(path, wanted=None, cap=None):
 
 
 def sample_frames(path, num_frames=16, max_frames=None):
-    """(T, H, W, 3) uint8 RGB frames of a video file, spread uniformly over all its frames.
-
-    num_frames=None with max_frames: the "fps mode", one frame a second up to max_frames
-    (min(max_frames, max(1, int(duration_s))); no frame rate: one frame a second)."""
+    """(T, H, W, 3) uint8 RGB frames of a video file, spread uniformly over all its frames. num_frames=None with
+    max_frames: the "fps mode", min(max_frames, max(1, int(duration_s))) frames (no frame rate: 1 fps assumed)."""
     if num_frames is None and not max_frames:
         raise ValueError("sample_frames: give num_frames, or num_frames=None with max_frames")
     pick = lambda n, fps: frame_indices(n, num_frames if num_frames is not None else
@@ -103,7 +100,6 @@ def read_frames(path, pick):
 # Pillow's resize: a separable filter, one pass per axis, each output pixel a weighted sum
 # of the input pixels under the filter; when shrinking, the filter is stretched by the scale factor
 # (that is the antialiasing). Between the passes and at the end values are rounded and clipped to 0..255.
-
 
 def _cubic(x, a=-0.5):
     x = np.abs(x)
@@ -288,7 +284,6 @@ def train_tokenizer(texts, path, vocab_size=512):
 
 
 # ----------------------------------------------------------------------------- datasets and batches
-
 
 @dataclass
 class Sample:

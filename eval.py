@@ -40,18 +40,15 @@ def pick_frames(rule, n, num_frames, bound=None, fps=None):
                   int(start + seg/2 + round(seg * i)), seg = (end - start) / num_frames, over the whole
                   clip (its .avi and .webm tasks), or with a bound over a frame folder's frames numbered
                   max(1, round(start*fps))..min(round(end*fps), n) from 1, as its files are (00001.jpg)."""
-    if rule == "clean":
-        lo, hi = 0, n - 1
-        if bound is not None:
-            lo = min(max(0, round(bound[0] * fps)), n - 1)
-            hi = max(min(round(bound[1] * fps), n - 1), lo)
-        return np.linspace(lo, hi, num_frames).astype(int)
+    if rule == "clean" and bound is not None:
+        lo = min(max(0, round(bound[0] * fps)), n - 1)
+        return np.linspace(lo, max(min(round(bound[1] * fps), n - 1), lo), num_frames).astype(int)
     if rule == "segments":
         start, end, first = (0, n - 1, 0) if bound is None else (
             max(1, round(bound[0] * fps)), min(round(bound[1] * fps), n), 1)
         seg = (end - start) / num_frames
         return np.array([int(start + seg / 2 + np.round(seg * i)) for i in range(num_frames)]) - first
-    idx = data.frame_indices(n, num_frames)
+    idx = data.frame_indices(n, num_frames)  # "clean" over the whole clip, "uniform" and "unique"
     return np.unique(idx) if rule == "unique" else idx
 
 
@@ -117,7 +114,6 @@ def parse_original(text, choices, rng):
 # "options", the field the benchmark is averaged by, and under the original protocol "choices" (the letters
 # its parser picks among) and "frames_rule" (pick_frames). Layout errors name the file and item; a missing
 # video is only counted later.
-
 
 def need(item, key, where):
     if not isinstance(item, dict) or key not in item:
@@ -294,9 +290,8 @@ MMVU_URL = "/resolve/main/"  # https://huggingface.co/datasets/yale-nlp/MMVU/res
 
 
 def read_mmvu(root, mode, protocol="clean"):
-    path = os.path.join(root, "validation.json")
-    if not os.path.exists(path) and os.path.exists(os.path.join(root, "data", "validation.json")):
-        path = os.path.join(root, "data", "validation.json")
+    paths = [os.path.join(root, "validation.json"), os.path.join(root, "data", "validation.json")]
+    path = next((p for p in paths if os.path.exists(p)), paths[0])
     samples = []
     for i, item in enumerate(read_json(path, "MMVU")):
         where = f"{path} item {i}"
@@ -358,8 +353,7 @@ def summarize(records, group, average, order=(), missing=()):
 
 def format_table(title, summary, group):
     """The summary as text: one row per group, then the average, accuracies in percent."""
-    def pct(x):
-        return f"{'-':>5}" if x is None else f"{100 * x:5.1f}"
+    pct = lambda x: f"{'-':>5}" if x is None else f"{100 * x:5.1f}"  # noqa: E731
 
     def row(name, g):
         return (f"{str(name):<{width}}  {pct(g['accuracy'])}  {g['correct']:>6}/{g['total']:<6}  "

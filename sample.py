@@ -39,8 +39,7 @@ from runs import RunError, hold, releasing_locks
 
 
 def load(ckpt, device=None, dtype=None):
-    """-> model (eval mode) and tokenizer from a checkpoint directory holding tokenizer.json (or the slow
-    tokenizer's vocab.json and merges.txt, as the original code saves it)."""
+    """-> model (eval mode) and tokenizer from a checkpoint directory."""
     has = lambda *names: all(os.path.exists(os.path.join(ckpt, f)) for f in names)  # noqa: E731
     if not os.path.isdir(ckpt) or not has("config.json"):
         raise UsageError(f"checkpoint {ckpt}: not a directory with config.json")
@@ -282,14 +281,11 @@ def append_to(path):
 @releasing_locks
 def evaluate(model, tok, samples, mode="reason", predictions=None, batch_size=8, frames=None, max_new_tokens=512,
              progress=True, desc="eval", protocol="clean", seed=0, decode=None, run=None, probe=False):
-    """Answer every sample (data.Sample, `question` holding the options and the mode's suffix) and compare the letter
-    with `sample.solution`. protocol "clean": greedy, parse_answer; "original" (eval.py's readers): sampled (temperature
-    1, top-k 50) from a generator seeded with `seed`, and eval.parse_original with its guesses seeded by `seed` and the
-    item, so a command repeats its answers. Each answer is appended to `predictions` as soon as it exists, and items
-    found there with the same `run` are not asked again. A video that cannot be read is reported, skipped and counted
-    (asked again next run). A row with a "fact" pattern gets its reasoning checked (check_reasoning); with `probe`
-    each in-format answer is probed (probe_reasoning). -> {"accuracy", "correct", "total", "unparsed",
-    "missing_videos", "tokens_per_s"}, the records (make_record) and "missing" samples."""
+    """Answer every sample (data.Sample: `question` holds the options and the mode's suffix) and score it (make_record;
+    with `probe`, probe_reasoning too). protocol "original" samples (temperature 1, top-k 50) from a generator seeded
+    with `seed`, so a command repeats its answers. Each answer is appended to `predictions` as soon as it exists; items
+    found there with the same `run` are not asked again, nor is an unreadable video (told, counted, asked next run).
+    -> {"accuracy", "correct", "total", "unparsed", "missing_videos", "tokens_per_s", "records", "missing"}."""
     generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
     sampling = dict(temperature=1.0, top_k=50, top_p=1.0, generator=generator) if protocol == "original" else {}
     frames = frames or int(model.config.raw.get("num_frames", 16))
@@ -409,78 +405,93 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_args(args):
+    """Every misuse of the flags, found before the model loads: a one-line UsageError."""
+    original, reason = args.protocol == "original", args.mode == "reason"
+    for ok, msg in [(args.bench or args.eval or (args.video and args.question),
+                     "give --video and --question, --eval FILE.jsonl, or --bench NAME --root DIR"),
+                    (not (args.bench and args.eval), "give --bench or --eval, not both"),
+                    (args.max_new_tokens is None or args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+                    (args.frames >= 0, "--frames must be >= 0"), (args.top_k >= 0, "--top-k must be >= 0"),
+                    (args.batch_size >= 0, "--batch-size must be >= 0 (0: as many as fit)"),
+                    (args.temperature >= 0, "--temperature must be >= 0"), (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
+                    (not original or (args.bench and reason),
+                     "--protocol original is for --bench, in reason mode (the original asked for reasons)"),
+                    (args.samples == 1 or (args.samples > 1 and original),
+                     "--samples K: K >= 1, and K > 1 only with --protocol original (clean decoding is greedy)"),
+                    (not args.probe_reasoning or (not original and reason and (args.eval or args.bench)),
+                     "--probe-reasoning is for --eval or --bench, in reason mode with the clean protocol"),
+                    (not args.bench or (args.root and os.path.isdir(args.root)),
+                     f"--bench {args.bench} needs --root DIR, the benchmark's folder (got {args.root})")]:
+        if not ok:
+            raise UsageError(msg)
+
+
+def score_benchmark(args, model, tok, samples, run, **ask):
+    """--bench: one run, or with --protocol original one per seed and the spread of their averages."""
+    original = args.protocol == "original"
+    preds = args.predictions or os.path.join(args.ckpt, "eval", f"{args.bench}.{args.protocol if original else args.mode}.jsonl")
+    os.makedirs(os.path.dirname(os.path.abspath(preds)), exist_ok=True)
+    seeds = range(args.seed, args.seed + args.samples)
+    runs = [run_benchmark(model, tok, samples, args.bench, args.mode, f"{os.path.splitext(preds)[0]}.seed{seed}.jsonl"
+                          if original else preds, protocol=args.protocol, seed=seed, probe=args.probe_reasoning,
+                          run={**run, "seed": seed} if original else run, **ask) for seed in seeds]
+    if len(runs) > 1:  # one sampled run is noisy: the spread over seeds says how much
+        averages = [r["average"] for r in runs]
+        mean, std = float(np.mean(averages)), float(np.std(averages, ddof=1))
+        print(f"{args.bench}, original protocol, {len(runs)} runs (seeds {seeds[0]}-{seeds[-1]}):"
+              f" average {100 * mean:.1f} +- {100 * std:.1f} % (mean +- std over runs)")
+        with open(os.path.splitext(preds)[0] + ".summary.json", "w") as f:
+            json.dump({"benchmark": args.bench, "protocol": args.protocol, "seeds": list(seeds), "averages": averages,
+                       "mean": mean, "std": std}, f, indent=1)
+
+
+def score_file(args, model, tok, run, **ask):
+    """--eval: the accuracy over a multiple-choice file (and the reasoning probe's summary beside it)."""
+    if not os.path.exists(args.eval):
+        raise UsageError(f"--eval {args.eval}: no such file")
+    samples = data.read_samples(args.eval, args.root, mode=args.mode)[0]
+    preds = args.predictions or os.path.splitext(args.eval)[0] + f".{args.mode}.predictions.jsonl"
+    res = evaluate(model, tok, samples, args.mode, preds, run=run, probe=args.probe_reasoning, **ask)
+    speed = f", {res['tokens_per_s']:.0f} tokens/s" if res["tokens_per_s"] else ""
+    print(f"accuracy {res['accuracy']:.4f} ({res['correct']}/{res['total']}), unparsed {res['unparsed']}, "
+          f"missing videos {res['missing_videos']}{speed}; predictions in {preds}")
+    if args.probe_reasoning:
+        with open(os.path.splitext(preds)[0] + ".summary.json", "w") as f:
+            json.dump({"accuracy": res["accuracy"], "total": res["total"], "run": run,
+                       "reasoning_probe": probe_summary(res["records"])}, f, indent=1)
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
-        original, reason = args.protocol == "original", args.mode == "reason"
-        for ok, msg in [(args.bench or args.eval or (args.video and args.question),
-                         "give --video and --question, --eval FILE.jsonl, or --bench NAME --root DIR"),
-                        (not (args.bench and args.eval), "give --bench or --eval, not both"),
-                        (args.max_new_tokens is None or args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
-                        (args.frames >= 0, "--frames must be >= 0"), (args.top_k >= 0, "--top-k must be >= 0"),
-                        (args.batch_size >= 0, "--batch-size must be >= 0 (0: as many as fit)"),
-                        (args.temperature >= 0, "--temperature must be >= 0"), (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
-                        (not original or (args.bench and reason),
-                         "--protocol original is for --bench, in reason mode (the original asked for reasons)"),
-                        (args.samples == 1 or (args.samples > 1 and original),
-                         "--samples K: K >= 1, and K > 1 only with --protocol original (clean decoding is greedy)"),
-                        (not args.probe_reasoning or (not original and reason and (args.eval or args.bench)),
-                         "--probe-reasoning is for --eval or --bench, in reason mode with the clean protocol")]:
-            if not ok:
-                raise UsageError(msg)
-        max_new_tokens = args.max_new_tokens or (1024 if original else 512)
-        if args.bench:  # read the benchmark first: a layout error should not wait for the model to load
-            if not args.root or not os.path.isdir(args.root):
-                raise UsageError(f"--bench {args.bench} needs --root DIR, the benchmark's folder (got {args.root})")
-            samples = eval.BENCHMARKS[args.bench][0](args.root, args.mode, args.protocol)
+        check_args(args)
+        # the benchmark is read first: a layout error should not wait for the model to load
+        samples = eval.BENCHMARKS[args.bench][0](args.root, args.mode, args.protocol) if args.bench else None
         model, tok = load(args.ckpt, args.device)
         frames = args.frames or int(model.config.raw.get("num_frames", 16))  # the checkpoint's, else the paper's
+        max_new_tokens = args.max_new_tokens or (1024 if args.protocol == "original" else 512)
         lm = model.language_model
         on_gpu = lm.model.embed_tokens.weight.is_cuda  # there answers decode through a compiled step + CUDA graph
         decode = grpo.FastDecode(lm) if (on_gpu if args.compile is None else args.compile) else lm.decode_step
-        batch_size = args.batch_size or default_batch_size(model, max_new_tokens, frames)
         run = {"checkpoint": checkpoint_id(args.ckpt), "mode": args.mode, "frames": frames, "max_new_tokens": max_new_tokens,
-               "dtype": str(next(model.parameters()).dtype), "protocol": args.protocol, **({"probe": True} if args.probe_reasoning else {})}
+               "dtype": str(next(model.parameters()).dtype), "protocol": args.protocol,
+               **({"probe": True} if args.probe_reasoning else {})}
+        ask = dict(batch_size=args.batch_size or default_batch_size(model, max_new_tokens, frames), frames=frames,
+                   max_new_tokens=max_new_tokens, decode=decode, run=run)
         if args.bench:
-            preds = args.predictions or os.path.join(args.ckpt, "eval", f"{args.bench}.{args.protocol if original else args.mode}.jsonl")
-            os.makedirs(os.path.dirname(os.path.abspath(preds)), exist_ok=True)
-            runs = []
-            for seed in range(args.seed, args.seed + args.samples):
-                path = f"{os.path.splitext(preds)[0]}.seed{seed}.jsonl" if original else preds
-                runs.append(run_benchmark(model, tok, samples, args.bench, args.mode, path, batch_size, frames,
-                                          max_new_tokens, args.protocol, seed, decode,
-                                          {**run, "seed": seed} if original else run, args.probe_reasoning))
-            if len(runs) > 1:  # one sampled run is noisy: the spread over seeds says how much
-                averages = [r["average"] for r in runs]
-                mean, std = float(np.mean(averages)), float(np.std(averages, ddof=1))
-                print(f"{args.bench}, original protocol, {len(runs)} runs (seeds {args.seed}-{args.seed + len(runs) - 1}):"
-                      f" average {100 * mean:.1f} +- {100 * std:.1f} % (mean +- std over runs)")
-                with open(os.path.splitext(preds)[0] + ".summary.json", "w") as f:
-                    json.dump({"benchmark": args.bench, "protocol": args.protocol, "seeds": list(range(args.seed, args.seed + len(runs))),
-                               "averages": averages, "mean": mean, "std": std}, f, indent=1)
-            return 0
-        if args.eval:
-            if not os.path.exists(args.eval):
-                raise UsageError(f"--eval {args.eval}: no such file")
-            samples = data.read_samples(args.eval, args.root, mode=args.mode)[0]
-            preds = args.predictions or os.path.splitext(args.eval)[0] + f".{args.mode}.predictions.jsonl"
-            res = evaluate(model, tok, samples, args.mode, preds, batch_size, frames, max_new_tokens, decode=decode, run=run,
-                           probe=args.probe_reasoning)
-            speed = f", {res['tokens_per_s']:.0f} tokens/s" if res["tokens_per_s"] else ""
-            print(f"accuracy {res['accuracy']:.4f} ({res['correct']}/{res['total']}), unparsed {res['unparsed']}, "
-                  f"missing videos {res['missing_videos']}{speed}; predictions in {preds}")
-            if args.probe_reasoning:
-                with open(os.path.splitext(preds)[0] + ".summary.json", "w") as f:
-                    json.dump({"accuracy": res["accuracy"], "total": res["total"], "run": run,
-                               "reasoning_probe": probe_summary(res["records"])}, f, indent=1)
-            return 0
-        if not os.path.exists(args.video):
+            score_benchmark(args, model, tok, samples, **ask)
+        elif args.eval:
+            score_file(args, model, tok, **ask)
+        elif not os.path.exists(args.video):
             raise UsageError(f"--video {args.video}: no such file")
-        pixels = data.load_video(args.video, num_frames=frames, size=model.config.vision.image_size)
-        question = data.mc_question(args.question, args.options, args.mode) if args.options else args.question
-        for piece in stream(model, tok, question, pixels, max_new_tokens, args.temperature, args.top_k, args.top_p, decode):
-            print(piece, end="", flush=True)
-        print()
+        else:  # one question: the answer printed as it is generated
+            pixels = data.load_video(args.video, num_frames=frames, size=model.config.vision.image_size)
+            question = data.mc_question(args.question, args.options, args.mode) if args.options else args.question
+            for piece in stream(model, tok, question, pixels, max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                decode):
+                print(piece, end="", flush=True)
+            print()
         return 0
     except (UsageError, RunError, data.VideoError, data.DataError, weights.CheckpointError, FloatingPointError) as e:
         print(f"sample.py: {e}", file=sys.stderr)
