@@ -259,10 +259,7 @@ def rollout(model, input_ids, video_embeds, eos_id, pad_id=None, attention_mask=
     from `generator`). Every `check_every` steps, once half the rows or more have finished, they
     leave the batch and the cache, so a long straggler costs what it costs alone; no token changes."""
     lm = model.language_model
-    if isinstance(decode, FastDecode):
-        step = decode.token_step
-    else:
-        step = partial(token_step, decode or lm.decode_step)
+    step = decode.token_step if isinstance(decode, FastDecode) else partial(token_step, decode or lm.decode_step)
     pad_id = eos_id if pad_id is None else pad_id
     embeds, mask = model.embed(input_ids, video_embeds, attention_mask)  # (P, L-1+Q, d)
     if not mask[:, -1].all():
@@ -354,11 +351,10 @@ def completion_logprobs(model, input_ids, video_embeds, completion_ids, completi
 
 
 # ----------------------------------------------------------------------------- fast decoding and the sampler
-# A decode step of the group reads every decoder weight (6.2 GB for Qwen2.5-3B) to make 8 tokens: its
-# floor is 2.1 ms on an H100. Eagerly it is ~1,500 kernels, mostly tiny elementwise ones launched from
-# Python; the matrix products are a third of the time. torch.compile fuses the small kernels, and a
-# CUDA graph replays a step's kernels with one launch. Both need fixed shapes, kernels and addresses:
-# hence the preallocated KV cache, its device-side write position (KVCache.pos), updates in place.
+# A decode step of the group reads every decoder weight to make G tokens (its floor: bench.py); eagerly it is
+# ~1,500 kernels, mostly tiny elementwise ones launched from Python. torch.compile fuses them, a CUDA graph replays
+# them with one launch: both need fixed shapes and addresses, hence the preallocated KV cache and its device-side
+# write position (KVCache.pos), updated in place.
 
 
 class FastDecode:
@@ -512,8 +508,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.01, loss_type="
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     mask = mask.float() if truncated is None else mask.float() * (~truncated.bool()).float()[:, None]
 
-    old = logp.detach() if old_logp is None else old_logp
-    ratio = torch.exp(logp - old)
+    ratio = torch.exp(logp - (logp.detach() if old_logp is None else old_logp))
     A = advantages.float()[:, None]
     per_token = -torch.min(ratio * A, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * A)
     kl = None
@@ -535,10 +530,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.01, loss_type="
 
     with torch.no_grad():
         clipped = ((ratio < 1 - epsilon_low) & (A < 0)) | ((ratio > 1 + epsilon_high) & (A > 0))
-        metrics = {"loss": loss.item(),
-                   "kl": 0.0 if kl is None else ((kl * mask).sum() / valid).item(),
-                   "clip_ratio": ((clipped.float() * mask).sum() / valid).item()}
-    return loss, metrics
+        return loss, {"loss": loss.item(), "kl": 0.0 if kl is None else ((kl * mask).sum() / valid).item(),
+                      "clip_ratio": ((clipped.float() * mask).sum() / valid).item()}
 
 
 # ----------------------------------------------------------------------------- metrics
