@@ -176,14 +176,13 @@ def make_synthetic(out_dir, n_train=2000, n_coldstart=64, n_test=200, seed=0, n_
                     "task": r["task"], "fact": FACTS[r["task"]]}
     write_jsonl(paths["train"], [mc(r) for r in train])
     write_jsonl(paths["test"], [mc(r) for r in test])
+    chat = lambda r, question, answer: {"video": r["video"], "task": r["task"], "conversations": [  # noqa: E731
+        {"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]}  # cold-start format
     with open(paths["coldstart"], "w") as f:
-        json.dump([{"video": r["video"], "task": r["task"], "conversations": [
-            {"from": "human", "value": "<image>\n" + data.mc_question(r["question"], r["options"])},
-            {"from": "gpt", "value": f"<think>{r['why']}</think> <answer>{r['letter']}</answer>"}]} for r in cold], f, indent=1)
+        json.dump([chat(r, data.mc_question(r["question"], r["options"]),
+                        f"<think>{r['why']}</think> <answer>{r['letter']}</answer>") for r in cold], f, indent=1)
     with open(paths["captions"], "w") as f:  # what the base model learns to see, on videos of their own
-        json.dump([{"video": r["video"], "task": r["task"], "conversations": [
-            {"from": "human", "value": "<image>\n" + r["problem"]},
-            {"from": "gpt", "value": r["why"]}]} for r in captions], f, indent=1)
+        json.dump([chat(r, r["problem"], r["why"]) for r in captions], f, indent=1)
     with open(meta_path, "w") as f:
         json.dump(settings, f)
     return paths

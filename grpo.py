@@ -370,7 +370,8 @@ class FastDecode:
 
     def __init__(self, lm, compile=True, cuda_graph=None):
         self.cuda_graph, self.graph = cuda_graph, None  # graph: (cache weakref, key, CUDAGraph, inputs, outputs)
-        self.eager = {"logits": lm.step_logits, "token": partial(token_step, lm.step_logits)}
+        self.eager = {"logits": lambda tokens, cache: (lm.step_logits(tokens, cache),),  # both return tuples
+                      "token": partial(token_step, lm.step_logits)}
         fast = partial(torch.compile, fullgraph=True) if compile else (lambda f: f)
         self.fns = {name: fast(f) for name, f in self.eager.items()}
 
@@ -399,7 +400,7 @@ class FastDecode:
         for t in cache.k + cache.v + [cache.valid]:  # the cache length varies from the first call: dynamic
             torch._dynamo.maybe_mark_dynamic(t, t.ndim // 2)
         if not (tensors[0].is_cuda if self.cuda_graph is None else self.cuda_graph):
-            return as_tuple(fn(tensors[0], cache, *tensors[1:]))
+            return fn(tensors[0], cache, *tensors[1:])
         key = (name, tuple(sampling.items()))
         if self.graph is None or self.graph[0]() is not cache or self.graph[1] != key:
             self.graph = None  # free the old graph's memory before capturing the new one
@@ -412,7 +413,7 @@ class FastDecode:
 
     def _capture(self, fn, cache, tensors):
         static = [t.clone() for t in tensors]
-        call = lambda: as_tuple(fn(static[0], cache, *static[1:]))  # noqa: E731
+        call = lambda: fn(static[0], cache, *static[1:])  # noqa: E731
         # Warm up once on a side stream (torch.compile compiles, cuBLAS initialises: neither may
         # happen during a capture), then undo the warm-up's writes to the cache. Its keys and values
         # went to the slot the real step writes again; its pos, next_pos and valid are restored.
@@ -430,10 +431,6 @@ class FastDecode:
         with torch.cuda.graph(graph):  # records the kernels without running them
             outs = call()
         return graph, static, outs
-
-
-def as_tuple(x):
-    return x if isinstance(x, tuple) else (x,)
 
 
 def frozen_copy(model, dtype=None):
