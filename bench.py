@@ -65,8 +65,7 @@ def log(msg):
 
 
 class Clock:
-    """Marks on the device's timeline: CUDA events on CUDA (the GPU's time, host gaps included),
-    perf_counter on CPU."""
+    """Marks on the device's timeline: CUDA events on CUDA (the GPU's time, host gaps included), perf_counter on CPU."""
 
     def __init__(self, device):
         self.cuda = device.type == "cuda"

@@ -129,13 +129,12 @@ def _write_video(path, frames):
 
 
 def make_synthetic(out_dir, n_train=2000, n_coldstart=64, n_test=200, seed=0, n_captions=0):
-    """Write the synthetic task to out_dir: videos/, grpo.jsonl (NextQA GRPO format) and train.jsonl (plain
-    multiple choice, as the evaluation asks) for the training videos, coldstart.json (cold-start format, with
-    reasoning, asked as the evaluation asks), heldout.jsonl and test.jsonl (with each task's FACTS pattern as
-    "fact") for the held-out videos, and captions.json (cold-start format, n_captions more videos of their
-    own: each question answered with a plain description of its video, no letter; it stands in for the
-    pretraining that gave the published base model its sight).
-    Deterministic in `seed`; skipped if already written with the same settings.
+    """Write the synthetic task to out_dir: videos/, grpo.jsonl (NextQA GRPO format) and train.jsonl (plain multiple
+    choice, as the evaluation asks) for the training videos, coldstart.json (cold-start format, with reasoning, asked as
+    the evaluation asks), heldout.jsonl and test.jsonl (with each task's FACTS pattern as "fact") for the held-out
+    videos, and captions.json (cold-start format, n_captions more videos of their own: each question answered with a
+    plain description of its video, no letter; it stands in for the pretraining that gave the published base model its
+    sight). Deterministic in `seed`; skipped if already written with the same settings.
     -> {"root", "grpo", "train", "coldstart", "heldout", "test", "captions"} paths."""
     ext = dict(grpo=".jsonl", train=".jsonl", coldstart=".json", heldout=".jsonl", test=".jsonl", captions=".json")
     paths = {"root": out_dir, **{k: os.path.join(out_dir, k + e) for k, e in ext.items()}}

@@ -69,7 +69,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 # ----------------------------------------------------------------------------- rewards
-# A reward function is anything (completion: str, solution: str) -> float; `score` adds extra ones.
+# A reward function is anything (completion: str, solution: str) -> float; `score` adds extra ones. The paper's
+# three below: step 2 of the recipe above.
 
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 FORMAT = re.compile(r"<think>(.*?)</think>\s*<answer>.*?</answer>", re.DOTALL)
@@ -90,8 +91,6 @@ def accuracy_reward(completion, solution):
 
 
 def format_reward(completion):
-    """0.0 unless the stripped completion is <think>...</think> then <answer>...</answer> and nothing
-    else, each tag exactly once; then 0.5 + 0.5 * min(len(stripped thinking) / 1200, 1)."""
     text = completion.strip()
     m = FORMAT.fullmatch(text)
     if m is None or any(text.count(tag) != 1 for tag in TAGS):
@@ -100,15 +99,13 @@ def format_reward(completion):
 
 
 def combined_reward(acc, fmt):
-    """The paper's acc + (2 acc - 1) fmt: correct 1..2, wrong in format -0.5..-1, wrong without -2."""
     r = acc + (2 * acc - 1) * fmt
     return -2.0 if r == 0 else float(r)
 
 
 def score(completions, solutions, reward_fns=None):
-    """Rewards of N completions, `solutions` repeated once per completion -> float tensors (N,):
-    "reward" (the paper's plus every extra), "accuracy", "format", and one per name of `reward_fns`
-    (name -> fn(completion, solution))."""
+    """Rewards of N completions, `solutions` repeated once per completion -> float tensors (N,): "reward" (the paper's
+    plus every extra), "accuracy", "format", and one per name of `reward_fns` (name -> fn(completion, solution))."""
     if len(completions) != len(solutions):
         raise ValueError(f"score: {len(completions)} completions but {len(solutions)} solutions "
                          "(repeat each prompt's solution once per completion)")
