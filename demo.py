@@ -277,8 +277,7 @@ def demo(out, seed, device="", reward_reasoning=False):
     figures = report(results, test, out)
     summary = {"sft_accuracy": results["sft"]["accuracy"], "grpo_accuracy": results["grpo"]["accuracy"],
                "per_task": {stage: {t: v for t, v in f.items() if t != "all"} for stage, f in figures["accuracy"].items()},
-               "reasoning_accuracy": figures["reasoning_accuracy"],
-               "answer_agrees_with_reasoning": figures["answer_agrees_with_reasoning"],
+               **{k: figures[k] for k in ("reasoning_accuracy", "answer_agrees_with_reasoning")},
                "sft_unparsed": results["sft"]["unparsed"], "grpo_unparsed": results["grpo"]["unparsed"],
                "n_test": len(test), "seed": seed, "reward_reasoning": reward_reasoning, "seconds": round(time.time() - t0, 1)}
     print(json.dumps(summary))

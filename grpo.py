@@ -539,7 +539,6 @@ def step_metrics(rollout, completions, scores, group_size, kl=None, times=None):
     truncated, zero_std_groups, reflection: shares of completions or groups; completion_length: tokens up to
     and including eos), kl when given; with `times` {phase: seconds}: time/<phase> and tokens_per_s (N x steps
     decoded positions per second of the "rollout" phase)."""
-    N = rollout.completion_ids.shape[0]
     reward, lengths = scores["reward"].float(), rollout.mask.sum(1).float()
     out = {"reward": reward.mean().item(), "reward_std": reward.view(-1, group_size).std(1).mean().item(),
            **{f"reward/{name}": v.float().mean().item() for name, v in scores.items() if name != "reward"},
@@ -547,7 +546,7 @@ def step_metrics(rollout, completions, scores, group_size, kl=None, times=None):
            "completion_length": lengths.mean().item(), "completion_length_min": lengths.min().item(),
            "completion_length_max": lengths.max().item(), "truncated": rollout.truncated.float().mean().item(),
            "zero_std_groups": zero_variance_groups(reward, group_size).float().mean().item(),
-           "reflection": sum(bool(REFLECTION.search(c)) for c in completions) / N,
+           "reflection": sum(bool(REFLECTION.search(c)) for c in completions) / len(completions),
            **({} if kl is None else {"kl": float(kl)}),
            **{f"time/{phase}": float(seconds) for phase, seconds in (times or {}).items()}}
     if times and times.get("rollout"):
