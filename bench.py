@@ -478,9 +478,8 @@ def parse(argv):
     p.add_argument("--hf-new-tokens", type=int, help="tokens per completion for the peers (default: --new-tokens)")
     p.add_argument("--json", default="out/bench.json", help="where to write the results (default out/bench.json)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights, inputs and samples (default 0)")
-    args = p.parse_args(argv)
-    args.argv = list(argv)
-    return args
+    p.set_defaults(argv=list(argv))  # the command, written into the results
+    return p.parse_args(argv)
 
 
 def main(argv=None):

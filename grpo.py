@@ -383,20 +383,20 @@ class FastDecode:
         cache.reserve(1)  # host-side bounds check and count, outside any compiled or captured code
         graphs = tensors[0].is_cuda if self.cuda_graph is None else self.cuda_graph
         try:
-            return self._step(name, cache, tensors, sampling)
+            return self._step(name, cache, tensors, sampling, graphs)
         except Exception as e:  # no C++ compiler, a Triton failure on an old GPU, the recompile limit...
             if self.fns is self.eager and not graphs:
                 raise
             warnings.warn(f"torch.compile or CUDA graph capture of the decode step failed, decoding eagerly: "
                           f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
             self.fns, self.cuda_graph, self.graph = self.eager, False, None
-            return self._step(name, cache, tensors, sampling)
+            return self._step(name, cache, tensors, sampling, graphs=False)
 
-    def _step(self, name, cache, tensors, sampling):
+    def _step(self, name, cache, tensors, sampling, graphs):
         fn = partial(self.fns[name], **sampling)
         for t in cache.k + cache.v + [cache.valid]:  # the cache length varies from the first call: dynamic
             torch._dynamo.maybe_mark_dynamic(t, t.ndim // 2)
-        if not (tensors[0].is_cuda if self.cuda_graph is None else self.cuda_graph):
+        if not graphs:
             return fn(tensors[0], cache, *tensors[1:])
         key = (name, tuple(sampling.items()))
         if self.graph is None or self.graph[0]() is not cache or self.graph[1] != key:
