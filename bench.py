@@ -40,7 +40,6 @@ from torch.utils.flop_counter import FlopCounterMode
 import grpo
 from model import TinyLLaVA, TinyLLaVAConfig, config as model_config
 import train
-from grpo import completion_logprobs, group_advantages, grpo_loss
 
 NEVER = -1  # an eos id no token has: every completion runs to its full length
 
@@ -57,8 +56,7 @@ def inputs(config, shapes, device, seed):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, config.text.vocab_size, (1, shapes["text_tokens"] + 1), generator=g)
     ids[0, shapes["text_tokens"] // 3] = config.image_token_index  # after the system sentence and "USER:"
-    size = config.vision.image_size
-    pixels = torch.rand(1, shapes["frames"], 3, size, size, generator=g) * 2 - 1
+    pixels = torch.rand(1, shapes["frames"], 3, *[config.vision.image_size] * 2, generator=g) * 2 - 1
     return ids.to(device), pixels.to(device)
 
 
@@ -67,8 +65,7 @@ def log(msg):
 
 
 class Clock:
-    """Marks on the device's timeline: CUDA events on CUDA (the GPU's time, host gaps included),
-    perf_counter on CPU."""
+    """Marks on the device's timeline: CUDA events on CUDA (the GPU's time, host gaps included), perf_counter on CPU."""
 
     def __init__(self, device):
         self.cuda = device.type == "cuda"
@@ -170,12 +167,9 @@ def hf_peers(lm, clock, embeds, group, new_tokens):
         raise RuntimeError(f"bench.py: our decoder's keys do not match transformers' Qwen2: "
                            f"missing {missing}, unexpected {unexpected}")
 
-    class StepMarks(LogitsProcessor):  # called once per step with that step's logits
-        def __init__(self):
-            self.marks = []
-
+    class StepMarks(list, LogitsProcessor):  # called once per step with that step's logits: a mark of the clock
         def __call__(self, input_ids, scores):
-            self.marks.append(clock.mark())
+            self.append(clock.mark())
             return scores
 
     rows, peers = embeds.expand(group, -1, -1), {}
@@ -192,7 +186,7 @@ def hf_peers(lm, clock, embeds, group, new_tokens):
         run(new_tokens if static else 4)  # a static cache is sized by prompt + new tokens: warm up at full length
         steps = StepMarks()
         total = clock.once(run, new_tokens, [steps])
-        peers[name] = total, clock.ms(steps.marks[0], steps.marks[-1]) / (len(steps.marks) - 1)
+        peers[name] = total, clock.ms(steps[0], steps[-1]) / (len(steps) - 1)
         log(f"{name}: {total:.0f} ms in all, {peers[name][1]:.2f} ms per step")
     return peers
 
@@ -331,19 +325,19 @@ class Bench:
         """The training side phase by phase: reference log-probs, the policy's forward and backward, AdamW."""
         policy, reference, ids, features, G, L, T = self.policy, self.reference, self.ids, self.features, self.G, self.L, self.T
         r = self.sample()
-        advantages = group_advantages(torch.randn(G, device=self.device, generator=self.gen), G)  # no tokenizer: random rewards
+        advantages = grpo.group_advantages(torch.randn(G, device=self.device, generator=self.gen), G)  # no tokenizer: random rewards
 
         @torch.no_grad()
         def reference_logprobs():
             with self.autocast:
-                return completion_logprobs(reference, ids, reference.connect(features), r.completion_ids, r.mask)
+                return grpo.completion_logprobs(reference, ids, reference.connect(features), r.completion_ids, r.mask)
 
         ref_logp = reference_logprobs()
 
         def policy_backward():
             with self.autocast:
-                logp = completion_logprobs(policy, ids, policy.connect(features), r.completion_ids, r.mask)
-            loss, _ = grpo_loss(logp, None, ref_logp, advantages, r.mask)
+                logp = grpo.completion_logprobs(policy, ids, policy.connect(features), r.completion_ids, r.mask)
+            loss, _ = grpo.grpo_loss(logp, None, ref_logp, advantages, r.mask)
             loss.backward()
 
         self.optimizer_step = optimizer_step = partial(train.optimizer_step, self.optimizer, self.trainable, self.sampler,
@@ -396,15 +390,14 @@ class Bench:
         gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()
-        peers, self.hf_T = {}, self.args.hf_new_tokens or self.T
+        self.hf_T = self.args.hf_new_tokens or self.T
         try:
             import transformers
             self.result["hf"] = "skipped (--no-hf)" if self.args.no_hf else transformers.__version__
         except ImportError:
             self.result["hf"] = "transformers is not installed"
-        if not self.args.no_hf and "transformers" in sys.modules:
-            peers = hf_peers(self.lm, self.clock, self.embeds.to(self.dtype), self.G, self.hf_T)
-        return peers
+        run = not self.args.no_hf and "transformers" in sys.modules
+        return hf_peers(self.lm, self.clock, self.embeds.to(self.dtype), self.G, self.hf_T) if run else {}
 
     def report(self, peers):
         """The rows of the table, each beside its floor and its peer, and the targets (published shapes)."""
@@ -485,9 +478,8 @@ def parse(argv):
     p.add_argument("--hf-new-tokens", type=int, help="tokens per completion for the peers (default: --new-tokens)")
     p.add_argument("--json", default="out/bench.json", help="where to write the results (default out/bench.json)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights, inputs and samples (default 0)")
-    args = p.parse_args(argv)
-    args.argv = list(argv)
-    return args
+    p.set_defaults(argv=list(argv))  # the command, written into the results
+    return p.parse_args(argv)
 
 
 def main(argv=None):

@@ -36,19 +36,15 @@ import weights
 
 
 # ----------------------------------------------------------------------------- a synthetic video task
-# Real video files and annotations in the paper's formats, so the CPU demo runs the same code as a real
-# run. Four kinds of question, each needing the video and three of them its temporal order; options
-# come in a fixed order per kind (a from-scratch model learns them in minutes), the right letter is
-# spread evenly over A-D.
+# Each kind of question needs the video, three of them its temporal order; options come in a fixed order per
+# kind (a from-scratch model learns them in minutes), the right letter is spread evenly over A-D.
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (50, 80, 230), "yellow": (230, 220, 40)}
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-TASKS = {
-    "color": ("What color is the moving square?", list(COLOURS)),
-    "direction": ("Which direction does the glass square move?", list(DIRECTIONS)),
-    "order": ("Which color appears first?", list(COLOURS)),
-    "count": ("How many times does the white circle flash?", ["1", "2", "3", "4"]),
-}
+TASKS = {"color": ("What color is the moving square?", list(COLOURS)),
+         "direction": ("Which direction does the glass square move?", list(DIRECTIONS)),
+         "order": ("Which color appears first?", list(COLOURS)),
+         "count": ("How many times does the white circle flash?", ["1", "2", "3", "4"])}
 SIZE, FRAMES, FPS = 64, 8, 4  # 64x64 pixels, 8 frames, 2 seconds
 # What each task's reasoning states, as render() writes it: one group captures the option it names.
 FACTS = {"color": r"square is (\w+)", "direction": r"moves (\w+)", "order": r"(\w+) is first", "count": r"flashes (\w+) times"}
@@ -133,17 +129,15 @@ def _write_video(path, frames):
 
 
 def make_synthetic(out_dir, n_train=2000, n_coldstart=64, n_test=200, seed=0, n_captions=0):
-    """Write the synthetic task to out_dir: videos/, grpo.jsonl (NextQA GRPO format) and train.jsonl (plain
-    multiple choice, as the evaluation asks) for the training videos, coldstart.json (cold-start format, with
-    reasoning, asked as the evaluation asks), heldout.jsonl and test.jsonl (with each task's FACTS pattern as
-    "fact") for the held-out videos, and captions.json (cold-start format, n_captions more videos of their
-    own: each question answered with a plain description of its video, no letter; it stands in for the
-    pretraining that gave the published base model its sight).
-    Deterministic in `seed`; skipped if already written with the same settings.
+    """Write the synthetic task to out_dir: videos/, grpo.jsonl (NextQA GRPO format) and train.jsonl (plain multiple
+    choice, as the evaluation asks) for the training videos, coldstart.json (cold-start format, with reasoning, asked as
+    the evaluation asks), heldout.jsonl and test.jsonl (with each task's FACTS pattern as "fact") for the held-out
+    videos, and captions.json (cold-start format, n_captions more videos of their own: each question answered with a
+    plain description of its video, no letter; it stands in for the pretraining that gave the published base model its
+    sight). Deterministic in `seed`; skipped if already written with the same settings.
     -> {"root", "grpo", "train", "coldstart", "heldout", "test", "captions"} paths."""
-    names = {"grpo": "grpo.jsonl", "train": "train.jsonl", "coldstart": "coldstart.json", "heldout": "heldout.jsonl", "test": "test.jsonl",
-             "captions": "captions.json"}
-    paths = {"root": out_dir, **{k: os.path.join(out_dir, v) for k, v in names.items()}}
+    ext = dict(grpo=".jsonl", train=".jsonl", coldstart=".json", heldout=".jsonl", test=".jsonl", captions=".json")
+    paths = {"root": out_dir, **{k: os.path.join(out_dir, k + e) for k, e in ext.items()}}
     settings = {"n_train": n_train, "n_coldstart": n_coldstart, "n_test": n_test, "n_captions": n_captions, "seed": seed, "version": 10}
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path) and all(os.path.exists(p) for p in paths.values()):
@@ -181,14 +175,13 @@ def make_synthetic(out_dir, n_train=2000, n_coldstart=64, n_test=200, seed=0, n_
                     "task": r["task"], "fact": FACTS[r["task"]]}
     write_jsonl(paths["train"], [mc(r) for r in train])
     write_jsonl(paths["test"], [mc(r) for r in test])
+    chat = lambda r, question, answer: {"video": r["video"], "task": r["task"], "conversations": [  # noqa: E731
+        {"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]}  # cold-start format
     with open(paths["coldstart"], "w") as f:
-        json.dump([{"video": r["video"], "task": r["task"], "conversations": [
-            {"from": "human", "value": "<image>\n" + data.mc_question(r["question"], r["options"])},
-            {"from": "gpt", "value": f"<think>{r['why']}</think> <answer>{r['letter']}</answer>"}]} for r in cold], f, indent=1)
+        json.dump([chat(r, data.mc_question(r["question"], r["options"]),
+                        f"<think>{r['why']}</think> <answer>{r['letter']}</answer>") for r in cold], f, indent=1)
     with open(paths["captions"], "w") as f:  # what the base model learns to see, on videos of their own
-        json.dump([{"video": r["video"], "task": r["task"], "conversations": [
-            {"from": "human", "value": "<image>\n" + r["problem"]},
-            {"from": "gpt", "value": r["why"]}]} for r in captions], f, indent=1)
+        json.dump([chat(r, r["problem"], r["why"]) for r in captions], f, indent=1)
     with open(meta_path, "w") as f:
         json.dump(settings, f)
     return paths
@@ -258,15 +251,13 @@ def report(results, test, out):
 
 def demo(out, seed, device="", reward_reasoning=False):
     t0 = time.time()
-    paths = make_synthetic(os.path.join(out, "data"), n_train=DEMO["n_train"], n_coldstart=DEMO["n_coldstart"],
-                             n_test=DEMO["n_test"], n_captions=DEMO["n_captions"], seed=seed)
+    paths = make_synthetic(os.path.join(out, "data"), seed=seed, **{k: v for k, v in DEMO.items() if k[:2] == "n_"})
     tok = synthetic_tokenizer(paths)
-    tok_path = os.path.join(paths["root"], "tokenizer.json")
     init = os.path.join(out, "init")
     torch.manual_seed(seed)
     model = TinyLLaVA(demo_config(tok.vocab_size))
     weights.save_pretrained(model, init)
-    shutil.copy(tok_path, os.path.join(init, "tokenizer.json"))
+    shutil.copy(os.path.join(paths["root"], "tokenizer.json"), os.path.join(init, "tokenizer.json"))
     common = dict(seed=seed, frames=DEMO["frames"], device=device, save_every=10**9, overwrite=True)
     # The published chain starts from a base model that already sees; here a short supervised stage on
     # plain descriptions of separate videos plays that part (on the GRPO videos themselves it would
@@ -286,8 +277,7 @@ def demo(out, seed, device="", reward_reasoning=False):
     figures = report(results, test, out)
     summary = {"sft_accuracy": results["sft"]["accuracy"], "grpo_accuracy": results["grpo"]["accuracy"],
                "per_task": {stage: {t: v for t, v in f.items() if t != "all"} for stage, f in figures["accuracy"].items()},
-               "reasoning_accuracy": figures["reasoning_accuracy"],
-               "answer_agrees_with_reasoning": figures["answer_agrees_with_reasoning"],
+               **{k: figures[k] for k in ("reasoning_accuracy", "answer_agrees_with_reasoning")},
                "sft_unparsed": results["sft"]["unparsed"], "grpo_unparsed": results["grpo"]["unparsed"],
                "n_test": len(test), "seed": seed, "reward_reasoning": reward_reasoning, "seconds": round(time.time() - t0, 1)}
     print(json.dumps(summary))

@@ -69,7 +69,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 # ----------------------------------------------------------------------------- rewards
-# A reward function is anything (completion: str, solution: str) -> float; `score` adds extra ones.
+# A reward function is anything (completion: str, solution: str) -> float; `score` adds extra ones. The paper's
+# three below: step 2 of the recipe above.
 
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 FORMAT = re.compile(r"<think>(.*?)</think>\s*<answer>.*?</answer>", re.DOTALL)
@@ -90,8 +91,6 @@ def accuracy_reward(completion, solution):
 
 
 def format_reward(completion):
-    """0.0 unless the stripped completion is <think>...</think> then <answer>...</answer> and nothing
-    else, each tag exactly once; then 0.5 + 0.5 * min(len(stripped thinking) / 1200, 1)."""
     text = completion.strip()
     m = FORMAT.fullmatch(text)
     if m is None or any(text.count(tag) != 1 for tag in TAGS):
@@ -100,15 +99,13 @@ def format_reward(completion):
 
 
 def combined_reward(acc, fmt):
-    """The paper's acc + (2 acc - 1) fmt: correct 1..2, wrong in format -0.5..-1, wrong without -2."""
     r = acc + (2 * acc - 1) * fmt
     return -2.0 if r == 0 else float(r)
 
 
 def score(completions, solutions, reward_fns=None):
-    """Rewards of N completions, `solutions` repeated once per completion -> float tensors (N,):
-    "reward" (the paper's plus every extra), "accuracy", "format", and one per name of `reward_fns`
-    (name -> fn(completion, solution))."""
+    """Rewards of N completions, `solutions` repeated once per completion -> float tensors (N,): "reward" (the paper's
+    plus every extra), "accuracy", "format", and one per name of `reward_fns` (name -> fn(completion, solution))."""
     if len(completions) != len(solutions):
         raise ValueError(f"score: {len(completions)} completions but {len(solutions)} solutions "
                          "(repeat each prompt's solution once per completion)")
@@ -259,10 +256,7 @@ def rollout(model, input_ids, video_embeds, eos_id, pad_id=None, attention_mask=
     from `generator`). Every `check_every` steps, once half the rows or more have finished, they
     leave the batch and the cache, so a long straggler costs what it costs alone; no token changes."""
     lm = model.language_model
-    if isinstance(decode, FastDecode):
-        step = decode.token_step
-    else:
-        step = partial(token_step, decode or lm.decode_step)
+    step = decode.token_step if isinstance(decode, FastDecode) else partial(token_step, decode or lm.decode_step)
     pad_id = eos_id if pad_id is None else pad_id
     embeds, mask = model.embed(input_ids, video_embeds, attention_mask)  # (P, L-1+Q, d)
     if not mask[:, -1].all():
@@ -354,11 +348,10 @@ def completion_logprobs(model, input_ids, video_embeds, completion_ids, completi
 
 
 # ----------------------------------------------------------------------------- fast decoding and the sampler
-# A decode step of the group reads every decoder weight (6.2 GB for Qwen2.5-3B) to make 8 tokens: its
-# floor is 2.1 ms on an H100. Eagerly it is ~1,500 kernels, mostly tiny elementwise ones launched from
-# Python; the matrix products are a third of the time. torch.compile fuses the small kernels, and a
-# CUDA graph replays a step's kernels with one launch. Both need fixed shapes, kernels and addresses:
-# hence the preallocated KV cache, its device-side write position (KVCache.pos), updates in place.
+# A decode step of the group reads every decoder weight to make G tokens (its floor: bench.py); eagerly it is
+# ~1,500 kernels, mostly tiny elementwise ones launched from Python. torch.compile fuses them, a CUDA graph replays
+# them with one launch: both need fixed shapes and addresses, hence the preallocated KV cache and its device-side
+# write position (KVCache.pos), updated in place.
 
 
 class FastDecode:
@@ -374,7 +367,8 @@ class FastDecode:
 
     def __init__(self, lm, compile=True, cuda_graph=None):
         self.cuda_graph, self.graph = cuda_graph, None  # graph: (cache weakref, key, CUDAGraph, inputs, outputs)
-        self.eager = {"logits": lm.step_logits, "token": partial(token_step, lm.step_logits)}
+        self.eager = {"logits": lambda tokens, cache: (lm.step_logits(tokens, cache),),  # both return tuples
+                      "token": partial(token_step, lm.step_logits)}
         fast = partial(torch.compile, fullgraph=True) if compile else (lambda f: f)
         self.fns = {name: fast(f) for name, f in self.eager.items()}
 
@@ -389,21 +383,21 @@ class FastDecode:
         cache.reserve(1)  # host-side bounds check and count, outside any compiled or captured code
         graphs = tensors[0].is_cuda if self.cuda_graph is None else self.cuda_graph
         try:
-            return self._step(name, cache, tensors, sampling)
+            return self._step(name, cache, tensors, sampling, graphs)
         except Exception as e:  # no C++ compiler, a Triton failure on an old GPU, the recompile limit...
             if self.fns is self.eager and not graphs:
                 raise
             warnings.warn(f"torch.compile or CUDA graph capture of the decode step failed, decoding eagerly: "
                           f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
             self.fns, self.cuda_graph, self.graph = self.eager, False, None
-            return self._step(name, cache, tensors, sampling)
+            return self._step(name, cache, tensors, sampling, graphs=False)
 
-    def _step(self, name, cache, tensors, sampling):
+    def _step(self, name, cache, tensors, sampling, graphs):
         fn = partial(self.fns[name], **sampling)
         for t in cache.k + cache.v + [cache.valid]:  # the cache length varies from the first call: dynamic
             torch._dynamo.maybe_mark_dynamic(t, t.ndim // 2)
-        if not (tensors[0].is_cuda if self.cuda_graph is None else self.cuda_graph):
-            return as_tuple(fn(tensors[0], cache, *tensors[1:]))
+        if not graphs:
+            return fn(tensors[0], cache, *tensors[1:])
         key = (name, tuple(sampling.items()))
         if self.graph is None or self.graph[0]() is not cache or self.graph[1] != key:
             self.graph = None  # free the old graph's memory before capturing the new one
@@ -416,7 +410,7 @@ class FastDecode:
 
     def _capture(self, fn, cache, tensors):
         static = [t.clone() for t in tensors]
-        call = lambda: as_tuple(fn(static[0], cache, *static[1:]))  # noqa: E731
+        call = lambda: fn(static[0], cache, *static[1:])  # noqa: E731
         # Warm up once on a side stream (torch.compile compiles, cuBLAS initialises: neither may
         # happen during a capture), then undo the warm-up's writes to the cache. Its keys and values
         # went to the slot the real step writes again; its pos, next_pos and valid are restored.
@@ -434,10 +428,6 @@ class FastDecode:
         with torch.cuda.graph(graph):  # records the kernels without running them
             outs = call()
         return graph, static, outs
-
-
-def as_tuple(x):
-    return x if isinstance(x, tuple) else (x,)
 
 
 def frozen_copy(model, dtype=None):
@@ -512,8 +502,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.01, loss_type="
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     mask = mask.float() if truncated is None else mask.float() * (~truncated.bool()).float()[:, None]
 
-    old = logp.detach() if old_logp is None else old_logp
-    ratio = torch.exp(logp - old)
+    ratio = torch.exp(logp - (logp.detach() if old_logp is None else old_logp))
     A = advantages.float()[:, None]
     per_token = -torch.min(ratio * A, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * A)
     kl = None
@@ -535,10 +524,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.01, loss_type="
 
     with torch.no_grad():
         clipped = ((ratio < 1 - epsilon_low) & (A < 0)) | ((ratio > 1 + epsilon_high) & (A > 0))
-        metrics = {"loss": loss.item(),
-                   "kl": 0.0 if kl is None else ((kl * mask).sum() / valid).item(),
-                   "clip_ratio": ((clipped.float() * mask).sum() / valid).item()}
-    return loss, metrics
+        return loss, {"loss": loss.item(), "kl": 0.0 if kl is None else ((kl * mask).sum() / valid).item(),
+                      "clip_ratio": ((clipped.float() * mask).sum() / valid).item()}
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -552,7 +539,6 @@ def step_metrics(rollout, completions, scores, group_size, kl=None, times=None):
     truncated, zero_std_groups, reflection: shares of completions or groups; completion_length: tokens up to
     and including eos), kl when given; with `times` {phase: seconds}: time/<phase> and tokens_per_s (N x steps
     decoded positions per second of the "rollout" phase)."""
-    N = rollout.completion_ids.shape[0]
     reward, lengths = scores["reward"].float(), rollout.mask.sum(1).float()
     out = {"reward": reward.mean().item(), "reward_std": reward.view(-1, group_size).std(1).mean().item(),
            **{f"reward/{name}": v.float().mean().item() for name, v in scores.items() if name != "reward"},
@@ -560,7 +546,7 @@ def step_metrics(rollout, completions, scores, group_size, kl=None, times=None):
            "completion_length": lengths.mean().item(), "completion_length_min": lengths.min().item(),
            "completion_length_max": lengths.max().item(), "truncated": rollout.truncated.float().mean().item(),
            "zero_std_groups": zero_variance_groups(reward, group_size).float().mean().item(),
-           "reflection": sum(bool(REFLECTION.search(c)) for c in completions) / N,
+           "reflection": sum(bool(REFLECTION.search(c)) for c in completions) / len(completions),
            **({} if kl is None else {"kl": float(kl)}),
            **{f"time/{phase}": float(seconds) for phase, seconds in (times or {}).items()}}
     if times and times.get("rollout"):

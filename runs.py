@@ -178,10 +178,7 @@ def find_checkpoint(out):
     and is swapped in (with eval/ and the like from beside the old weights); .old stands in for a missing
     checkpoint; partial copies (.tmp-save-* of a weights save, an unfinished .tmp) are removed."""
     final, tmp, old = (os.path.join(out, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
-
-    def complete(d):
-        return os.path.exists(os.path.join(d, "trainer_state.json"))
-
+    complete = lambda d: os.path.exists(os.path.join(d, "trainer_state.json"))  # noqa: E731
     for partial in glob.glob(os.path.join(out, ".tmp-save-*")):
         shutil.rmtree(partial, ignore_errors=True)
     if complete(tmp):
