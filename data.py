@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
+from tqdm import tqdm
 
 from model import IMAGE_TOKEN_INDEX
 
@@ -376,6 +377,32 @@ def read_samples(path, root=None, errors="raise", mode="reason"):
                 raise
             skipped.append(str(e))
     return samples, skipped
+
+
+def step_samples(samples, step, per_step, seed):
+    """The samples of step `step`, each epoch a fixed permutation per (seed, epoch): resuming needs only the step."""
+    epoch, i = divmod(step, max(1, len(samples) // per_step))
+    order = np.random.RandomState(seed * 1000 + epoch).permutation(len(samples))
+    return [samples[j] for j in order[i * per_step:(i + 1) * per_step]]
+
+
+class VideoLoader:
+    """Loads and preprocesses videos, skipping (and counting) the ones that cannot be read."""
+
+    def __init__(self, frames, size):
+        self.frames, self.size, self.skipped = frames, size, []
+
+    def __call__(self, samples):
+        """-> the samples that loaded and their pixels (B, T, 3, size, size)."""
+        good, pixels = [], []
+        for s in samples:
+            try:
+                pixels.append(load_video(s.video, num_frames=self.frames, size=self.size))
+                good.append(s)
+            except VideoError as e:
+                self.skipped.append(str(e))
+                tqdm.write(f"skipping sample: {e}")
+        return good, (torch.stack(pixels) if pixels else None)
 
 
 def collate_prompts(id_lists, pad_id):

@@ -244,6 +244,17 @@ def read_jsonl(path, upto=None):
     return [r for r in rows if upto is None or r["step"] <= upto]
 
 
+def run_budget(seconds, records, done, total):
+    """What the rest of the run will cost, from steps 2 and 3 of this process (step 1 compiles)."""
+    per = float(np.median(seconds[1:]))
+    phases = [k for k in ("time/rollout", "time/reference", "time/policy") if k in records[-1]]
+    split = ", ".join(f"{k[5:]} {np.median([r[k] for r in records[-2:]]):.2f} s" for k in phases)
+    hours = lambda s: f"{s / 3600:.2f} h" if s >= 3600 else f"{s / 60:.1f} min"
+    return (f"run budget: {per:.2f} s per step" + (f" ({split})" if split else "") +
+            f"; {total} steps ~{hours(per * total)} in all, ~{hours(per * (total - done))} to go "
+            f"(step 1 took {seconds[0]:.1f} s, compiling included)")
+
+
 def plot_curves(records, path, keys, width=640, panel=110, smooth=0.9):
     """Small multiples drawn with OpenCV: one panel per metric in `keys` against the step, the raw values
     faint and their exponential moving average (weight `smooth`, debiased) bold, each panel with its own

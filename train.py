@@ -46,8 +46,8 @@ import sample
 from parallel import (average_gradients, dry_run, gather, on_rank0, reduce_metrics, setup_distributed, shard, show_plan,
                       teardown_distributed)
 from runs import (RunError, SaveFailed, Stopped, append_jsonl, catch_stop_signals, check_room, checkpoint_bytes,
-                  load_state, plot_curves, prepare_out, read_jsonl, releasing_locks, stop_requested, tokenizer_file,
-                  write_checkpoint)
+                  load_state, plot_curves, prepare_out, read_jsonl, releasing_locks, run_budget, stop_requested,
+                  tokenizer_file, write_checkpoint)
 from model import adapters_off, add_lora, merge_lora
 from weights import CheckpointError, from_parts, from_pretrained, save_pretrained
 
@@ -204,32 +204,6 @@ def make_schedule(optimizer, cfg, total):
     cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
     factor = lambda step: (step + 1) / warm if step < warm else cosine(step) if cfg.schedule == "cosine" else 1.0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)  # step: the optimizer steps finished
-
-
-def step_samples(samples, step, cfg):
-    """The samples of step `step`, each epoch a fixed permutation per (seed, epoch): resuming needs only the step."""
-    epoch, i = divmod(step, max(1, len(samples) // cfg.prompts_per_step))
-    order = np.random.RandomState(cfg.seed * 1000 + epoch).permutation(len(samples))
-    return [samples[j] for j in order[i * cfg.prompts_per_step:(i + 1) * cfg.prompts_per_step]]
-
-
-class VideoLoader:
-    """Loads and preprocesses videos, skipping (and counting) the ones that cannot be read."""
-
-    def __init__(self, frames, size):
-        self.frames, self.size, self.skipped = frames, size, []
-
-    def __call__(self, samples):
-        """-> the samples that loaded and their pixels (B, T, 3, size, size)."""
-        good, pixels = [], []
-        for s in samples:
-            try:
-                pixels.append(data.load_video(s.video, num_frames=self.frames, size=self.size))
-                good.append(s)
-            except data.VideoError as e:
-                self.skipped.append(str(e))
-                tqdm.write(f"skipping sample: {e}")
-        return good, (torch.stack(pixels) if pixels else None)
 
 
 # ----------------------------------------------------------------------------- one optimizer step
@@ -415,17 +389,6 @@ def grpo_step(model, sampler, ref, tok, samples, load, cfg, device, gen, apply_u
 # ----------------------------------------------------------------------------- the training loop
 
 
-def run_budget(seconds, records, done, total):
-    """What the rest of the run will cost, from steps 2 and 3 of this process (step 1 compiles)."""
-    per = float(np.median(seconds[1:]))
-    phases = [k for k in ("time/rollout", "time/reference", "time/policy") if k in records[-1]]
-    split = ", ".join(f"{k[5:]} {np.median([r[k] for r in records[-2:]]):.2f} s" for k in phases)
-    hours = lambda s: f"{s / 3600:.2f} h" if s >= 3600 else f"{s / 60:.1f} min"
-    return (f"run budget: {per:.2f} s per step" + (f" ({split})" if split else "") +
-            f"; {total} steps ~{hours(per * total)} in all, ~{hours(per * (total - done))} to go "
-            f"(step 1 took {seconds[0]:.1f} s, compiling included)")
-
-
 def evaluate_policy(sampler, tok, samples, cfg, rank, world):
     """--eval-data scored as sample.py --eval does (greedy, the sampler's decode: compiled on a GPU), each rank its
     share, a rollout's rows at a time. -> eval/accuracy, eval/format and, where rows carry a "fact", the reasoning's."""
@@ -518,7 +481,7 @@ class Run:
                                            fused=on_gpu(device) and not cfg.fsdp)
         self.schedule = make_schedule(self.optimizer, cfg, self.total)
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed + 7919 * rank)  # each rank samples its own
-        self.load = VideoLoader(cfg.frames, model.config.vision.image_size)
+        self.load = data.VideoLoader(cfg.frames, model.config.vision.image_size)
 
     def resume(self, state):
         """The optimizer, schedule, RNGs and counters of the checkpoint; metrics.jsonl cut back to its step."""
@@ -551,7 +514,7 @@ class Run:
     def step(self, step):
         """Optimizer step `step` on this rank's share, evaluation when due. -> its metrics, the same on every rank."""
         cfg, device, t = self.cfg, self.device, time.perf_counter()
-        batch = step_samples(self.samples, step, cfg)[self.rank * self.share:(self.rank + 1) * self.share]
+        batch = data.step_samples(self.samples, step, cfg.prompts_per_step, cfg.seed)[self.rank * self.share:(self.rank + 1) * self.share]
         try:
             if cfg.stage == "sft":
                 m = sft_step(self.model, self.tok, batch, self.load, cfg, device)

@@ -195,7 +195,7 @@ def test_one_step_the_same_however_it_is_batched_or_compiled(task):
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     model, tok = train.load_model(train.TrainConfig(init=task["init"]), torch.device("cpu"))
     samples = D.read_samples(task["grpo"])[0][:3]
-    load = train.VideoLoader(4, model.config.vision.image_size)
+    load = D.VideoLoader(4, model.config.vision.image_size)
     ref = train.grpo.frozen_copy(model)
     results = {}
     for temperature in (0.0, 1.0):
@@ -295,7 +295,7 @@ def test_an_extra_reward_reaches_the_loss(task, monkeypatch):
     advantages, hence the loss."""
     model, tok = train.load_model(train.TrainConfig(init=task["init"]), torch.device("cpu"))
     samples = D.read_samples(task["grpo"])[0][:2]
-    load = train.VideoLoader(4, model.config.vision.image_size)
+    load = D.VideoLoader(4, model.config.vision.image_size)
     cfg = train.TrainConfig(stage="grpo", group_size=3, max_new_tokens=6, micro_batch=2, noise_std=0, beta=0)
     bonus = {"bonus": lambda completion, solution: float(len(completion) % 2)}  # differs between a group's answers
     exps = [train.collect(train.grpo.Sampler(model), None, tok, samples, load, cfg, torch.device("cpu"),
