@@ -23,8 +23,7 @@ from model import ConnectorConfig, TextConfig, TinyLLaVA, TinyLLaVAConfig, Visio
 
 
 def from_pretrained(path, device=None, dtype=None):
-    """Load a published TinyLLaVA-Video(-R1) directory: config.json plus model.safetensors, or shards
-    with model.safetensors.index.json. dtype None keeps the checkpoint's dtype."""
+    """Load a published TinyLLaVA-Video(-R1) directory. dtype None keeps the checkpoint's dtype."""
     file = os.path.join(path, "config.json")
     try:
         with torch.device("meta"):
@@ -145,15 +144,12 @@ def save_pretrained(model, path, max_shard_bytes=5 * 1024**3, state_dict=None):
         model.config.torch_dtype = _dtype_name(next(iter(state.values())).dtype, model.config.torch_dtype)
         _write_json(os.path.join(tmp, "config.json"), model.config.to_dict())
         if os.path.isdir(path):  # keep any other files (tokenizer, optimizer state) already there
-            for name in set(os.listdir(path)) - set(os.listdir(tmp)):
+            for name in {n for n in os.listdir(path) if not n.startswith("model")} - set(os.listdir(tmp)):
                 src = os.path.join(path, name)
-                if not name.startswith("model"):
-                    (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, name))
+                (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, name))
             os.rename(path, tmp + ".old")
-            os.rename(tmp, path)
-            shutil.rmtree(tmp + ".old")
-        else:
-            os.rename(tmp, path)
+        os.rename(tmp, path)
+        shutil.rmtree(tmp + ".old", ignore_errors=True)  # the previous checkpoint, if there was one
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
