@@ -388,8 +388,7 @@ class Qwen2Attention(nn.Module):
         if mask is None:  # plain causal attention (no padding before any real token): the flash kernel.
             # Keys and values repeated for the 8 query heads that share them: 8x a layer's keys of one
             # sequence is a few MB, small beside what the flash kernel saves over a masked one.
-            rep = self.heads // self.kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, 16, L, 128)
+            k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))  # (B, 16, L, 128)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, 16, L, 128)
             return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
         # Grouped-query attention without copying keys and values: the 8 query heads that share a
