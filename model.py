@@ -247,8 +247,7 @@ class PerceiverAttention(nn.Module):
     def __init__(self, dim, heads, dim_head):
         super().__init__()
         inner, self.heads = heads * dim_head, heads
-        self.norm_media = nn.LayerNorm(dim)
-        self.norm_latents = nn.LayerNorm(dim)
+        self.norm_media, self.norm_latents = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)  # first half keys, second half values
         self.to_out = nn.Linear(inner, dim, bias=False)
@@ -307,8 +306,7 @@ def build_connector(cfg):
     if cfg.connector_type == "mlp2x_gelu":  # TinyLLaVA Factory's MLP, per token: keys 0.* and 2.*
         d = cfg.hidden_size
         return nn.Sequential(nn.Linear(cfg.vision_hidden_size, d), nn.GELU(), nn.Linear(d, d))
-    raise ValueError(f"unknown connector_type {cfg.connector_type!r}: "
-                     "expected groupresampler, naiveresampler or mlp2x_gelu")
+    raise ValueError(f"unknown connector_type {cfg.connector_type!r} (groupresampler, naiveresampler or mlp2x_gelu)")
 
 
 # ----------------------------------------------------------------------------- decoder
@@ -319,20 +317,17 @@ def build_connector(cfg):
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
     def forward(self, x):
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
 
 def rope_cos_sin(positions, head_dim, theta, dtype):
     """positions (B, L) -> cos, sin (B, 1, L, head_dim), computed in fp32: cat(freqs, freqs)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    freqs = positions.float()[..., None] * inv_freq
-    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    emb = (positions.float()[..., None] * inv_freq).repeat(1, 1, 2)[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -367,12 +362,9 @@ class KVCache:
         return self.select_rows(torch.arange(self.next_pos.shape[0], device=self.pos.device).repeat_interleave(n))
 
     def select_rows(self, rows):  # B -> len(rows): finished samples leave a rollout's batch
-        return self._rows(lambda t: t.index_select(0, rows))
-
-    def _rows(self, f):
         new = copy.copy(self)  # length and max_len as they are
-        new.k, new.v = [f(t) for t in self.k], [f(t) for t in self.v]
-        new.valid, new.next_pos, new.pos = f(self.valid), f(self.next_pos), self.pos.clone()
+        new.k, new.v = [t.index_select(0, rows) for t in self.k], [t.index_select(0, rows) for t in self.v]
+        new.valid, new.next_pos, new.pos = self.valid[rows], self.next_pos[rows], self.pos.clone()
         return new
 
 
@@ -382,8 +374,7 @@ class Qwen2Attention(nn.Module):
         d, hd = cfg.hidden_size, cfg.head_dim
         self.heads, self.kv_heads, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, hd
         self.q_proj = nn.Linear(d, self.heads * hd)
-        self.k_proj = nn.Linear(d, self.kv_heads * hd)
-        self.v_proj = nn.Linear(d, self.kv_heads * hd)
+        self.k_proj, self.v_proj = (nn.Linear(d, self.kv_heads * hd) for _ in "kv")
         self.o_proj = nn.Linear(self.heads * hd, d, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0, slots=None):  # x (B, L, d), mask (B, 1, 8*L, S)
@@ -397,8 +388,7 @@ class Qwen2Attention(nn.Module):
         if mask is None:  # plain causal attention (no padding before any real token): the flash kernel.
             # Keys and values repeated for the 8 query heads that share them: 8x a layer's keys of one
             # sequence is a few MB, small beside what the flash kernel saves over a masked one.
-            rep = self.heads // self.kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, 16, L, 128)
+            k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))  # (B, 16, L, 128)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, 16, L, 128)
             return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
         # Grouped-query attention without copying keys and values: the 8 query heads that share a
@@ -413,8 +403,7 @@ class Qwen2Attention(nn.Module):
 class Qwen2MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_proj, self.up_proj = (nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False) for _ in "gu")
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
@@ -444,13 +433,11 @@ class Qwen2Model(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x, attention_mask=None, cache=None):
-        """x (B, L, d) input embeddings -> (B, L, d) final hidden states. attention_mask (B, L), 1 for
-        real tokens, may pad either side; real tokens get positions 0, 1, 2... With a cache, the L
-        tokens fill the next L slots and attend to everything written before them.
-
-        Without a cache and with no padding before a real token (completions that ended early pad
-        only after), attention is plain causal, maskless, so SDPA may pick its flash kernel; outputs
-        after a row's last real token then differ from the masked path's, and nothing reads them."""
+        """x (B, L, d) embeddings -> (B, L, d) final hidden states. attention_mask (B, L), 1 for real tokens, may
+        pad either side; real tokens get positions 0, 1, 2... With a cache, the L tokens fill the next L slots and
+        attend to everything written before them. Without a cache and with no padding before a real token
+        (completions that ended early pad only after), attention is plain causal, maskless, so SDPA may pick its flash
+        kernel; outputs after a row's last real token then differ from the masked path's, and nothing reads them."""
         if cache is not None:
             cache.reserve(x.shape[1])
         elif attention_mask is not None and not (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
@@ -458,9 +445,8 @@ class Qwen2Model(nn.Module):
         return self.run_layers(x, attention_mask, cache)
 
     def run_layers(self, x, attention_mask=None, cache=None):
-        """`forward` once the cache slots are reserved (no mask and no cache: plain causal). Tensor operations
-        only, no host values and no syncs, so a decode step is the same graph every time (what
-        grpo.FastDecode compiles)."""
+        """`forward` once the cache slots are reserved (no mask and no cache: plain causal). Tensor operations only,
+        no host values and no syncs, so a decode step is the same graph every time (what grpo.FastDecode compiles)."""
         B, L, _ = x.shape
         real = torch.ones(B, L, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
         slots = torch.arange(L, device=x.device)  # (L,) the slots these tokens fill
@@ -510,14 +496,12 @@ class Qwen2ForCausalLM(nn.Module):
         return self.logits(self.model(self.model.embed_tokens(input_ids), attention_mask, cache))
 
     def decode_step(self, tokens, cache):
-        """One cached decoding step: tokens (N,) -> next-token logits (N, vocab). Rollouts call
-        only this, so grpo.FastDecode can stand in for it with a faster step of the same results."""
+        """tokens (N,) -> next-token logits (N, vocab); grpo.FastDecode stands in with the same results."""
         cache.reserve(1)
         return self.step_logits(tokens, cache)
 
     def step_logits(self, tokens, cache):
-        """`decode_step` once its slot is reserved: tensors in, tensors out, the same shapes and
-        kernels at every step. This is what grpo.FastDecode compiles and captures."""
+        """`decode_step` once its slot is reserved: the same shapes and kernels every step (FastDecode captures it)."""
         return self.logits(self.model.run_layers(self.model.embed_tokens(tokens[:, None]), None, cache)[:, -1])
 
 

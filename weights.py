@@ -23,8 +23,7 @@ from model import ConnectorConfig, TextConfig, TinyLLaVA, TinyLLaVAConfig, Visio
 
 
 def from_pretrained(path, device=None, dtype=None):
-    """Load a published TinyLLaVA-Video(-R1) directory: config.json plus model.safetensors, or shards
-    with model.safetensors.index.json. dtype None keeps the checkpoint's dtype."""
+    """Load a published TinyLLaVA-Video(-R1) directory. dtype None keeps the checkpoint's dtype."""
     file = os.path.join(path, "config.json")
     try:
         with torch.device("meta"):
@@ -123,13 +122,13 @@ def save_pretrained(model, path, max_shard_bytes=5 * 1024**3, state_dict=None):
     leaves a half-written checkpoint at `path`. state_dict: the tensors to write, keyed as ours
     (e.g. gathered whole from FSDP shards); default the model's own. Other files there are kept."""
     state = {k: v.detach().contiguous().cpu() for k, v in published_state_dict(model, state_dict).items()}
+    nbytes = {k: v.numel() * v.element_size() for k, v in state.items()}
     shards, size = [[]], 0
-    for k, v in state.items():
-        nbytes = v.numel() * v.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
+    for k, n in nbytes.items():
+        if shards[-1] and size + n > max_shard_bytes:
             shards, size = shards + [[]], 0
         shards[-1].append(k)
-        size += nbytes
+        size += n
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=parent)
@@ -139,21 +138,18 @@ def save_pretrained(model, path, max_shard_bytes=5 * 1024**3, state_dict=None):
         for name, keys in zip(names, shards):
             save_file({k: state[k] for k in keys}, os.path.join(tmp, name), metadata={"format": "pt"})
         if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+            index = {"metadata": {"total_size": sum(nbytes.values())},
                      "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
             _write_json(os.path.join(tmp, "model.safetensors.index.json"), index)
         model.config.torch_dtype = _dtype_name(next(iter(state.values())).dtype, model.config.torch_dtype)
         _write_json(os.path.join(tmp, "config.json"), model.config.to_dict())
         if os.path.isdir(path):  # keep any other files (tokenizer, optimizer state) already there
-            for name in set(os.listdir(path)) - set(os.listdir(tmp)):
+            for name in {n for n in os.listdir(path) if not n.startswith("model")} - set(os.listdir(tmp)):
                 src = os.path.join(path, name)
-                if not name.startswith("model"):
-                    (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, name))
+                (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, name))
             os.rename(path, tmp + ".old")
-            os.rename(tmp, path)
-            shutil.rmtree(tmp + ".old")
-        else:
-            os.rename(tmp, path)
+        os.rename(tmp, path)
+        shutil.rmtree(tmp + ".old", ignore_errors=True)  # the previous checkpoint, if there was one
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
