@@ -77,7 +77,8 @@ def test_one_writer_per_run_folder_a_polite_stop_and_no_stale_lock(task, tmp_pat
     wait_for(lambda: len(steps(out)) >= k + 2, second)
     second.kill()
     second.wait()
-    j = runs.load_state(out / "checkpoint", tensors=False)["step"]
+    # what a resume starts from: a kill between a finished checkpoint.tmp and its swap leaves the newer one there
+    j = runs.load_state(runs.find_checkpoint(str(out)), tensors=False)["step"]
     assert train.main(flags(task, out, stop_after=j + 1) + ["--resume"]) == 0  # at once: kill -9 left no lock
     assert steps(out) == list(range(1, j + 2))
     assert train.main(flags(task, tmp_path / "straight", stop_after=j + 1)) == 0

@@ -58,11 +58,11 @@ class Payload:
 @pytest.mark.slow
 def test_resume_never_unpickles(task, tmp_path):
     out, flag = tmp_path / "run", tmp_path / "pwned"
-    run(task, out, steps=3, stop_after=1)
+    run(task, out, steps=3, stop_after=1, compile=False)  # not about compiling: no compile to wait for
     ckpt = out / "checkpoint"
     with open(ckpt / "trainer_state.pt", "wb") as f:  # where the trainer state used to be read from
         pickle.dump({"step": Payload(str(flag))}, f)
-    run(task, out, steps=3, resume=True)
+    run(task, out, steps=3, resume=True, compile=False)
     assert not flag.exists(), "resuming ran code planted in the run folder"
     json.load(open(ckpt / "trainer_state.json"))  # the state is plain JSON plus safetensors
     assert sorted(n for n in os.listdir(ckpt) if n.startswith("trainer_state")) == ["trainer_state.json",
@@ -280,7 +280,7 @@ def test_a_crash_at_every_point_of_a_save_resumes_exactly(task, tmp_path, monkey
                 crashed = True
         with open(out / "metrics.jsonl", "a") as f:
             f.write('{"step": 9, "lo')  # the kill also cut the metrics' last line
-        run(task, out, steps=3, resume=True)
+        run(task, out, steps=3, resume=True, compile=False)
         assert same_weights(out / "checkpoint", straight / "checkpoint"), f"crash point {k}"
         assert [json.loads(r)["step"] for r in open(out / "metrics.jsonl")] == [1, 2, 3]
         assert sorted(os.listdir(out)) == [".lock", "checkpoint", "curves.png", "metrics.jsonl"], f"crash point {k}"
@@ -295,10 +295,10 @@ def test_a_crash_at_every_point_of_a_save_resumes_exactly(task, tmp_path, monkey
 def test_kill_9_at_random_moments_resumes_to_identical_weights(task, tmp_path):
     straight = tmp_path / "straight"
     args = dict(steps=6, prompts_per_step=2, micro_batch=1, group_size=3, max_new_tokens=6, save_every=1)
-    run(task, straight, **args)
+    run(task, straight, compile=False, **args)  # not about compiling: every relaunch would compile again
     out = tmp_path / "killed"
     argv = [sys.executable, "train.py", "--init", task["init"], "--data", task["grpo"], "--out", str(out), "--frames", "4",
-            "--lr", "1e-3", "--seed", "0", *[f"--{k.replace('_', '-')}={v}" for k, v in args.items()]]
+            "--lr", "1e-3", "--seed", "0", "--no-compile", *[f"--{k.replace('_', '-')}={v}" for k, v in args.items()]]
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # the straight run's sums, bit for bit
     rng, kills = random.Random(0), 0
     while True:
