@@ -280,7 +280,7 @@ def test_a_crash_at_every_point_of_a_save_resumes_exactly(task, tmp_path, monkey
                 crashed = True
         with open(out / "metrics.jsonl", "a") as f:
             f.write('{"step": 9, "lo')  # the kill also cut the metrics' last line
-        run(task, out, steps=3, resume=True, compile=False)
+        run(task, out, steps=3, resume=True)
         assert same_weights(out / "checkpoint", straight / "checkpoint"), f"crash point {k}"
         assert [json.loads(r)["step"] for r in open(out / "metrics.jsonl")] == [1, 2, 3]
         assert sorted(os.listdir(out)) == [".lock", "checkpoint", "curves.png", "metrics.jsonl"], f"crash point {k}"
