@@ -320,7 +320,8 @@ class RMSNorm(nn.Module):
         self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
     def forward(self, x):
-        h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        h = x.float()  # once: in a bf16 model every call is a full-size copy
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
 
@@ -374,7 +375,8 @@ class Qwen2Attention(nn.Module):
         d, hd = cfg.hidden_size, cfg.head_dim
         self.heads, self.kv_heads, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, hd
         self.q_proj = nn.Linear(d, self.heads * hd)
-        self.k_proj, self.v_proj = (nn.Linear(d, self.kv_heads * hd) for _ in "kv")
+        self.k_proj = nn.Linear(d, self.kv_heads * hd)
+        self.v_proj = nn.Linear(d, self.kv_heads * hd)
         self.o_proj = nn.Linear(self.heads * hd, d, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0, slots=None):  # x (B, L, d), mask (B, 1, 8*L, S)
@@ -403,7 +405,8 @@ class Qwen2Attention(nn.Module):
 class Qwen2MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.gate_proj, self.up_proj = (nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False) for _ in "gu")
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):

@@ -68,7 +68,7 @@ def question_bytes(text, L, S, e):
     """Bytes one question holds at the peak of its prefill of L = video + prompt tokens into S = L + max_new_tokens
     cache slots (text: the decoder's config, e: bytes per element): its keys and values; the additive mask, once as
     L x S and once per query head of a key/value head (8 L x S); the MLP's three L x intermediate tensors and a few
-    L x hidden ones. A slight overestimate (tests/test_sample.py measures it on the CPU)."""
+    L x hidden ones. A slight overestimate (tests/test_gpu.py measures it on the CPU)."""
     kv = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * e  # per token
     rep = text.num_attention_heads // text.num_key_value_heads
     return kv * S + (rep + 1) * L * S * e + L * e * (3 * text.intermediate_size + 6 * text.hidden_size)
